@@ -1,0 +1,5 @@
+"""`python -m reference` is the `reference` console script."""
+
+from reference.cli import main
+
+raise SystemExit(main())

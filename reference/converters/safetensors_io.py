@@ -1,0 +1,189 @@
+"""Streaming safetensors: read headers and single tensors, write shards tensor by tensor.
+
+A safetensors file is an 8-byte little-endian header length, a JSON header of
+{name: {dtype, shape, data_offsets}}, then raw bytes. Reading one tensor is one `pread`;
+copying one unchanged is a kernel-side `copy_file_range`: memory stays at one tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from reference.errors import ReferenceError
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+NAMES = {v: k for k, v in DTYPES.items()}
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """Where one tensor lies: file, absolute byte range, dtype and shape."""
+
+    path: Path
+    start: int
+    length: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    def meta(self) -> torch.Tensor:
+        """A data-free stand-in, for planning shapes through transforms."""
+        return torch.empty(self.shape, dtype=self.dtype, device="meta")
+
+    def load(self) -> torch.Tensor:
+        """The tensor, read with one pread into memory of its own."""
+        buf = bytearray(self.length)
+        with open(self.path, "rb") as f:
+            got = f.readinto(memoryview(buf)) if f.seek(self.start) == self.start else 0
+        if got != self.length:
+            raise ReferenceError(f"{self.path}: truncated while reading a tensor")
+        if self.length == 0:
+            return torch.empty(self.shape, dtype=self.dtype)
+        return torch.frombuffer(buf, dtype=self.dtype).reshape(self.shape)
+
+
+def read_header(path: Path) -> dict[str, Entry]:
+    """Every tensor of one safetensors file, validated against the file's size."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise ReferenceError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > size - 8:
+                raise ReferenceError(f"{path}: truncated or corrupt (header of {n} bytes, file of {size})")
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        raise ReferenceError(f"{path}: missing") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ReferenceError(f"{path}: corrupt safetensors header (not JSON)") from None
+    base = 8 + n
+    entries: dict[str, Entry] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, end = info["data_offsets"]
+            dtype = DTYPES[info["dtype"]]
+            shape = tuple(int(d) for d in info["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise ReferenceError(f"{path}: corrupt header entry for '{name}'") from None
+        want = math.prod(shape) * dtype.itemsize
+        if end - begin != want or base + end > size:
+            raise ReferenceError(f"{path}: tensor '{name}' is truncated or corrupt")
+        entries[name] = Entry(path, base + begin, want, dtype, shape)
+    return entries
+
+
+def read_dir(directory: Path) -> dict[str, Entry]:
+    """Every tensor of an HF model directory, from its index or its single file."""
+    index = directory / INDEX
+    if index.exists():
+        try:
+            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ReferenceError(f"{index}: corrupt index (no weight_map)") from None
+        entries: dict[str, Entry] = {}
+        for shard in sorted(set(weight_map.values())):
+            if not (directory / shard).is_file():
+                raise ReferenceError(f"{index}: names shard '{shard}', which is missing")
+            entries.update(read_header(directory / shard))
+        for name, shard in weight_map.items():
+            if name not in entries or entries[name].path.name != shard:
+                raise ReferenceError(f"{index}: '{name}' is not in shard '{shard}'")
+        return {name: entries[name] for name in weight_map}
+    if (directory / SINGLE).is_file():
+        return read_header(directory / SINGLE)
+    raise ReferenceError(f"{directory}: no {SINGLE} or {INDEX} (only safetensors are read)")
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One output tensor: its name, dtype and shape, and how to produce its bytes."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    produce: Callable[[], torch.Tensor | Entry]  # an Entry is copied byte for byte
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def _write_header(f, tensors: list[Planned]) -> None:
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for t in tensors:
+        header[t.name] = {"dtype": NAMES[t.dtype], "shape": list(t.shape),
+                          "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned
+    f.write(struct.pack("<Q", len(raw)) + raw)
+
+
+def _copy_range(src: Entry, f) -> None:
+    f.flush()
+    with open(src.path, "rb") as s:
+        offset, left = src.start, src.length
+        while left:
+            n = os.copy_file_range(s.fileno(), f.fileno(), left, offset)
+            if n == 0:
+                raise ReferenceError(f"{src.path}: truncated while copying a tensor")
+            offset, left = offset + n, left - n
+    f.seek(0, os.SEEK_END)
+
+
+def _write_tensor(t: Planned, f) -> None:
+    data = t.produce()
+    if isinstance(data, Entry):
+        _copy_range(data, f)
+        return
+    if data.dtype != t.dtype or tuple(data.shape) != t.shape:
+        raise AssertionError(f"plan for '{t.name}' said {t.dtype}{list(t.shape)}, got {data.dtype}{list(data.shape)}")
+    if data.numel():
+        f.write(data.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+
+def shard(tensors: Iterable[Planned], max_bytes: int) -> list[list[Planned]]:
+    """Consecutive groups of at most max_bytes (a larger tensor gets a shard of its own)."""
+    shards: list[list[Planned]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return [s for s in shards if s]
+
+
+def write_dir(tensors: list[Planned], directory: Path, max_bytes: int) -> None:
+    """Sharded safetensors plus their index, one tensor in memory at a time."""
+    groups = shard(tensors, max_bytes)
+    weight_map: dict[str, str] = {}
+    for i, group in enumerate(groups, 1):
+        name = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
+        with open(directory / name, "wb") as f:
+            _write_header(f, group)
+            for t in group:
+                _write_tensor(t, f)
+                weight_map[t.name] = name
+    index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)}, "weight_map": weight_map}
+    (directory / INDEX).write_text(json.dumps(index, indent=2) + "\n")

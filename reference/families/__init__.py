@@ -1,0 +1,1 @@
+"""Model families as rows of data over one canonical description (ModelSpec)."""

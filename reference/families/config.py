@@ -1,0 +1,154 @@
+"""HF config.json <-> ModelSpec, as data: field renames plus a few feature codecs."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from reference.errors import ReferenceError
+from reference.families.spec import ModelSpec
+
+# canonical field -> HF field, for every Llama-shaped config.
+LLAMA_FIELDS: Mapping[str, str] = {
+    "vocab_size": "vocab_size",
+    "hidden_size": "hidden_size",
+    "intermediate_size": "intermediate_size",
+    "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+    "num_kv_heads": "num_key_value_heads",
+    "head_dim": "head_dim",
+    "max_position_embeddings": "max_position_embeddings",
+    "norm_eps": "rms_norm_eps",
+    "hidden_act": "hidden_act",
+    "tie_word_embeddings": "tie_word_embeddings",
+}
+
+# Fields that mean the same in every family and travel unchanged.
+PASSTHROUGH = (
+    "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range", "use_cache", "dtype",
+)
+
+
+class Codec(Protocol):
+    """How one family stores some features in its config."""
+
+    def read(self, cfg: Mapping[str, Any], where: str) -> dict[str, Any]: ...
+    def express(self, spec: ModelSpec) -> dict[str, Any]: ...
+    def write(self, spec: ModelSpec) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class Flag:
+    """Boolean features held in one HF field; several features may share it (Llama's
+    `attention_bias` turns on q, k, v and o bias together)."""
+
+    field: str
+    features: tuple[str, ...]
+    default: bool = False
+
+    def read(self, cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
+        value = bool(cfg.get(self.field, self.default))
+        return dict.fromkeys(self.features, value)
+
+    def express(self, spec: ModelSpec) -> dict[str, Any]:
+        return dict.fromkeys(self.features, any(getattr(spec, f) for f in self.features))
+
+    def write(self, spec: ModelSpec) -> dict[str, Any]:
+        return {self.field: any(getattr(spec, f) for f in self.features)}
+
+
+@dataclass(frozen=True)
+class Fixed:
+    """A feature the family always has at one value (Qwen2 always has q, k, v bias)."""
+
+    feature: str
+    value: Any
+
+    def read(self, cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
+        return {self.feature: self.value}
+
+    def express(self, spec: ModelSpec) -> dict[str, Any]:
+        return {self.feature: self.value}
+
+    def write(self, spec: ModelSpec) -> dict[str, Any]:
+        return {}
+
+
+@dataclass(frozen=True)
+class Window:
+    """A sliding window on every layer, in `sliding_window` (Mistral); Qwen2 also has a
+    switch `use_sliding_window` and may window only some layers (`layer_types`)."""
+
+    switch: str | None = None
+
+    def read(self, cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
+        window = cfg.get("sliding_window")
+        if self.switch is not None and not cfg.get(self.switch, False):
+            window = None
+        kinds = set(cfg.get("layer_types") or ())
+        if window is not None and kinds and kinds != {"sliding_attention"}:
+            raise ReferenceError(f"{where}: a window on only some layers (layer_types) is not supported")
+        if window is not None and window >= cfg.get("max_position_embeddings", window + 1):
+            window = None  # a window no sequence can exceed computes nothing
+        return {"sliding_window": window}
+
+    def express(self, spec: ModelSpec) -> dict[str, Any]:
+        return {"sliding_window": spec.sliding_window}
+
+    def write(self, spec: ModelSpec) -> dict[str, Any]:
+        out: dict[str, Any] = {"sliding_window": spec.sliding_window}
+        if self.switch is not None:
+            out[self.switch] = spec.sliding_window is not None
+            out["max_window_layers"] = 0
+            kind = "full_attention" if spec.sliding_window is None else "sliding_attention"
+            out["layer_types"] = [kind] * spec.num_layers
+        return out
+
+
+def read_rope(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """transformers 5 `rope_parameters`, or the 4.x `rope_theta` + `rope_scaling` pair."""
+    if cfg.get("rope_parameters"):
+        return dict(cfg["rope_parameters"])
+    rope = dict(cfg.get("rope_scaling") or {"rope_type": "default"})
+    if "type" in rope:
+        rope["rope_type"] = rope.pop("type")
+    rope["rope_theta"] = float(cfg.get("rope_theta", 10000.0))
+    return rope
+
+
+def read_spec(
+    cfg: Mapping[str, Any],
+    fields: Mapping[str, str],
+    codecs: tuple[Codec, ...],
+    where: str,
+    tie_default: bool = False,
+) -> ModelSpec:
+    """A ModelSpec from an HF config dict."""
+    values: dict[str, Any] = {}
+    for name, hf in fields.items():
+        if hf in cfg and cfg[hf] is not None:
+            values[name] = cfg[hf]
+    values.setdefault("tie_word_embeddings", tie_default)
+    values.setdefault("hidden_act", "silu")
+    required = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads")
+    for name in required:
+        if name not in values:
+            raise ReferenceError(f"{where}: missing field '{fields[name]}'")
+    values.setdefault("num_kv_heads", values["num_heads"])
+    values.setdefault("head_dim", values["hidden_size"] // values["num_heads"])
+    values.setdefault("max_position_embeddings", 2048)
+    values.setdefault("norm_eps", 1e-6)
+    values["rope_parameters"] = read_rope(cfg)
+    for codec in codecs:
+        values.update(codec.read(cfg, where))
+    return ModelSpec(**values)
+
+
+def write_fields(spec: ModelSpec, fields: Mapping[str, str], codecs: tuple[Codec, ...]) -> dict[str, Any]:
+    """The HF config fields for a spec the family can express."""
+    out = {hf: getattr(spec, name) for name, hf in fields.items()}
+    out["rope_parameters"] = dict(spec.rope_parameters)
+    for codec in codecs:
+        out.update(codec.write(spec))
+    return out

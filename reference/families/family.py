@@ -1,0 +1,42 @@
+"""A family is one row: its config codecs and its key map. Nothing here branches on a name."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from reference.families.config import LLAMA_FIELDS, Codec, read_spec, write_fields
+from reference.families.keymap import KeyMap
+from reference.families.spec import DEFAULT_FEATURES, ModelSpec
+
+
+@dataclass(frozen=True, kw_only=True)
+class Family:
+    """How one HF model family stores a ModelSpec: config fields, features and tensor names."""
+
+    model_type: str
+    architecture: str
+    keys: KeyMap
+    fields: Mapping[str, str] = field(default_factory=lambda: LLAMA_FIELDS)
+    # Features not named by any codec are fixed at ModelSpec's default (Llama's value).
+    codecs: tuple[Codec, ...] = ()
+    tie_default: bool = False
+
+    def read(self, cfg: Mapping[str, Any], where: str) -> ModelSpec:
+        """The spec of an HF config of this family."""
+        return read_spec(cfg, self.fields, self.codecs, where, self.tie_default)
+
+    def express(self, spec: ModelSpec) -> ModelSpec:
+        """The nearest spec this family can hold; differences are for the caller to judge."""
+        held = dict(DEFAULT_FEATURES)
+        for codec in self.codecs:
+            held.update(codec.express(spec))
+        return spec.replace(**held)
+
+    def config(self, spec: ModelSpec, extra: Mapping[str, Any]) -> dict[str, Any]:
+        """config.json for a spec this family holds exactly (see `express`)."""
+        out = {"architectures": [self.architecture], "model_type": self.model_type}
+        out.update(extra)
+        out.update(write_fields(spec, self.fields, self.codecs))
+        return out

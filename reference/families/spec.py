@@ -1,0 +1,98 @@
+"""The hub: what a decoder computes (ModelSpec) and the canonical parameter names.
+
+Every family reads its HF config into a ModelSpec and writes one back; every converter goes
+family -> canonical -> family. The canonical names are the unified model's state_dict names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    """Dimensions plus named features; a feature at its default is one Llama also has."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    norm_eps: float
+    hidden_act: str
+    rope_parameters: Mapping[str, Any] = field(
+        default_factory=lambda: {"rope_type": "default", "rope_theta": 10000.0}
+    )
+    tie_word_embeddings: bool = False
+    # Features. Biases are "zero when absent": a zero bias and no bias compute the same.
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: int | None = None
+
+    def replace(self, **changes: Any) -> ModelSpec:
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    def features(self) -> dict[str, Any]:
+        """The named features (everything that is not a dimension), in declaration order."""
+        return {name: getattr(self, name) for name in FEATURES}
+
+
+DIMENSIONS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+    "num_kv_heads", "head_dim", "max_position_embeddings", "norm_eps", "hidden_act",
+    "rope_parameters", "tie_word_embeddings",
+)
+FEATURES = tuple(f.name for f in dataclasses.fields(ModelSpec) if f.name not in DIMENSIONS)
+# Llama's value of every feature: what a family holds unless one of its codecs says otherwise.
+DEFAULT_FEATURES: dict[str, Any] = {
+    f.name: f.default for f in dataclasses.fields(ModelSpec) if f.name in FEATURES
+}
+
+# Canonical names of the optional biases, per feature. A target that lacks the feature may
+# still take the model when every such tensor is zero; a source that lacks it gets zeros.
+BIAS_KEYS: dict[str, tuple[str, ...]] = {
+    "qkv_bias": ("layers.{}.attn.q.bias", "layers.{}.attn.k.bias", "layers.{}.attn.v.bias"),
+    "o_bias": ("layers.{}.attn.o.bias",),
+    "mlp_bias": ("layers.{}.mlp.gate.bias", "layers.{}.mlp.up.bias", "layers.{}.mlp.down.bias"),
+}
+
+
+def bias_shape(spec: ModelSpec, template: str) -> tuple[int]:
+    """Shape of a canonical bias (the output features of its linear)."""
+    rows = {
+        "q": spec.num_heads * spec.head_dim,
+        "k": spec.num_kv_heads * spec.head_dim,
+        "v": spec.num_kv_heads * spec.head_dim,
+        "o": spec.hidden_size,
+        "gate": spec.intermediate_size,
+        "up": spec.intermediate_size,
+        "down": spec.hidden_size,
+    }
+    return (rows[template.split(".")[-2]],)
+
+
+def canonical_names(spec: ModelSpec) -> Iterator[str]:
+    """Every canonical parameter name a model of this spec has, in a stable order."""
+    yield "embed.weight"
+    for i in range(spec.num_layers):
+        yield f"layers.{i}.attn_norm.weight"
+        for p in ("q", "k", "v", "o"):
+            yield f"layers.{i}.attn.{p}.weight"
+            if (spec.o_bias if p == "o" else spec.qkv_bias):
+                yield f"layers.{i}.attn.{p}.bias"
+        yield f"layers.{i}.mlp_norm.weight"
+        for p in ("gate", "up", "down"):
+            yield f"layers.{i}.mlp.{p}.weight"
+            if spec.mlp_bias:
+                yield f"layers.{i}.mlp.{p}.bias"
+    yield "norm.weight"
+    if not spec.tie_word_embeddings:
+        yield "lm_head.weight"
