@@ -11,4 +11,5 @@ class Inexpressible(ReferenceError):
     def __init__(self, target: str, feature: str, detail: str = "") -> None:
         self.target, self.feature = target, feature
         hint = " (use --to unified to keep it)" if target != "unified" else ""
-        super().__init__(f"{target} cannot express feature '{feature}'{': ' + detail if detail else ''}{hint}")
+        detail = f": {detail}" if detail else ""
+        super().__init__(f"{target} cannot express feature '{feature}'{detail}{hint}")

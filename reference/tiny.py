@@ -29,6 +29,7 @@ SHAPE: dict[str, Any] = {
 TINY: dict[str, dict[str, Any]] = {
     "llama": {"attention_bias": False},
     "qwen2": {},
+    "qwen3": {"attention_bias": True},
 }
 
 

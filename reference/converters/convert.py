@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 
 from reference.converters.files import atomic_dir, side_files
-from reference.converters.hf_dir import open_hf
-from reference.converters.plan import adapt, plan_target, read_canonical
-from reference.converters.safetensors_io import write_dir
+from reference.converters.hf_target import HFTarget
+from reference.converters.plan import Lazy, adapt, prune_zero_biases
+from reference.converters.source import Source, open_source
 from reference.errors import ReferenceError
-from reference.families.config import PASSTHROUGH
 from reference.families.registry import family_named
+from reference.families.spec import ModelSpec
 
 DEFAULT_SHARD_BYTES = 5 * 2**30
 RECORD = "conversion.json"  # what was done, beside the weights: source, caveats, folds
@@ -44,16 +45,25 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
     return dtype
 
 
-def validate_config(config: dict, target: str) -> None:
-    """Let transformers' own config class judge the target config before anything is written."""
-    from transformers import AutoConfig
+class Target(Protocol):
+    """A layout canonical tensors can be written in (an HF family, Megatron)."""
 
-    fields = {k: v for k, v in config.items() if k not in ("model_type", "architectures")}
-    try:
-        AutoConfig.for_model(config["model_type"], **fields)
-    except Exception as e:  # transformers raises several types; its message names the field
-        reason = str(e).strip().splitlines()[-1].strip()
-        raise ReferenceError(f"{target}: transformers rejects the converted config: {reason}") from None
+    name: str
+
+    def express(self, spec: ModelSpec) -> ModelSpec: ...
+
+    def write(self, tensors: Mapping[str, Lazy], held: ModelSpec, extra: Mapping[str, Any],
+              dtype: torch.dtype | None, out: Path) -> tuple[int, int]: ...
+
+
+def resolve_target(to: str, source: Source, max_shard_bytes: int, layout: Any) -> Target:
+    """The writer for `--to`: `megatron`, `hf` (the family the source came from) or a family."""
+    if to == "megatron":
+        from reference.converters.megatron import MegatronLayout, MegatronTarget
+
+        return MegatronTarget(source.family.model_type, layout or MegatronLayout())
+    family = source.family if to == "hf" else family_named(to)
+    return HFTarget(family, max_shard_bytes)
 
 
 def convert(
@@ -65,36 +75,26 @@ def convert(
     force: bool = False,
     allow: Collection[str] = (),
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    layout: Any = None,
 ) -> Report:
-    """Convert the HF model at SRC into family `to` at DST; DST appears whole or not at all.
+    """Convert the checkpoint at SRC (HF or Megatron) into `to` at DST; DST appears whole or
+    not at all.
 
-    `allow` names features the user accepts dropping (e.g. `sliding_window`); each one is
-    recorded as a caveat in DST/conversion.json.
+    `to` is a family's model_type, `hf` (back to the family the checkpoint came from) or
+    `megatron` (laid out by `layout`, a MegatronLayout). `allow` names features the user
+    accepts dropping (e.g. `sliding_window`); each is recorded in DST/conversion.json.
     """
     src, dst = Path(src), Path(dst)
     cast = parse_dtype(dtype)
-    model = open_hf(src)
-    target = family_named(to)
-    held = target.express(model.spec)
-    where = str(src)
-    tensors = read_canonical(model.entries, model.family, model.spec, where)
-    tensors, checks, caveats = adapt(tensors, model.spec, held, model.family, to, allow)
-    for check in checks:
-        check.run(tensors, to)
-    planned = plan_target(tensors, target, held, cast)
-    report = Report(model.family.model_type, to, len(planned), sum(t.nbytes for t in planned), caveats)
-
-    extra = {k: model.config[k] for k in PASSTHROUGH if k in model.config}
-    if "torch_dtype" in model.config and "dtype" not in extra:
-        extra["dtype"] = model.config["torch_dtype"]
-    if cast is not None:
-        extra["dtype"] = str(cast).removeprefix("torch.")
-    config = target.config(held, extra)
-    validate_config(config, to)
+    source = open_source(src)
+    target = resolve_target(to, source, max_shard_bytes, layout)
+    tensors, spec = prune_zero_biases(source.tensors, source.spec)
+    held = target.express(spec)
+    tensors, caveats = adapt(tensors, spec, held, source.key_of, target.name, allow)
     with atomic_dir(dst, force) as out:
-        write_dir(planned, out, max_shard_bytes)
-        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        count, size = target.write(tensors, held, source.extra, cast, out)
         for path in side_files(src):
             shutil.copy2(path, out / path.name)
+        report = Report(source.family.model_type, target.name, count, size, caveats)
         (out / RECORD).write_text(json.dumps(asdict(report), indent=2) + "\n")
     return report

@@ -49,51 +49,53 @@ def read_canonical(
     return {name: out[name] for name in expected}
 
 
-@dataclass(frozen=True)
-class Check:
-    """A value condition the target needs (a dropped bias must be zero), run before writing."""
+def _bias_names(spec: ModelSpec, feature: str) -> list[str]:
+    return [t.format(i) for i in range(spec.num_layers) for t in BIAS_KEYS[feature]]
 
-    name: str
-    feature: str
-    source_key: str
 
-    def run(self, tensors: Mapping[str, Lazy], target: str) -> None:
-        if torch.count_nonzero(materialize(tensors[self.name].load())):
-            raise Inexpressible(target, self.feature, f"'{self.source_key}' is nonzero")
+def prune_zero_biases(tensors: dict[str, Lazy], spec: ModelSpec) -> tuple[dict[str, Lazy], ModelSpec]:
+    """Drop every bias feature whose tensors are all zero: a zero bias computes nothing, and
+    dropping it lets llama -> qwen2 -> llama (which adds zero q, k, v biases) return bitwise."""
+    for feature in BIAS_KEYS:
+        names = _bias_names(spec, feature) if getattr(spec, feature) else []
+        if names and not any(torch.count_nonzero(materialize(tensors[n].load())) for n in names):
+            tensors = {k: v for k, v in tensors.items() if k not in names}
+            spec = spec.replace(**{feature: False})
+    return tensors, spec
 
 
 def adapt(
     tensors: dict[str, Lazy],
     spec: ModelSpec,
     held: ModelSpec,
-    source: Family,
+    key_of: Callable[[str], str],
     target: str,
     allow: Collection[str] = (),
-) -> tuple[dict[str, Lazy], list[Check], list[str]]:
-    """Canonical tensors of `spec` re-laid for `held`: zero biases added or (checked) dropped.
-    Returns the tensors, the checks to run before writing, and the caveats accepted by `allow`."""
+) -> tuple[dict[str, Lazy], list[str]]:
+    """Canonical tensors of `spec` re-laid for `held` (what the target holds): biases the
+    target always has are filled with zeros. Returns the tensors and the caveats accepted
+    by `allow`; any other difference raises, naming the feature."""
     tensors = dict(tensors)
-    checks: list[Check] = []
     caveats: list[str] = []
     for feature in FEATURES:
         have, want = getattr(spec, feature), getattr(held, feature)
         if have == want:
             continue
-        if feature in BIAS_KEYS:
-            for i in range(spec.num_layers):
-                for template in BIAS_KEYS[feature]:
-                    name = template.format(i)
-                    if want:  # the target always has this bias: a zero one computes the same
-                        like = tensors[template.replace("bias", "weight").format(i)].meta
-                        zero = torch.zeros(bias_shape(spec, template), dtype=like.dtype)
-                        tensors[name] = Lazy(zero.to("meta"), lambda z=zero: z)
-                    else:
-                        checks.append(Check(name, feature, source.keys.hf(name, source.model_type)))
+        if feature in BIAS_KEYS and want:  # a zero bias computes the same as none
+            for name in _bias_names(spec, feature):
+                like = tensors[name.replace("bias", "weight")].meta
+                zero = torch.zeros(bias_shape(spec, name), dtype=like.dtype)
+                tensors[name] = Lazy(zero.to("meta"), lambda z=zero: z)
+        elif feature in BIAS_KEYS:  # after prune_zero_biases, some tensor is nonzero
+            name = next(n for n in _bias_names(spec, feature)
+                        if torch.count_nonzero(materialize(tensors[n].load())))
+            detail = f"'{key_of(name)}' is nonzero"
+            raise Inexpressible(target, feature, detail)
         elif feature in allow:
             caveats.append(f"dropped {feature}={have!r}: {target} computes without it")
         else:
             raise Inexpressible(target, feature, f"the model has {feature}={have!r}")
-    return tensors, checks, caveats
+    return tensors, caveats
 
 
 def plan_target(

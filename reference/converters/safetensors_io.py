@@ -156,7 +156,8 @@ def _write_tensor(t: Planned, f) -> None:
         _copy_range(data, f)
         return
     if data.dtype != t.dtype or tuple(data.shape) != t.shape:
-        raise AssertionError(f"plan for '{t.name}' said {t.dtype}{list(t.shape)}, got {data.dtype}{list(data.shape)}")
+        got = f"{data.dtype}{list(data.shape)}"
+        raise AssertionError(f"plan for '{t.name}' said {t.dtype}{list(t.shape)}, got {got}")
     if data.numel():
         f.write(data.contiguous().reshape(-1).view(torch.uint8).numpy().data)
 

@@ -34,6 +34,7 @@ class Codec(Protocol):
     """How one family stores some features in its config."""
 
     def read(self, cfg: Mapping[str, Any], where: str) -> dict[str, Any]: ...
+    def variants(self) -> list[dict[str, Any]]: ...
     def express(self, spec: ModelSpec) -> dict[str, Any]: ...
     def write(self, spec: ModelSpec) -> dict[str, Any]: ...
 
@@ -51,6 +52,9 @@ class Flag:
         value = bool(cfg.get(self.field, self.default))
         return dict.fromkeys(self.features, value)
 
+    def variants(self) -> list[dict[str, Any]]:
+        return [dict.fromkeys(self.features, True)]
+
     def express(self, spec: ModelSpec) -> dict[str, Any]:
         return dict.fromkeys(self.features, any(getattr(spec, f) for f in self.features))
 
@@ -67,6 +71,9 @@ class Fixed:
 
     def read(self, cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
         return {self.feature: self.value}
+
+    def variants(self) -> list[dict[str, Any]]:
+        return [{self.feature: self.value}]
 
     def express(self, spec: ModelSpec) -> dict[str, Any]:
         return {self.feature: self.value}
@@ -92,6 +99,9 @@ class Window:
         if window is not None and window >= cfg.get("max_position_embeddings", window + 1):
             window = None  # a window no sequence can exceed computes nothing
         return {"sliding_window": window}
+
+    def variants(self) -> list[dict[str, Any]]:
+        return [{"sliding_window": 4096}]
 
     def express(self, spec: ModelSpec) -> dict[str, Any]:
         return {"sliding_window": spec.sliding_window}

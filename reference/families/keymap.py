@@ -60,6 +60,8 @@ LLAMA_KEYS = KeyMap({
         f"model.layers.{{}}.self_attn.{p}_proj.{w}": f"layers.{{}}.attn.{p}.{w}"
         for p in ("q", "k", "v", "o") for w in ("weight", "bias")
     },
+    "model.layers.{}.self_attn.q_norm.weight": "layers.{}.attn.q_norm.weight",
+    "model.layers.{}.self_attn.k_norm.weight": "layers.{}.attn.k_norm.weight",
     "model.layers.{}.post_attention_layernorm.weight": "layers.{}.mlp_norm.weight",
     **{
         f"model.layers.{{}}.mlp.{p}_proj.{w}": f"layers.{{}}.mlp.{p}.{w}"

@@ -24,7 +24,18 @@ QWEN2 = Family(
     codecs=(Fixed("qkv_bias", True), Window(switch="use_sliding_window")),
 )
 
-FAMILIES: dict[str, Family] = {f.model_type: f for f in (LLAMA, QWEN2)}
+QWEN3 = Family(
+    model_type="qwen3",
+    architecture="Qwen3ForCausalLM",
+    keys=LLAMA_KEYS,
+    codecs=(
+        Flag("attention_bias", ("qkv_bias", "o_bias")),
+        Fixed("qk_norm", True),
+        Window(switch="use_sliding_window"),
+    ),
+)
+
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (LLAMA, QWEN2, QWEN3)}
 
 
 def family_named(name: str) -> Family:

@@ -34,6 +34,7 @@ class ModelSpec:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
+    qk_norm: bool = False  # RMSNorm over head_dim on every q and k head, before rope (Qwen3)
     sliding_window: int | None = None
 
     def replace(self, **changes: Any) -> ModelSpec:
@@ -88,6 +89,9 @@ def canonical_names(spec: ModelSpec) -> Iterator[str]:
             yield f"layers.{i}.attn.{p}.weight"
             if (spec.o_bias if p == "o" else spec.qkv_bias):
                 yield f"layers.{i}.attn.{p}.bias"
+        if spec.qk_norm:
+            yield f"layers.{i}.attn.q_norm.weight"
+            yield f"layers.{i}.attn.k_norm.weight"
         yield f"layers.{i}.mlp_norm.weight"
         for p in ("gate", "up", "down"):
             yield f"layers.{i}.mlp.{p}.weight"

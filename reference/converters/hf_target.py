@@ -1,0 +1,63 @@
+"""Writing canonical tensors as an HF family's checkpoint: sharded safetensors + config.json."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from reference.converters.plan import Lazy, plan_target
+from reference.converters.safetensors_io import write_dir
+from reference.errors import ReferenceError
+from reference.families.family import Family
+from reference.families.spec import ModelSpec
+
+
+def validate_config(config: dict[str, Any], target: str) -> None:
+    """Let transformers' own config class judge the target config before any tensor is written."""
+    from transformers import AutoConfig
+
+    fields = {k: v for k, v in config.items() if k not in ("model_type", "architectures")}
+    try:
+        AutoConfig.for_model(config["model_type"], **fields)
+    except Exception as e:  # transformers raises several types; its message names the field
+        reason = str(e).strip().splitlines()[-1].strip()
+        raise ReferenceError(f"{target}: transformers rejects the converted config: {reason}") from None
+
+
+@dataclass(frozen=True)
+class HFTarget:
+    """An HF family as a conversion target."""
+
+    family: Family
+    max_shard_bytes: int
+
+    @property
+    def name(self) -> str:
+        return self.family.model_type
+
+    def express(self, spec: ModelSpec) -> ModelSpec:
+        return self.family.express(spec)
+
+    def write(
+        self,
+        tensors: Mapping[str, Lazy],
+        held: ModelSpec,
+        extra: Mapping[str, Any],
+        dtype: torch.dtype | None,
+        out: Path,
+    ) -> tuple[int, int]:
+        """Write into `out`; returns (tensors, bytes) written."""
+        planned = plan_target(tensors, self.family, held, dtype)
+        extra = dict(extra)
+        if dtype is not None:
+            extra["dtype"] = str(dtype).removeprefix("torch.")
+        config = self.family.config(held, extra)
+        validate_config(config, self.name)
+        write_dir(planned, out, self.max_shard_bytes)
+        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        return len(planned), sum(t.nbytes for t in planned)

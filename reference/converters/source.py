@@ -1,0 +1,49 @@
+"""A checkpoint opened for reading: its family, spec, config extras and lazy canonical tensors."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from reference.converters.hf_dir import open_hf
+from reference.converters.plan import Lazy, read_canonical
+from reference.families.config import PASSTHROUGH
+from reference.families.family import Family
+from reference.families.spec import ModelSpec
+
+
+@dataclass(frozen=True)
+class Source:
+    """What every reader hands every writer. `family` is the HF family the weights came from
+    (for a Megatron checkpoint, the one recorded in it); `key_of` names a canonical tensor as
+    the source file calls it, for error messages."""
+
+    path: Path
+    family: Family
+    spec: ModelSpec
+    extra: dict[str, Any]
+    tensors: dict[str, Lazy]
+    key_of: Callable[[str], str]
+
+
+def passthrough(config: dict[str, Any]) -> dict[str, Any]:
+    """The config fields that mean the same in every family."""
+    extra = {k: config[k] for k in PASSTHROUGH if k in config}
+    if "torch_dtype" in config and "dtype" not in extra:
+        extra["dtype"] = config["torch_dtype"]  # transformers 4.x name
+    return extra
+
+
+def open_source(path: Path) -> Source:
+    """An HF model directory or a Megatron checkpoint, by what the directory holds."""
+    from reference.converters import megatron
+
+    if megatron.is_megatron_dir(path):
+        return megatron.read_megatron(path)
+    model = open_hf(path)
+    tensors = read_canonical(model.entries, model.family, model.spec, str(path))
+    family = model.family
+    return Source(path, family, model.spec, passthrough(model.config), tensors,
+                  lambda name: family.keys.hf(name, family.model_type))

@@ -1,0 +1,25 @@
+"""A registered family must come with a tiny config, goldens and equivalence cases."""
+
+from __future__ import annotations
+
+import pytest
+from harness import TIES, conversion_cases, golden_path
+
+from reference.families.registry import FAMILIES
+from reference.tiny import TINY
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_is_complete(family: str) -> None:
+    assert family in TINY, f"{family}: add its tiny config to reference/tiny.py TINY"
+    for tie in TIES:
+        path = golden_path(family, tie)
+        assert path.is_file(), f"{family}: no golden {path.name}; run `nox -s goldens`"
+    cases = [c for c in conversion_cases() if family in c[:2]]
+    assert cases, f"{family}: no conversion path reaches or leaves it"
+
+
+def test_no_golden_without_a_family() -> None:
+    known = {golden_path(f, t).name for f in FAMILIES for t in TIES}
+    stray = sorted(p.name for p in golden_path("x", False).parent.glob("*.safetensors"))
+    assert set(stray) <= known, f"goldens with no registered family: {set(stray) - known}"
