@@ -16,12 +16,14 @@ COMMANDS = {
     "convert": ("reference.converters.cli", "convert a checkpoint between families"),
     "families": ("reference.families.cli", "list every family and what each target can hold"),
     "demo": ("reference.demo", "build tiny models, convert them, prove the logits match"),
-    # "train": ("reference.train.cli", "SFT with per-channel loss curves"),
+    "train": ("reference.train.cli", "SFT with per-channel loss curves"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="reference", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="reference", description="Exact checkpoint converters and LLM fundamentals, proven against the originals."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
