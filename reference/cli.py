@@ -22,7 +22,8 @@ COMMANDS = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="reference", description="Exact checkpoint converters and LLM fundamentals, proven against the originals."
+        prog="reference",
+        description="Exact checkpoint converters and LLM fundamentals, proven against the originals.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_) in COMMANDS.items():

@@ -30,6 +30,37 @@ TINY: dict[str, dict[str, Any]] = {
     "llama": {"attention_bias": False},
     "qwen2": {},
     "qwen3": {"attention_bias": True},
+    "mistral": {"sliding_window": None},
+    "phi3": {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+    "gemma": {"hidden_act": "gelu_pytorch_tanh", "pad_token_id": 0},
+    "granite": {"embedding_multiplier": 12.0, "attention_multiplier": 0.0078125,
+                "residual_multiplier": 0.22, "logits_scaling": 8.0},
+    "gemma2": {"pad_token_id": 0, "sliding_window": 4, "query_pre_attn_scalar": 16},
+    "gemma3_text": {"pad_token_id": 0, "sliding_window": 4, "query_pre_attn_scalar": 16,
+                    "rope_parameters": None},
+    "glm": {"pad_token_id": 0, "eos_token_id": 2},
+    "glm4": {"pad_token_id": 0, "eos_token_id": 2},
+    "olmo2": {"pad_token_id": 0, "eos_token_id": 2},
+    "cohere": {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "layer_norm_eps": 1e-5},
+    # head_dim follows hidden / heads here; rope needs an even rotary width.
+    "stablelm": {"layer_norm_eps": 1e-5, "bos_token_id": 1, "eos_token_id": 2, "head_dim": None,
+                 "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                     "partial_rotary_factor": 0.5}},
+    "starcoder2": {"norm_epsilon": 1e-5, "bos_token_id": 1, "eos_token_id": 2},
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                  "shared_expert_intermediate_size": 48},
+    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32},
+    "deepseek_v2": {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                    "kv_lora_rank": 16, "q_lora_rank": 24, "qk_nope_head_dim": 8,
+                    "qk_rope_head_dim": 8, "v_head_dim": 16, "n_group": 1, "topk_group": 1,
+                    "first_k_dense_replace": 1, "pad_token_id": 0, "head_dim": None,
+                    "num_key_value_heads": 6},  # MLA has one KV head per query head
+    "deepseek_v3": {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                    "kv_lora_rank": 16, "q_lora_rank": 24, "qk_nope_head_dim": 8,
+                    "qk_rope_head_dim": 8, "v_head_dim": 16, "n_group": 1, "topk_group": 1,
+                    "first_k_dense_replace": 1, "pad_token_id": 0, "head_dim": None,
+                    "num_key_value_heads": 6},
 }
 
 
@@ -38,6 +69,8 @@ def tiny_config(model_type: str, *, tie: bool = False, **overrides: Any):
     from transformers import AutoConfig
 
     fields = {**SHAPE, **TINY[model_type], "tie_word_embeddings": tie, **overrides}
+    # None in a TINY row removes a SHAPE field the family does not take (a None window stays).
+    fields = {k: v for k, v in fields.items() if v is not None or k == "sliding_window"}
     return AutoConfig.for_model(model_type, **fields)
 
 

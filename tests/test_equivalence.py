@@ -45,7 +45,7 @@ def test_transformers_reproduces_golden(family: str, tie: bool) -> None:
 @pytest.mark.parametrize(("source", "target", "tie"), conversion_cases())
 def test_converted_logits_equal_original(source: str, target: str, tie: bool, tmp_path) -> None:
     src = save_tiny(source, tmp_path / "src", tie=tie)
-    convert(src, tmp_path / "dst", to=target)
+    there = convert(src, tmp_path / "dst", to=target)
     model, info = AutoModelForCausalLM.from_pretrained(
         tmp_path / "dst", output_loading_info=True, attn_implementation="eager"
     )
@@ -54,8 +54,12 @@ def test_converted_logits_equal_original(source: str, target: str, tie: bool, tm
     golden, _ = load_golden(source, tie)
     torch.testing.assert_close(logits(model), golden)
 
-    convert(tmp_path / "dst", tmp_path / "back", to=source)
-    assert_bitwise(read_tensors(src), read_tensors(tmp_path / "back"))
+    back = convert(tmp_path / "dst", tmp_path / "back", to=source)
+    if there.folds or back.folds:  # values were moved into weights: exact in the logits
+        again = AutoModelForCausalLM.from_pretrained(tmp_path / "back", attn_implementation="eager")
+        torch.testing.assert_close(logits(again), golden)
+    else:  # only rearranged: bitwise
+        assert_bitwise(read_tensors(src), read_tensors(tmp_path / "back"))
 
 
 @pytest.mark.parametrize(("source", "target", "tie"), refusal_cases())

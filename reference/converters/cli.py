@@ -51,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
                      allow=allow, max_shard_bytes=args.max_shard_size, layout=layout)
     print(f"{report.source} -> {report.target}: {report.tensors} tensors, "
           f"{report.bytes / 2**20:.1f} MiB written to {args.dst}")
+    for fold in report.folds:
+        print(f"folded {fold}")
     for caveat in report.caveats:
         print(f"caveat: {caveat}")
     return 0

@@ -13,11 +13,12 @@ import torch
 
 from reference.converters.files import atomic_dir, side_files
 from reference.converters.hf_target import HFTarget
-from reference.converters.plan import Lazy, adapt, prune_zero_biases
+from reference.converters.plan import Lazy, adapt, prune_zero_biases, retie
 from reference.converters.source import Source, open_source
-from reference.errors import ReferenceError
+from reference.errors import Inexpressible, ReferenceError
 from reference.families.registry import family_named
-from reference.families.spec import ModelSpec
+from reference.families.spec import BIAS_KEYS, ModelSpec
+from reference.families.verdict import blocking
 
 DEFAULT_SHARD_BYTES = 5 * 2**30
 RECORD = "conversion.json"  # what was done, beside the weights: source, caveats, folds
@@ -32,6 +33,7 @@ class Report:
     tensors: int = 0
     bytes: int = 0
     caveats: list[str] = field(default_factory=list)
+    folds: list[str] = field(default_factory=list)  # values moved into weights, and their cost
 
 
 def parse_dtype(name: str | None) -> torch.dtype | None:
@@ -88,13 +90,21 @@ def convert(
     cast = parse_dtype(dtype)
     source = open_source(src)
     target = resolve_target(to, source, max_shard_bytes, layout)
+    early = [f for f in blocking(source.spec, target.express(source.spec))
+             if f not in BIAS_KEYS and f not in allow]
+    if early:  # refuse before reading any tensor
+        feature = early[0]
+        raise Inexpressible(target.name, feature, f"the model has {feature}={getattr(source.spec, feature)!r}")
+    if source.family.keys is None:
+        raise ReferenceError(f"{src}: the tensor layout of {source.family.model_type} is not mapped yet")
     tensors, spec = prune_zero_biases(source.tensors, source.spec)
+    tensors, spec = retie(tensors, spec, target.express(spec))
     held = target.express(spec)
-    tensors, caveats = adapt(tensors, spec, held, source.key_of, target.name, allow)
+    tensors, caveats, folds = adapt(tensors, spec, held, source.key_of, target.name, allow)
     with atomic_dir(dst, force) as out:
         count, size = target.write(tensors, held, source.extra, cast, out)
         for path in side_files(src):
             shutil.copy2(path, out / path.name)
-        report = Report(source.family.model_type, target.name, count, size, caveats)
+        report = Report(source.family.model_type, target.name, count, size, caveats, folds)
         (out / RECORD).write_text(json.dumps(asdict(report), indent=2) + "\n")
     return report

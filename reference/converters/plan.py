@@ -6,12 +6,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from reference.converters.folds import FOLDS, UNTIES, Fold, is_default
 from reference.converters.safetensors_io import Entry, Planned
 from reference.errors import Inexpressible, ReferenceError
 from reference.families.family import Family
+from reference.families.keymap import Fused
 from reference.families.spec import BIAS_KEYS, FEATURES, ModelSpec, bias_shape, canonical_names
 
 
@@ -34,17 +37,23 @@ def read_canonical(
     """The canonical tensors of a checkpoint, checked against what its spec must hold."""
     out: dict[str, Lazy] = {}
     for key, entry in entries.items():
-        name = family.keys.canonical(key, where)
-        if name is None or (name == "lm_head.weight" and spec.tie_word_embeddings):
-            continue  # a tied head is the embedding; transformers ignores a saved copy too
-        out[name] = Lazy(entry.meta(), lambda e=entry: e)
+        names, fused = family.keys.canonical(key, where)
+        if fused is None:
+            for name in names:
+                out[name] = Lazy(entry.meta(), lambda e=entry: e)
+            continue
+        metas = fused.split(entry.meta(), spec)
+        for i, name in enumerate(names):
+            out[name] = Lazy(metas[i], lambda e=entry, i=i, f=fused: f.split(e.load(), spec)[i])
+    if spec.tie_word_embeddings:
+        out.pop("lm_head.weight", None)  # a tied head is the embedding; transformers ignores a saved copy
     expected = list(canonical_names(spec))
     for name in expected:
         if name not in out:
-            raise ReferenceError(f"{where}: missing tensor '{family.keys.hf(name, family.model_type)}'")
+            raise ReferenceError(f"{where}: missing tensor '{family.keys.hf(name, family.model_type)[0]}'")
     extra = sorted(set(out) - set(expected))
     if extra:
-        hf = family.keys.hf(extra[0], family.model_type)
+        hf = family.keys.hf(extra[0], family.model_type)[0]
         raise ReferenceError(f"{where}: tensor '{hf}' does not fit config.json (unexpected)")
     return {name: out[name] for name in expected}
 
@@ -71,17 +80,24 @@ def adapt(
     key_of: Callable[[str], str],
     target: str,
     allow: Collection[str] = (),
-) -> tuple[dict[str, Lazy], list[str]]:
+) -> tuple[dict[str, Lazy], list[str], list[str]]:
     """Canonical tensors of `spec` re-laid for `held` (what the target holds): biases the
-    target always has are filled with zeros. Returns the tensors and the caveats accepted
-    by `allow`; any other difference raises, naming the feature."""
+    target always has are filled with zeros, foldable scalars moved into the weights. Returns
+    the tensors, the caveats accepted by `allow` and the folds done; any other difference
+    raises, naming the feature."""
     tensors = dict(tensors)
     caveats: list[str] = []
+    folds: list[str] = []
     for feature in FEATURES:
         have, want = getattr(spec, feature), getattr(held, feature)
         if have == want:
             continue
-        if feature in BIAS_KEYS and want:  # a zero bias computes the same as none
+        if feature in FOLDS:
+            fold = FOLDS[feature]
+            for name in fold.names(spec, set(tensors)):
+                tensors[name] = Lazy(tensors[name].meta, _refold(tensors[name], fold, spec, have, want))
+            folds.append(f"{feature}: {have!r} -> {want!r} ({fold.precision})")
+        elif feature in BIAS_KEYS and want:  # a zero bias computes the same as none
             for name in _bias_names(spec, feature):
                 like = tensors[name.replace("bias", "weight")].meta
                 zero = torch.zeros(bias_shape(spec, name), dtype=like.dtype)
@@ -95,21 +111,61 @@ def adapt(
             caveats.append(f"dropped {feature}={have!r}: {target} computes without it")
         else:
             raise Inexpressible(target, feature, f"the model has {feature}={have!r}")
-    return tensors, caveats
+    return tensors, caveats, folds
+
+
+def _refold(lazy: Lazy, fold: Fold, spec: ModelSpec, have: Any, want: Any) -> Callable[[], torch.Tensor]:
+    def load() -> torch.Tensor:
+        x = materialize(lazy.load())
+        if not is_default(fold.feature, have):
+            x = fold.apply(x, spec, have, inverse=False)
+        if not is_default(fold.feature, want):
+            x = fold.apply(x, spec, want, inverse=True)
+        return x
+
+    return load
+
+
+def retie(tensors: dict[str, Lazy], spec: ModelSpec, held: ModelSpec) -> tuple[dict[str, Lazy], ModelSpec]:
+    """Make a fold of the embedding or head possible, or unnecessary, before the target is asked:
+    a tied model whose embedding or head must change gets its own head (the original embedding);
+    an untied model whose embedding is exactly its head times the multiplier the target applies
+    (what folding a Gemma produced) is tied again, so gemma -> llama -> gemma returns bitwise."""
+    if spec.tie_word_embeddings and any(getattr(spec, f) != getattr(held, f) for f in UNTIES):
+        return {**tensors, "lm_head.weight": tensors["embed.weight"]}, spec.replace(tie_word_embeddings=False)
+    m = held.embedding_multiplier
+    if (not spec.tie_word_embeddings and is_default("embedding_multiplier", spec.embedding_multiplier)
+            and not is_default("embedding_multiplier", m) and held.logits_divisor == spec.logits_divisor):
+        head = materialize(tensors["lm_head.weight"].load())
+        fold = FOLDS["embedding_multiplier"]
+        if torch.equal(fold.apply(head, spec, m, inverse=False), materialize(tensors["embed.weight"].load())):
+            rest = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
+            rest["embed.weight"] = tensors["lm_head.weight"]
+            return rest, spec.replace(tie_word_embeddings=True, embedding_multiplier=m)
+    return tensors, spec
 
 
 def plan_target(
     tensors: Mapping[str, Lazy], family: Family, held: ModelSpec, dtype: torch.dtype | None
 ) -> list[Planned]:
-    """The target's tensors in its canonical order, each cast to `dtype` if one is given."""
-    planned = []
+    """The target's tensors in canonical order (fused ones merged), cast to `dtype` if given."""
+    homes: dict[str, dict[int, str]] = {}
     for name in canonical_names(held):
-        lazy = tensors[name]
-        out_dtype = dtype if dtype is not None and lazy.meta.is_floating_point() else lazy.meta.dtype
-        if out_dtype == lazy.meta.dtype:
-            produce = lazy.load
+        hf, part = family.keys.hf(name, family.model_type)
+        homes.setdefault(hf, {})[part] = name
+    planned = []
+    for hf, parts in homes.items():
+        rule = family.keys.rule(hf)
+        if isinstance(rule, Fused):
+            names = [parts[i] for i in range(len(rule.parts))]
+            meta = rule.merge([tensors[n].meta for n in names], held)
+            load = lambda r=rule, ns=names: r.merge(  # noqa: E731
+                [materialize(tensors[n].load()) for n in ns], held)
+            lazy = Lazy(meta, load)
         else:
-            produce = lambda lazy=lazy, d=out_dtype: materialize(lazy.load()).to(d)  # noqa: E731
-        planned.append(Planned(family.keys.hf(name, family.model_type), out_dtype,
-                               tuple(lazy.meta.shape), produce))
+            lazy = tensors[parts[0]]
+        cast = dtype is not None and lazy.meta.is_floating_point() and lazy.meta.dtype != dtype
+        out_dtype = dtype if cast else lazy.meta.dtype
+        produce = (lambda lz=lazy, d=out_dtype: materialize(lz.load()).to(d)) if cast else lazy.load
+        planned.append(Planned(hf, out_dtype, tuple(lazy.meta.shape), produce))
     return planned

@@ -43,7 +43,9 @@ def open_source(path: Path) -> Source:
     if megatron.is_megatron_dir(path):
         return megatron.read_megatron(path)
     model = open_hf(path)
-    tensors = read_canonical(model.entries, model.family, model.spec, str(path))
     family = model.family
+    if family.keys is None:  # known by its features only: fine for refusing, not for reading
+        return Source(path, family, model.spec, passthrough(model.config), {}, str)
+    tensors = read_canonical(model.entries, family, model.spec, str(path))
     return Source(path, family, model.spec, passthrough(model.config), tensors,
-                  lambda name: family.keys.hf(name, family.model_type))
+                  lambda name: family.keys.hf(name, family.model_type)[0])

@@ -17,13 +17,30 @@ def table(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> int:
+def rows() -> list[list[str]]:
+    """Header and one row per family: -> llama, llama -> family, -> megatron, -> unified."""
+    from reference.converters import megatron
     from reference.families.registry import FAMILIES
     from reference.families.verdict import verdict
 
-    targets = list(FAMILIES)
-    rows = [["family", "architecture", *(f"-> {t}" for t in targets)]]
+    llama = FAMILIES["llama"]
+    mg = getattr(megatron, "MegatronTarget", None)
+    out = [["family", "-> llama", "llama -> family", "-> megatron", "-> unified"]]
     for f in FAMILIES.values():
-        rows.append([f.model_type, f.architecture, *(verdict(f, FAMILIES[t]) for t in targets)])
-    print(table(rows))
+        if f.keys is None:
+            back = "-"
+        else:
+            back = verdict(llama, f)
+        to_mg = verdict(f, mg(f.model_type, megatron.MegatronLayout())) if mg else "not built yet"
+        out.append([f.model_type, verdict(f, llama), back, to_mg, "not built yet"])
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    print(table(rows()))
+    print("\nFolds move a scalar feature into the weights (in fp32); what each costs:")
+    from reference.converters.folds import FOLDS
+
+    for fold in FOLDS.values():
+        print(f"- {fold.feature}: {fold.precision}")
     return 0

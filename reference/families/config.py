@@ -88,13 +88,14 @@ class Window:
     switch `use_sliding_window` and may window only some layers (`layer_types`)."""
 
     switch: str | None = None
+    mixed_layers: bool = False  # windows on some layers only (Gemma2/3): read as windowed
 
     def read(self, cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
         window = cfg.get("sliding_window")
         if self.switch is not None and not cfg.get(self.switch, False):
             window = None
         kinds = set(cfg.get("layer_types") or ())
-        if window is not None and kinds and kinds != {"sliding_attention"}:
+        if window is not None and kinds and kinds != {"sliding_attention"} and not self.mixed_layers:
             raise ReferenceError(f"{where}: a window on only some layers (layer_types) is not supported")
         if window is not None and window >= cfg.get("max_position_embeddings", window + 1):
             window = None  # a window no sequence can exceed computes nothing
@@ -116,15 +117,93 @@ class Window:
         return out
 
 
-def read_rope(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """transformers 5 `rope_parameters`, or the 4.x `rope_theta` + `rope_scaling` pair."""
+@dataclass(frozen=True)
+class Value:
+    """A scalar feature held in one HF field (Granite's multipliers, Gemma2's softcaps)."""
+
+    feature: str
+    field: str
+    default: Any = None
+
+    def read(self, cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
+        return {self.feature: cfg.get(self.field, self.default)}
+
+    def variants(self) -> list[dict[str, Any]]:
+        return [{self.feature: 2.0}]
+
+    def express(self, spec: ModelSpec) -> dict[str, Any]:
+        return {self.feature: getattr(spec, self.feature)}
+
+    def write(self, spec: ModelSpec) -> dict[str, Any]:
+        return {self.field: getattr(spec, self.feature)}
+
+
+@dataclass(frozen=True)
+class AttentionScale(Value):
+    """Granite's `attention_multiplier`: the q.k scale itself, so Llama's None is 1/sqrt(d)."""
+
+    def write(self, spec: ModelSpec) -> dict[str, Any]:
+        scale = spec.attention_multiplier
+        return {self.field: spec.head_dim ** -0.5 if scale is None else scale}
+
+
+@dataclass(frozen=True)
+class Derived:
+    """A feature the family fixes as a power of a dimension (Gemma scales embeddings by
+    sqrt(hidden_size))."""
+
+    feature: str
+    dimension: str
+    power: float
+
+    def _value(self, size: int) -> float:
+        return float(size) ** self.power
+
+    def read(self, cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
+        return {self.feature: self._value(cfg[self.dimension])}
+
+    def variants(self) -> list[dict[str, Any]]:
+        return []
+
+    def express(self, spec: ModelSpec) -> dict[str, Any]:
+        return {self.feature: self._value(getattr(spec, self.dimension))}
+
+    def write(self, spec: ModelSpec) -> dict[str, Any]:
+        return {}
+
+
+@dataclass(frozen=True)
+class RotaryFraction:
+    """Partial rotary, stored as `partial_rotary_factor` inside rope_parameters (Phi3, GLM)."""
+
+    def read(self, cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
+        return {}  # read_rope takes it out of the rope parameters for every family
+
+    def variants(self) -> list[dict[str, Any]]:
+        return [{"rotary_fraction": 0.5}]
+
+    def express(self, spec: ModelSpec) -> dict[str, Any]:
+        return {"rotary_fraction": spec.rotary_fraction}
+
+    def write(self, spec: ModelSpec) -> dict[str, Any]:
+        rope = dict(spec.rope_parameters)
+        if spec.rotary_fraction != 1.0:
+            rope["partial_rotary_factor"] = spec.rotary_fraction
+        return {"rope_parameters": rope}
+
+
+def read_rope(cfg: Mapping[str, Any]) -> tuple[dict[str, Any], float]:
+    """Rope parameters without the partial-rotary factor, and that factor: from transformers 5
+    `rope_parameters`, or the 4.x `rope_theta` + `rope_scaling` pair."""
     if cfg.get("rope_parameters"):
-        return dict(cfg["rope_parameters"])
-    rope = dict(cfg.get("rope_scaling") or {"rope_type": "default"})
-    if "type" in rope:
-        rope["rope_type"] = rope.pop("type")
-    rope["rope_theta"] = float(cfg.get("rope_theta", 10000.0))
-    return rope
+        rope = dict(cfg["rope_parameters"])
+    else:
+        rope = dict(cfg.get("rope_scaling") or {"rope_type": "default"})
+        if "type" in rope:
+            rope["rope_type"] = rope.pop("type")
+        rope["rope_theta"] = float(cfg.get("rope_theta", 10000.0))
+    fraction = rope.pop("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+    return rope, float(fraction)
 
 
 def read_spec(
@@ -149,7 +228,7 @@ def read_spec(
     values.setdefault("head_dim", values["hidden_size"] // values["num_heads"])
     values.setdefault("max_position_embeddings", 2048)
     values.setdefault("norm_eps", 1e-6)
-    values["rope_parameters"] = read_rope(cfg)
+    values["rope_parameters"], values["rotary_fraction"] = read_rope(cfg)
     for codec in codecs:
         values.update(codec.read(cfg, where))
     return ModelSpec(**values)
@@ -160,5 +239,5 @@ def write_fields(spec: ModelSpec, fields: Mapping[str, str], codecs: tuple[Codec
     out = {hf: getattr(spec, name) for name, hf in fields.items()}
     out["rope_parameters"] = dict(spec.rope_parameters)
     for codec in codecs:
-        out.update(codec.write(spec))
+        out.update(codec.write(spec))  # RotaryFraction replaces rope_parameters
     return out

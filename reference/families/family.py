@@ -17,7 +17,7 @@ class Family:
 
     model_type: str
     architecture: str
-    keys: KeyMap
+    keys: KeyMap | None  # None: recognised and refused by feature; tensors not mapped yet
     fields: Mapping[str, str] = field(default_factory=lambda: LLAMA_FIELDS)
     # Features not named by any codec are fixed at ModelSpec's default (Llama's value).
     codecs: tuple[Codec, ...] = ()

@@ -1,74 +1,149 @@
 """Weight names as data: HF name templates <-> canonical templates, inverse derived.
 
-A template holds `{}` where the layer number goes. `None` as a canonical name means the HF
-tensor is known and deliberately dropped (e.g. rotary caches some checkpoints carry).
+A template holds `{}` where the layer number goes. A rule maps one HF template to one
+canonical template (a rename), to none (a tensor deliberately dropped, e.g. rotary caches),
+or to several through `Fused` (one HF tensor holding several canonical ones as row blocks).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
 
 from reference.errors import ReferenceError
+from reference.families.spec import ModelSpec
+
+# (part index, rows) blocks, in the order the fused tensor stores them.
+Blocks = Sequence[tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class Fused:
+    """Canonical parts stored as row blocks of one HF tensor. `blocks(spec)` says which part
+    each consecutive block of rows belongs to; split and merge are its two directions, pure
+    slicing and concatenation, so they are lossless."""
+
+    parts: tuple[str, ...]
+    blocks: Callable[[ModelSpec], Blocks]
+
+    def split(self, fused: torch.Tensor, spec: ModelSpec) -> list[torch.Tensor]:
+        pieces: list[list[torch.Tensor]] = [[] for _ in self.parts]
+        start = 0
+        for part, rows in self.blocks(spec):
+            pieces[part].append(fused[start:start + rows])
+            start += rows
+        if start != fused.shape[0]:
+            raise ReferenceError(f"fused tensor of {fused.shape[0]} rows does not fit {self.parts}")
+        return [torch.cat(p) for p in pieces]
+
+    def merge(self, parts: Sequence[torch.Tensor], spec: ModelSpec) -> torch.Tensor:
+        offsets = [0] * len(parts)
+        out = []
+        for part, rows in self.blocks(spec):
+            out.append(parts[part][offsets[part]:offsets[part] + rows])
+            offsets[part] += rows
+        return torch.cat(out)
+
+
+def concat(*sizes: Callable[[ModelSpec], int]) -> Callable[[ModelSpec], Blocks]:
+    """Blocks of a plain concatenation [part0; part1; ...] (Phi3's qkv_proj, gate_up_proj)."""
+    return lambda spec: [(i, size(spec)) for i, size in enumerate(sizes)]
+
+
+def q_rows(spec: ModelSpec) -> int:
+    return spec.num_heads * spec.head_dim
+
+
+def kv_rows(spec: ModelSpec) -> int:
+    return spec.num_kv_heads * spec.head_dim
+
+
+def ffn_rows(spec: ModelSpec) -> int:
+    return spec.intermediate_size
+
+
+QKV = concat(q_rows, kv_rows, kv_rows)
+GATE_UP = concat(ffn_rows, ffn_rows)
 
 
 def _pattern(template: str) -> re.Pattern[str]:
     return re.compile("^" + re.escape(template).replace(r"\{\}", r"(\d+)") + "$")
 
 
+Rule = str | Fused | None
+
+
 class KeyMap:
-    """A bijection between HF and canonical templates, plus HF keys that are dropped."""
+    """Rules from HF templates to canonical ones; every canonical template has one home."""
 
-    def __init__(self, hf_to_canonical: Mapping[str, str | None]) -> None:
-        self.to_canonical = dict(hf_to_canonical)
-        renames = {h: c for h, c in self.to_canonical.items() if c is not None}
-        self.to_hf = {c: h for h, c in renames.items()}
-        if len(self.to_hf) != len(renames):
-            raise ValueError("key map is not one-to-one")
-        self._hf = [(_pattern(h), c) for h, c in self.to_canonical.items()]
-        self._canonical = [(_pattern(c), h) for c, h in self.to_hf.items()]
+    def __init__(self, rules: Mapping[str, Rule]) -> None:
+        self.rules = dict(rules)
+        self._hf = [(_pattern(h), rule) for h, rule in self.rules.items()]
+        homes: dict[str, tuple[str, int]] = {}
+        for hf, rule in self.rules.items():
+            parts = (rule,) if isinstance(rule, str) else rule.parts if rule else ()
+            for i, c in enumerate(parts):
+                if c in homes:
+                    raise ValueError(f"canonical '{c}' has two HF homes")
+                homes[c] = (hf, i)
+        self._canonical = [(_pattern(c), home) for c, home in homes.items()]
 
-    @staticmethod
-    def _apply(patterns: list[tuple[re.Pattern[str], str | None]], key: str) -> str | None:
-        for pattern, template in patterns:
-            match = pattern.match(key)
+    def canonical(self, hf_key: str, where: str) -> tuple[list[str], Fused | None]:
+        """Canonical names an HF tensor holds ([] if dropped), and how they are fused."""
+        for pattern, rule in self._hf:
+            match = pattern.match(hf_key)
             if match:
-                return None if template is None else template.format(*match.groups())
-        raise KeyError(key)
+                if rule is None:
+                    return [], None
+                if isinstance(rule, str):
+                    return [rule.format(*match.groups())], None
+                return [p.format(*match.groups()) for p in rule.parts], rule
+        raise ReferenceError(f"{where}: unknown tensor '{hf_key}' for this family")
 
-    def canonical(self, hf_key: str, where: str) -> str | None:
-        """Canonical name of an HF key (None: dropped); an unknown key raises, naming it."""
-        try:
-            return self._apply(self._hf, hf_key)
-        except KeyError:
-            raise ReferenceError(f"{where}: unknown tensor '{hf_key}' for this family") from None
+    def hf(self, canonical_key: str, family: str) -> tuple[str, int]:
+        """The HF name that holds a canonical tensor, and its part index there."""
+        for pattern, (hf, part) in self._canonical:
+            match = pattern.match(canonical_key)
+            if match:
+                return hf.format(*match.groups()), part
+        raise ReferenceError(f"{family} has no tensor for canonical '{canonical_key}'")
 
-    def hf(self, canonical_key: str, family: str) -> str:
-        """HF name of a canonical key; a key the family has no place for raises, naming it."""
-        try:
-            name = self._apply(self._canonical, canonical_key)
-        except KeyError:
-            raise ReferenceError(f"{family} has no tensor for canonical '{canonical_key}'") from None
-        assert name is not None
-        return name
+    def rule(self, hf_key: str) -> Rule:
+        """The rule of an HF name this map produced."""
+        for pattern, rule in self._hf:
+            if pattern.match(hf_key):
+                return rule
+        raise KeyError(hf_key)
 
 
-LLAMA_KEYS = KeyMap({
-    "model.embed_tokens.weight": "embed.weight",
-    "model.layers.{}.input_layernorm.weight": "layers.{}.attn_norm.weight",
-    **{
-        f"model.layers.{{}}.self_attn.{p}_proj.{w}": f"layers.{{}}.attn.{p}.{w}"
-        for p in ("q", "k", "v", "o") for w in ("weight", "bias")
-    },
-    "model.layers.{}.self_attn.q_norm.weight": "layers.{}.attn.q_norm.weight",
-    "model.layers.{}.self_attn.k_norm.weight": "layers.{}.attn.k_norm.weight",
-    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.mlp_norm.weight",
-    **{
-        f"model.layers.{{}}.mlp.{p}_proj.{w}": f"layers.{{}}.mlp.{p}.{w}"
-        for p in ("gate", "up", "down") for w in ("weight", "bias")
-    },
-    "model.norm.weight": "norm.weight",
-    "lm_head.weight": "lm_head.weight",
-    # Older checkpoints saved rotary caches as buffers; they are recomputed from the config.
-    "model.layers.{}.self_attn.rotary_emb.inv_freq": None,
-})
+def _llama_rules(attn: Mapping[str, Rule], mlp: Mapping[str, Rule]) -> dict[str, Rule]:
+    return {
+        "model.embed_tokens.weight": "embed.weight",
+        "model.layers.{}.input_layernorm.weight": "layers.{}.attn_norm.weight",
+        **{f"model.layers.{{}}.self_attn.{k}": v for k, v in attn.items()},
+        "model.layers.{}.self_attn.q_norm.weight": "layers.{}.attn.q_norm.weight",
+        "model.layers.{}.self_attn.k_norm.weight": "layers.{}.attn.k_norm.weight",
+        "model.layers.{}.post_attention_layernorm.weight": "layers.{}.mlp_norm.weight",
+        **{f"model.layers.{{}}.mlp.{k}": v for k, v in mlp.items()},
+        "model.norm.weight": "norm.weight",
+        "lm_head.weight": "lm_head.weight",
+        # Older checkpoints saved rotary caches as buffers; they are recomputed from the config.
+        "model.layers.{}.self_attn.rotary_emb.inv_freq": None,
+    }
+
+
+_BOTH = ("weight", "bias")
+LLAMA_KEYS = KeyMap(_llama_rules(
+    {f"{p}_proj.{w}": f"layers.{{}}.attn.{p}.{w}" for p in "qkvo" for w in _BOTH},
+    {f"{p}_proj.{w}": f"layers.{{}}.mlp.{p}.{w}" for p in ("gate", "up", "down") for w in _BOTH},
+))
+
+PHI3_KEYS = KeyMap(_llama_rules(
+    {"qkv_proj.weight": Fused(tuple(f"layers.{{}}.attn.{p}.weight" for p in "qkv"), QKV),
+     "o_proj.weight": "layers.{}.attn.o.weight"},
+    {"gate_up_proj.weight": Fused(("layers.{}.mlp.gate.weight", "layers.{}.mlp.up.weight"), GATE_UP),
+     "down_proj.weight": "layers.{}.mlp.down.weight"},
+))

@@ -1,4 +1,8 @@
-"""Every family this project knows, one row each."""
+"""Every family this project knows, one row each.
+
+Rows with `keys=None` are recognised from config.json and refused by name wherever a target
+cannot express them; their tensor layouts arrive with the unified model.
+"""
 
 from __future__ import annotations
 
@@ -6,36 +10,86 @@ from collections.abc import Mapping
 from typing import Any
 
 from reference.errors import ReferenceError
-from reference.families.config import Fixed, Flag, Window
+from reference.families.config import (
+    LLAMA_FIELDS,
+    AttentionScale,
+    Derived,
+    Fixed,
+    Flag,
+    RotaryFraction,
+    Value,
+    Window,
+)
 from reference.families.family import Family
-from reference.families.keymap import LLAMA_KEYS
+from reference.families.keymap import LLAMA_KEYS, PHI3_KEYS
 
-LLAMA = Family(
-    model_type="llama",
-    architecture="LlamaForCausalLM",
-    keys=LLAMA_KEYS,
-    codecs=(Flag("attention_bias", ("qkv_bias", "o_bias")), Flag("mlp_bias", ("mlp_bias",))),
+LLAMA_BIAS = (Flag("attention_bias", ("qkv_bias", "o_bias")), Flag("mlp_bias", ("mlp_bias",)))
+GEMMA2_FIELDS = {**LLAMA_FIELDS, "hidden_act": "hidden_activation"}
+
+ROWS = (
+    Family(model_type="llama", architecture="LlamaForCausalLM", keys=LLAMA_KEYS, codecs=LLAMA_BIAS),
+    Family(model_type="qwen2", architecture="Qwen2ForCausalLM", keys=LLAMA_KEYS,
+           codecs=(Fixed("qkv_bias", True), Window(switch="use_sliding_window"))),
+    Family(model_type="qwen3", architecture="Qwen3ForCausalLM", keys=LLAMA_KEYS,
+           codecs=(LLAMA_BIAS[0], Fixed("qk_norm", True), Window(switch="use_sliding_window"))),
+    Family(model_type="mistral", architecture="MistralForCausalLM", keys=LLAMA_KEYS,
+           codecs=(Window(),)),
+    Family(model_type="phi3", architecture="Phi3ForCausalLM", keys=PHI3_KEYS,
+           codecs=(RotaryFraction(), Window())),
+    Family(model_type="gemma", architecture="GemmaForCausalLM", keys=LLAMA_KEYS, tie_default=True,
+           codecs=(LLAMA_BIAS[0], Fixed("norm_offset", True),
+                   Derived("embedding_multiplier", "hidden_size", 0.5))),
+    Family(model_type="granite", architecture="GraniteForCausalLM", keys=LLAMA_KEYS,
+           codecs=(*LLAMA_BIAS, Value("embedding_multiplier", "embedding_multiplier", 1.0),
+                   AttentionScale("attention_multiplier", "attention_multiplier", 1.0),
+                   Value("residual_multiplier", "residual_multiplier", 1.0),
+                   Value("logits_divisor", "logits_scaling", 1.0))),
+    # Recognised and refused by feature until the unified model holds them.
+    Family(model_type="gemma2", architecture="Gemma2ForCausalLM", keys=None, fields=GEMMA2_FIELDS,
+           tie_default=True,
+           codecs=(Fixed("norm_offset", True), Derived("embedding_multiplier", "hidden_size", 0.5),
+                   Fixed("post_norms", True), Value("attn_softcap", "attn_logit_softcapping"),
+                   Value("final_softcap", "final_logit_softcapping"), Window(mixed_layers=True))),
+    Family(model_type="gemma3_text", architecture="Gemma3ForCausalLM", keys=None,
+           fields=GEMMA2_FIELDS, tie_default=True,
+           codecs=(Fixed("norm_offset", True), Derived("embedding_multiplier", "hidden_size", 0.5),
+                   Fixed("post_norms", True), Fixed("qk_norm", True),
+                   Value("attn_softcap", "attn_logit_softcapping"),
+                   Value("final_softcap", "final_logit_softcapping"), Window(mixed_layers=True))),
+    Family(model_type="glm", architecture="GlmForCausalLM", keys=None,
+           codecs=(Fixed("qkv_bias", True), RotaryFraction(), Fixed("interleaved_rope", True))),
+    Family(model_type="glm4", architecture="Glm4ForCausalLM", keys=None,
+           codecs=(Fixed("qkv_bias", True), RotaryFraction(), Fixed("interleaved_rope", True),
+                   Fixed("post_norms", True))),
+    Family(model_type="olmo2", architecture="Olmo2ForCausalLM", keys=None,
+           codecs=(Fixed("post_norms", True),)),
+    Family(model_type="cohere", architecture="CohereForCausalLM", keys=None, tie_default=True,
+           fields={**LLAMA_FIELDS, "norm_eps": "layer_norm_eps"},
+           codecs=(Fixed("layernorm", True), Fixed("parallel_block", True),
+                   Fixed("interleaved_rope", True))),
+    Family(model_type="stablelm", architecture="StableLmForCausalLM", keys=None,
+           fields={**LLAMA_FIELDS, "norm_eps": "layer_norm_eps"},
+           codecs=(Fixed("layernorm", True), RotaryFraction(), Flag("use_qkv_bias", ("qkv_bias",)),
+                   Flag("qk_layernorm", ("qk_norm",)), Flag("use_parallel_residual", ("parallel_block",)))),
+    Family(model_type="starcoder2", architecture="Starcoder2ForCausalLM", keys=None,
+           fields={**LLAMA_FIELDS, "norm_eps": "norm_epsilon"},
+           codecs=(Fixed("layernorm", True), Fixed("gated_mlp", False), Window(),
+                   Flag("use_bias", ("qkv_bias", "o_bias", "mlp_bias")))),
+    Family(model_type="mixtral", architecture="MixtralForCausalLM", keys=None,
+           codecs=(Value("num_experts", "num_local_experts", 8), Window())),
+    Family(model_type="qwen2_moe", architecture="Qwen2MoeForCausalLM", keys=None,
+           codecs=(Fixed("qkv_bias", True), Value("num_experts", "num_experts", 60),
+                   Window(switch="use_sliding_window"))),
+    Family(model_type="qwen3_moe", architecture="Qwen3MoeForCausalLM", keys=None,
+           codecs=(LLAMA_BIAS[0], Fixed("qk_norm", True), Value("num_experts", "num_experts", 128),
+                   Window(switch="use_sliding_window"))),
+    Family(model_type="deepseek_v2", architecture="DeepseekV2ForCausalLM", keys=None,
+           codecs=(Fixed("latent_attention", True), Value("num_experts", "n_routed_experts", 64))),
+    Family(model_type="deepseek_v3", architecture="DeepseekV3ForCausalLM", keys=None,
+           codecs=(Fixed("latent_attention", True), Value("num_experts", "n_routed_experts", 256))),
 )
 
-QWEN2 = Family(
-    model_type="qwen2",
-    architecture="Qwen2ForCausalLM",
-    keys=LLAMA_KEYS,
-    codecs=(Fixed("qkv_bias", True), Window(switch="use_sliding_window")),
-)
-
-QWEN3 = Family(
-    model_type="qwen3",
-    architecture="Qwen3ForCausalLM",
-    keys=LLAMA_KEYS,
-    codecs=(
-        Flag("attention_bias", ("qkv_bias", "o_bias")),
-        Fixed("qk_norm", True),
-        Window(switch="use_sliding_window"),
-    ),
-)
-
-FAMILIES: dict[str, Family] = {f.model_type: f for f in (LLAMA, QWEN2, QWEN3)}
+FAMILIES: dict[str, Family] = {f.model_type: f for f in ROWS}
 
 
 def family_named(name: str) -> Family:

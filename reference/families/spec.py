@@ -35,7 +35,26 @@ class ModelSpec:
     o_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False  # RMSNorm over head_dim on every q and k head, before rope (Qwen3)
-    sliding_window: int | None = None
+    rotary_fraction: float = 1.0  # rope on the first fraction of each head only (GLM, StableLM)
+    # Scalars some families apply and Llama does not; each can be folded into weights.
+    norm_offset: bool = False  # norms compute x * (1 + w) in fp32 (Gemma)
+    embedding_multiplier: float = 1.0  # embeddings times this, rounded to the model dtype
+    attention_multiplier: float | None = None  # q.k scale; None is Llama's 1 / sqrt(head_dim)
+    residual_multiplier: float = 1.0  # each block's output times this before the residual add
+    logits_divisor: float = 1.0  # logits / this (Granite's logits_scaling)
+    # Architecture no Llama weight can express: only the unified model holds these.
+    post_norms: bool = False  # a norm after attention and after the MLP as well (Gemma2, OLMo2)
+    attn_softcap: float | None = None  # tanh soft-capping of attention logits (Gemma2)
+    final_softcap: float | None = None  # tanh soft-capping of the output logits (Gemma2)
+    parallel_block: bool = False  # attention and MLP from one norm, summed (Cohere)
+    layernorm: bool = False  # mean-centred LayerNorm (with bias) instead of RMSNorm
+    gated_mlp: bool = True  # SwiGLU-style gate * up; False is a plain fc1 -> act -> fc2
+    interleaved_rope: bool = False  # rope on (even, odd) pairs instead of halves (GLM, Cohere)
+    num_experts: int = 0  # a mixture of experts in place of the MLP
+    latent_attention: bool = False  # MLA: low-rank latent KV with decoupled rope (DeepSeek-V2/3)
+    alibi: bool = False  # ALiBi position bias instead of rope (Baichuan2-13B)
+    # Last, so that a refusal names an architectural feature before a window.
+    sliding_window: int | None = None  # attend to at most this many previous positions
 
     def replace(self, **changes: Any) -> ModelSpec:
         """A copy with some fields changed."""
@@ -56,6 +75,10 @@ FEATURES = tuple(f.name for f in dataclasses.fields(ModelSpec) if f.name not in 
 DEFAULT_FEATURES: dict[str, Any] = {
     f.name: f.default for f in dataclasses.fields(ModelSpec) if f.name in FEATURES
 }
+
+# Features a converter can move into the weights (reference/converters/folds.py).
+FOLDABLE = ("norm_offset", "embedding_multiplier", "attention_multiplier", "residual_multiplier",
+            "logits_divisor")
 
 # Canonical names of the optional biases, per feature. A target that lacks the feature may
 # still take the model when every such tensor is zero; a source that lacks it gets zeros.
