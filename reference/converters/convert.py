@@ -68,6 +68,34 @@ def resolve_target(to: str, source: Source, max_shard_bytes: int, layout: Any) -
     return HFTarget(family, max_shard_bytes)
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """Canonical tensors re-laid for a target, before anything is written."""
+
+    tensors: dict[str, Lazy]
+    held: ModelSpec
+    caveats: list[str]
+    folds: list[str]
+
+
+def prepare(source: Source, target: Target, allow: Collection[str] = ()) -> Prepared:
+    """Refuse what the target cannot express (before reading any tensor where the config
+    decides), then drop zero biases, untie or retie, fill and fold: still lazy."""
+    early = [f for f in blocking(source.spec, target.express(source.spec))
+             if f not in BIAS_KEYS and f not in allow]
+    if early:
+        have = getattr(source.spec, early[0])
+        raise Inexpressible(target.name, early[0], f"the model has {early[0]}={have!r}")
+    if source.family.keys is None:
+        raise ReferenceError(f"{source.path}: the tensor layout of {source.family.model_type} "
+                             "is not mapped yet")
+    tensors, spec = prune_zero_biases(source.tensors, source.spec)
+    tensors, spec = retie(tensors, spec, target.express(spec))
+    held = target.express(spec)
+    tensors, caveats, folds = adapt(tensors, spec, held, source.key_of, target.name, allow)
+    return Prepared(tensors, held, caveats, folds)
+
+
 def convert(
     src: str | Path,
     dst: str | Path,
@@ -90,21 +118,12 @@ def convert(
     cast = parse_dtype(dtype)
     source = open_source(src)
     target = resolve_target(to, source, max_shard_bytes, layout)
-    early = [f for f in blocking(source.spec, target.express(source.spec))
-             if f not in BIAS_KEYS and f not in allow]
-    if early:  # refuse before reading any tensor
-        feature = early[0]
-        raise Inexpressible(target.name, feature, f"the model has {feature}={getattr(source.spec, feature)!r}")
-    if source.family.keys is None:
-        raise ReferenceError(f"{src}: the tensor layout of {source.family.model_type} is not mapped yet")
-    tensors, spec = prune_zero_biases(source.tensors, source.spec)
-    tensors, spec = retie(tensors, spec, target.express(spec))
-    held = target.express(spec)
-    tensors, caveats, folds = adapt(tensors, spec, held, source.key_of, target.name, allow)
+    prepared = prepare(source, target, allow)
     with atomic_dir(dst, force) as out:
-        count, size = target.write(tensors, held, source.extra, cast, out)
+        count, size = target.write(prepared.tensors, prepared.held, source.extra, cast, out)
         for path in side_files(src):
             shutil.copy2(path, out / path.name)
-        report = Report(source.family.model_type, target.name, count, size, caveats, folds)
+        report = Report(source.family.model_type, target.name, count, size, prepared.caveats,
+                        prepared.folds)
         (out / RECORD).write_text(json.dumps(asdict(report), indent=2) + "\n")
     return report

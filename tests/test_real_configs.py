@@ -1,0 +1,104 @@
+"""Real sizes without real weights: published configs built on the `meta` device. Every
+source key is consumed exactly once and every target key produced exactly once, with the
+target model's own shapes, both ways through Llama."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from reference.converters.convert import prepare
+from reference.converters.hf_target import HFTarget
+from reference.converters.plan import Lazy, plan_target, read_canonical
+from reference.converters.safetensors_io import Entry
+from reference.converters.source import Source
+from reference.families.registry import FAMILIES
+
+_LLAMA_7B = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
+             "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+             "max_position_embeddings": 4096, "rms_norm_eps": 1e-5}
+
+# Published config.json values (the fields that shape the tensors and the features).
+CONFIGS = {
+    "Llama-3-8B": {**_LLAMA_7B, "model_type": "llama", "vocab_size": 128256, "intermediate_size": 14336,
+                   "num_key_value_heads": 8, "max_position_embeddings": 8192, "rope_theta": 500000.0},
+    "Yi-6B": {**_LLAMA_7B, "model_type": "llama", "vocab_size": 64000, "num_key_value_heads": 4,
+              "rope_theta": 5000000.0},
+    "deepseek-llm-7b-base": {**_LLAMA_7B, "model_type": "llama", "vocab_size": 102400,
+                             "num_hidden_layers": 30, "rms_norm_eps": 1e-6},
+    "Qwen2.5-7B": {"model_type": "qwen2", "vocab_size": 152064, "hidden_size": 3584,
+                   "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+                   "num_key_value_heads": 4, "max_position_embeddings": 131072, "rope_theta": 1e6,
+                   "rms_norm_eps": 1e-6, "use_sliding_window": False, "sliding_window": 131072,
+                   "max_window_layers": 28, "tie_word_embeddings": False},
+    "Mistral-7B-v0.3": {**_LLAMA_7B, "model_type": "mistral", "vocab_size": 32768,
+                        "intermediate_size": 14336, "num_key_value_heads": 8,
+                        "max_position_embeddings": 32768, "rope_theta": 1e6, "sliding_window": None},
+    "Phi-3-mini-4k": {"model_type": "phi3", "vocab_size": 32064, "hidden_size": 3072,
+                      "intermediate_size": 8192, "num_hidden_layers": 32, "num_attention_heads": 32,
+                      "num_key_value_heads": 32, "max_position_embeddings": 4096,
+                      "original_max_position_embeddings": 4096, "sliding_window": 2047,
+                      "rms_norm_eps": 1e-5, "pad_token_id": 32000, "eos_token_id": 32000},
+    "Gemma-7B": {"model_type": "gemma", "vocab_size": 256000, "hidden_size": 3072,
+                 "intermediate_size": 24576, "num_hidden_layers": 28, "num_attention_heads": 16,
+                 "num_key_value_heads": 16, "head_dim": 256, "max_position_embeddings": 8192,
+                 "hidden_act": "gelu_pytorch_tanh", "rms_norm_eps": 1e-6, "tie_word_embeddings": True},
+    "Granite-3-8B": {"model_type": "granite", "vocab_size": 49155, "hidden_size": 4096,
+                     "intermediate_size": 12800, "num_hidden_layers": 40, "num_attention_heads": 32,
+                     "num_key_value_heads": 8, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+                     "embedding_multiplier": 12.0, "attention_multiplier": 0.0078125,
+                     "residual_multiplier": 0.22, "logits_scaling": 16.0, "tie_word_embeddings": True},
+}
+
+
+def meta_state(config: dict) -> dict[str, torch.Tensor]:
+    """The state dict transformers would save for this config, built on the meta device."""
+    cfg = AutoConfig.for_model(**config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    state = model.state_dict()
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight")  # save_pretrained omits a tied head
+    return state
+
+
+def meta_source(name: str, config: dict, state: dict[str, torch.Tensor],
+                values: dict[str, Lazy] | None = None) -> Source:
+    """A Source over data-free tensors: keys and shapes only. Data is never needed for keys and
+    shapes: a nonzero stand-in keeps every bias, unless `values` (from a previous conversion,
+    whose filled biases are real zeros) says otherwise."""
+    family = FAMILIES[config["model_type"]]
+    spec = family.read(config, name)
+    entries = {k: Entry(Path(name), 0, 0, v.dtype, tuple(v.shape)) for k, v in state.items()}
+    tensors = read_canonical(entries, family, spec, name)  # every key placed, none missing
+    tensors = {k: (values or {}).get(k, Lazy(v.meta, lambda: torch.ones(1))) for k, v in tensors.items()}
+    return Source(Path(name), family, spec, {}, tensors, str)
+
+
+def convert_meta(source: Source, to: str) -> tuple[dict, dict[str, tuple[int, ...]], dict[str, Lazy]]:
+    family = FAMILIES[to]
+    prepared = prepare(source, HFTarget(family, 2**40), allow=["sliding_window"])
+    planned = plan_target(prepared.tensors, family, prepared.held, None)
+    names = [p.name for p in planned]
+    assert len(names) == len(set(names)), "a target key was produced twice"
+    return family.config(prepared.held, {}), {p.name: p.shape for p in planned}, prepared.tensors
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_every_key_once_both_ways_at_real_size(name: str) -> None:
+    config = CONFIGS[name]
+    state = meta_state(config)
+    llama_config, llama_keys, values = convert_meta(meta_source(name, config, state), "llama")
+    want = meta_state(llama_config)
+    assert llama_keys == {k: tuple(v.shape) for k, v in want.items()}
+
+    back = meta_source("llama", llama_config, want, values)
+    back_config, back_keys, _ = convert_meta(back, config["model_type"])
+    assert back_keys == {k: tuple(v.shape) for k, v in meta_state(back_config).items()}
+    # The same tensors come back; a folded family stays untied, as the Llama it came from.
+    extra = set(back_keys) - set(state)
+    assert extra <= {"lm_head.weight"} and set(state) <= set(back_keys)
+    assert back_config["vocab_size"] == config["vocab_size"]
