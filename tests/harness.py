@@ -13,7 +13,7 @@ import torch
 from reference.families.registry import FAMILIES
 from reference.families.spec import ModelSpec
 from reference.families.verdict import blocking
-from reference.tiny import tiny_config
+from reference.tiny import TINY, tiny_config
 
 GOLDENS = Path(__file__).resolve().parents[1] / "goldens"
 TIES = (False, True)
@@ -35,12 +35,14 @@ def tiny_spec(model_type: str, tie: bool) -> ModelSpec:
     return FAMILIES[model_type].read(tiny_config(model_type, tie=tie).to_dict(), model_type)
 
 
-TARGETS = [name for name, f in FAMILIES.items() if f.keys is not None]
+# Families transformers can build; remote-code layouts are checked in test_layouts.py.
+BUILT = [name for name in FAMILIES if name in TINY]
+TARGETS = [name for name in BUILT if FAMILIES[name].keys is not None]
 
 
 def _pairs(refused: bool) -> list[tuple[str, str, bool]]:
     out = []
-    for s in FAMILIES:
+    for s in BUILT:
         for t in TARGETS:
             for tie in TIES:
                 spec = tiny_spec(s, tie)

@@ -16,6 +16,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-window-drop", action="store_true",
                    help="convert a sliding-window model to a target without windows; exact only "
                         "while sequences fit the window, recorded in DST/conversion.json")
+    p.add_argument("--allow-drop", action="append", default=[], metavar="FEATURE",
+                   help="the same for another feature that acts only on long inputs "
+                        "(long_context_scaling: Qwen v1's dynamic NTK and log-n attention)")
     mg = p.add_argument_group("Megatron layout (with --to megatron)")
     mg.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     mg.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
@@ -46,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
 
         layout = MegatronLayout(tp=args.tp, pp=args.pp, vpp=args.vpp, layer_spec=args.layer_spec,
                                 vocab_divisor=args.make_vocab_size_divisible_by, pp_layers=args.pp_layers)
-    allow = ["sliding_window"] if args.allow_window_drop else []
+    allow = [*args.allow_drop, *(["sliding_window"] if args.allow_window_drop else [])]
     report = convert(args.src, args.dst, to=args.to, dtype=args.dtype, force=args.force,
                      allow=allow, max_shard_bytes=args.max_shard_size, layout=layout)
     print(f"{report.source} -> {report.target}: {report.tensors} tensors, "

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from reference.errors import ReferenceError
 from reference.families.spec import DEFAULT_FEATURES, ModelSpec
 
 NORMS = ("layers.{}.attn_norm.weight", "layers.{}.mlp_norm.weight", "norm.weight",
@@ -39,6 +40,8 @@ class Fold:
 
     def apply(self, x: torch.Tensor, spec: ModelSpec, value: Any, inverse: bool) -> torch.Tensor:
         """x with the feature folded in (inverse=False) or taken out again (inverse=True)."""
+        if self.op == "normalize":
+            return _normalize_rows(x, inverse)
         a = self.amount(spec, value)
         if self.op == "add":
             out = x.float() - a if inverse else x.float() + a
@@ -47,6 +50,19 @@ class Fold:
             m = torch.tensor(a, dtype=torch.float32).to(x.dtype).float()
             out = x.float() / m if inverse else x.float() * m
         return out.to(x.dtype)
+
+
+def _normalize_rows(x: torch.Tensor, inverse: bool) -> torch.Tensor:
+    # NormHead is one-way: the original row norms are gone. Going back, a model that will
+    # normalise its head at run time computes the same only if the rows are unit length.
+    if not inverse:
+        return torch.nn.functional.normalize(x.float(), dim=-1).to(x.dtype)
+    norms = x.float().norm(dim=-1)
+    worst = (norms - 1).abs().max().item() if norms.numel() else 0.0
+    if worst > 1e-3:
+        raise ReferenceError(f"lm_head rows must be unit length for a normalised head (off by {worst:.2g}); "
+                             "NormHead is one-way")
+    return x
 
 
 def _attention(spec: ModelSpec, value: float | None) -> float:
@@ -68,10 +84,13 @@ FOLDS: dict[str, Fold] = {f.feature: f for f in (
          lambda spec, v: v, "o_proj and down_proj times r: logits within fp32 rounding"),
     Fold("logits_divisor", ("lm_head.weight",), "mul", lambda spec, v: 1.0 / v,
          "lm_head / s: logits within fp32 rounding"),
+    Fold("normalized_head", ("lm_head.weight",), "normalize", lambda spec, v: 0.0,
+         "lm_head rows normalised once in fp32: logits within fp32 rounding; one-way, the original "
+         "row norms are not recoverable"),
 )}
 
 # Folds that change the embedding or the head need them as two tensors.
-UNTIES = ("embedding_multiplier", "logits_divisor")
+UNTIES = ("embedding_multiplier", "logits_divisor", "normalized_head")
 
 
 def is_default(feature: str, value: Any) -> bool:

@@ -20,7 +20,10 @@ from reference.families.spec import ModelSpec
 def validate_config(config: dict[str, Any], target: str) -> None:
     """Let transformers' own config class judge the target config before any tensor is written."""
     from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+    if config["model_type"] not in CONFIG_MAPPING:
+        return  # a remote-code layout (baichuan, internlm2, qwen): no class to ask
     fields = {k: v for k, v in config.items() if k not in ("model_type", "architectures")}
     try:
         AutoConfig.for_model(config["model_type"], **fields)

@@ -192,6 +192,92 @@ class RotaryFraction:
         return {"rope_parameters": rope}
 
 
+@dataclass(frozen=True)
+class Scaled:
+    """A dimension stored times a factor (Qwen v1 stores twice the MLP width)."""
+
+    dimension: str
+    field: str
+    factor: int
+
+    def read(self, cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
+        return {self.dimension: cfg[self.field] // self.factor}
+
+    def variants(self) -> list[dict[str, Any]]:
+        return []
+
+    def express(self, spec: ModelSpec) -> dict[str, Any]:
+        return {}
+
+    def write(self, spec: ModelSpec) -> dict[str, Any]:
+        return {self.field: getattr(spec, self.dimension) * self.factor}
+
+
+@dataclass(frozen=True)
+class LegacyRope:
+    """Rope as remote-code checkpoints store it: a base field (and `rope_scaling`), not
+    transformers 5's `rope_parameters`. Only plain rope is written back."""
+
+    base: str = "rope_theta"
+
+    def read(self, cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
+        rope, fraction = read_rope({**cfg, "rope_theta": cfg.get(self.base, 10000.0)})
+        return {"rope_parameters": rope, "rotary_fraction": fraction}
+
+    def variants(self) -> list[dict[str, Any]]:
+        return []
+
+    def express(self, spec: ModelSpec) -> dict[str, Any]:
+        return {}
+
+    def write(self, spec: ModelSpec) -> dict[str, Any]:
+        rope = dict(spec.rope_parameters)
+        theta = rope.pop("rope_theta")
+        if rope.pop("rope_type", "default") != "default" or rope:
+            detail = dict(spec.rope_parameters)
+            raise ReferenceError(f"rope scaling {detail} cannot be written as {self.base}")
+        return {self.base: theta, "rope_parameters": None}
+
+
+@dataclass(frozen=True)
+class LongContext:
+    """Qwen v1's `use_dynamic_ntk` / `use_logn_attn`, which act beyond `seq_length` only."""
+
+    def read(self, cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
+        on = cfg.get("use_dynamic_ntk") or cfg.get("use_logn_attn")
+        return {"long_context_scaling": cfg.get("seq_length", 2048) if on else None}
+
+    def variants(self) -> list[dict[str, Any]]:
+        return [{"long_context_scaling": 8192}]
+
+    def express(self, spec: ModelSpec) -> dict[str, Any]:
+        return {"long_context_scaling": spec.long_context_scaling}
+
+    def write(self, spec: ModelSpec) -> dict[str, Any]:
+        on = spec.long_context_scaling is not None
+        length = spec.long_context_scaling if on else spec.max_position_embeddings
+        return {"use_dynamic_ntk": on, "use_logn_attn": on, "seq_length": length}
+
+
+@dataclass(frozen=True)
+class BaichuanPositions:
+    """Baichuan2-7B uses rope; Baichuan-13B and Baichuan2-13B use ALiBi, and their published
+    configs carry no max_position_embeddings (vLLM tells them apart by hidden_size 4096)."""
+
+    def read(self, cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
+        alibi = "max_position_embeddings" not in cfg and cfg.get("hidden_size") != 4096
+        return {"alibi": alibi}
+
+    def variants(self) -> list[dict[str, Any]]:
+        return [{"alibi": True}]
+
+    def express(self, spec: ModelSpec) -> dict[str, Any]:
+        return {"alibi": spec.alibi}
+
+    def write(self, spec: ModelSpec) -> dict[str, Any]:
+        return {}
+
+
 def read_rope(cfg: Mapping[str, Any]) -> tuple[dict[str, Any], float]:
     """Rope parameters without the partial-rotary factor, and that factor: from transformers 5
     `rope_parameters`, or the 4.x `rope_theta` + `rope_scaling` pair."""
@@ -240,4 +326,6 @@ def write_fields(spec: ModelSpec, fields: Mapping[str, str], codecs: tuple[Codec
     out["rope_parameters"] = dict(spec.rope_parameters)
     for codec in codecs:
         out.update(codec.write(spec))  # RotaryFraction replaces rope_parameters
+    if out.get("rope_parameters", {}) is None:
+        del out["rope_parameters"]  # LegacyRope wrote it its own way
     return out

@@ -147,3 +147,51 @@ PHI3_KEYS = KeyMap(_llama_rules(
     {"gate_up_proj.weight": Fused(("layers.{}.mlp.gate.weight", "layers.{}.mlp.up.weight"), GATE_UP),
      "down_proj.weight": "layers.{}.mlp.down.weight"},
 ))
+
+BAICHUAN_KEYS = KeyMap(_llama_rules(
+    {"W_pack.weight": Fused(tuple(f"layers.{{}}.attn.{p}.weight" for p in "qkv"), QKV),
+     "o_proj.weight": "layers.{}.attn.o.weight"},
+    {f"{p}_proj.weight": f"layers.{{}}.mlp.{p}.weight" for p in ("gate", "up", "down")},
+))
+
+
+def grouped_qkv(spec: ModelSpec) -> Blocks:
+    """InternLM2's wqkv: per KV head, its group's query heads, then its key, then its value."""
+    group = spec.num_heads // spec.num_kv_heads
+    return [blk for _ in range(spec.num_kv_heads)
+            for blk in ((0, group * spec.head_dim), (1, spec.head_dim), (2, spec.head_dim))]
+
+
+def _parts(kind: str) -> tuple[str, ...]:
+    return tuple(f"layers.{{}}.attn.{p}.{kind}" for p in "qkv")
+
+
+INTERNLM2_KEYS = KeyMap({
+    "model.tok_embeddings.weight": "embed.weight",
+    "model.layers.{}.attention_norm.weight": "layers.{}.attn_norm.weight",
+    "model.layers.{}.attention.wqkv.weight": Fused(_parts("weight"), grouped_qkv),
+    "model.layers.{}.attention.wqkv.bias": Fused(_parts("bias"), grouped_qkv),
+    "model.layers.{}.attention.wo.weight": "layers.{}.attn.o.weight",
+    "model.layers.{}.attention.wo.bias": "layers.{}.attn.o.bias",
+    "model.layers.{}.ffn_norm.weight": "layers.{}.mlp_norm.weight",
+    "model.layers.{}.feed_forward.w1.weight": "layers.{}.mlp.gate.weight",
+    "model.layers.{}.feed_forward.w3.weight": "layers.{}.mlp.up.weight",
+    "model.layers.{}.feed_forward.w2.weight": "layers.{}.mlp.down.weight",
+    "model.norm.weight": "norm.weight",
+    "output.weight": "lm_head.weight",
+})
+
+QWEN_KEYS = KeyMap({
+    "transformer.wte.weight": "embed.weight",
+    "transformer.h.{}.ln_1.weight": "layers.{}.attn_norm.weight",
+    "transformer.h.{}.attn.c_attn.weight": Fused(_parts("weight"), QKV),
+    "transformer.h.{}.attn.c_attn.bias": Fused(_parts("bias"), QKV),
+    "transformer.h.{}.attn.c_proj.weight": "layers.{}.attn.o.weight",
+    "transformer.h.{}.ln_2.weight": "layers.{}.mlp_norm.weight",
+    # Qwen's MLP is c_proj(w1(x) * silu(w2(x))): w2 is the gate, w1 the up projection.
+    "transformer.h.{}.mlp.w2.weight": "layers.{}.mlp.gate.weight",
+    "transformer.h.{}.mlp.w1.weight": "layers.{}.mlp.up.weight",
+    "transformer.h.{}.mlp.c_proj.weight": "layers.{}.mlp.down.weight",
+    "transformer.ln_f.weight": "norm.weight",
+    "lm_head.weight": "lm_head.weight",
+})

@@ -13,15 +13,19 @@ from reference.errors import ReferenceError
 from reference.families.config import (
     LLAMA_FIELDS,
     AttentionScale,
+    BaichuanPositions,
     Derived,
     Fixed,
     Flag,
+    LegacyRope,
+    LongContext,
     RotaryFraction,
+    Scaled,
     Value,
     Window,
 )
 from reference.families.family import Family
-from reference.families.keymap import LLAMA_KEYS, PHI3_KEYS
+from reference.families.keymap import BAICHUAN_KEYS, INTERNLM2_KEYS, LLAMA_KEYS, PHI3_KEYS, QWEN_KEYS
 
 LLAMA_BIAS = (Flag("attention_bias", ("qkv_bias", "o_bias")), Flag("mlp_bias", ("mlp_bias",)))
 GEMMA2_FIELDS = {**LLAMA_FIELDS, "hidden_act": "hidden_activation"}
@@ -39,6 +43,19 @@ ROWS = (
     Family(model_type="gemma", architecture="GemmaForCausalLM", keys=LLAMA_KEYS, tie_default=True,
            codecs=(LLAMA_BIAS[0], Fixed("norm_offset", True),
                    Derived("embedding_multiplier", "hidden_size", 0.5))),
+    # Checkpoint layouts with no class in transformers (trust_remote_code in the wild).
+    Family(model_type="baichuan", architecture="BaichuanForCausalLM", keys=BAICHUAN_KEYS,
+           codecs=(Fixed("normalized_head", True), BaichuanPositions(), LegacyRope())),
+    Family(model_type="internlm2", architecture="InternLM2ForCausalLM", keys=INTERNLM2_KEYS,
+           codecs=(Flag("bias", ("qkv_bias", "o_bias")), LegacyRope())),
+    Family(model_type="qwen", architecture="QWenLMHeadModel", keys=QWEN_KEYS,
+           fields={"vocab_size": "vocab_size", "hidden_size": "hidden_size",
+                   "intermediate_size": "intermediate_size", "num_layers": "num_hidden_layers",
+                   "num_heads": "num_attention_heads", "head_dim": "kv_channels",
+                   "max_position_embeddings": "max_position_embeddings", "norm_eps": "layer_norm_epsilon",
+                   "tie_word_embeddings": "tie_word_embeddings"},
+           codecs=(Scaled("intermediate_size", "intermediate_size", 2), Fixed("qkv_bias", True),
+                   LegacyRope("rotary_emb_base"), LongContext())),
     Family(model_type="granite", architecture="GraniteForCausalLM", keys=LLAMA_KEYS,
            codecs=(*LLAMA_BIAS, Value("embedding_multiplier", "embedding_multiplier", 1.0),
                    AttentionScale("attention_multiplier", "attention_multiplier", 1.0),

@@ -53,7 +53,10 @@ class ModelSpec:
     num_experts: int = 0  # a mixture of experts in place of the MLP
     latent_attention: bool = False  # MLA: low-rank latent KV with decoupled rope (DeepSeek-V2/3)
     alibi: bool = False  # ALiBi position bias instead of rope (Baichuan2-13B)
-    # Last, so that a refusal names an architectural feature before a window.
+    normalized_head: bool = False  # lm_head rows L2-normalised before use (Baichuan2's NormHead)
+    # Last, so that a refusal names an architectural feature before these; both are exact
+    # for sequences no longer than their value.
+    long_context_scaling: int | None = None  # Qwen v1: dynamic NTK and log-n attention beyond
     sliding_window: int | None = None  # attend to at most this many previous positions
 
     def replace(self, **changes: Any) -> ModelSpec:
@@ -78,7 +81,7 @@ DEFAULT_FEATURES: dict[str, Any] = {
 
 # Features a converter can move into the weights (reference/converters/folds.py).
 FOLDABLE = ("norm_offset", "embedding_multiplier", "attention_multiplier", "residual_multiplier",
-            "logits_divisor")
+            "logits_divisor", "normalized_head")
 
 # Canonical names of the optional biases, per feature. A target that lacks the feature may
 # still take the model when every such tensor is zero; a source that lacks it gets zeros.
