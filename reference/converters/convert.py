@@ -60,6 +60,8 @@ class Target(Protocol):
 
 def resolve_target(to: str, source: Source, max_shard_bytes: int, layout: Any) -> Target:
     """The writer for `--to`: `megatron`, `hf` (the family the source came from) or a family."""
+    if to == "unified":
+        raise ReferenceError("unified: the unified model is not built yet; it will hold every feature")
     if to == "megatron":
         from reference.converters.megatron import MegatronLayout, MegatronTarget
 
@@ -84,8 +86,9 @@ def prepare(source: Source, target: Target, allow: Collection[str] = ()) -> Prep
     early = [f for f in blocking(source.spec, target.express(source.spec))
              if f not in BIAS_KEYS and f not in allow]
     if early:
-        have = getattr(source.spec, early[0])
-        raise Inexpressible(target.name, early[0], f"the model has {early[0]}={have!r}")
+        f = early[0]
+        have, want = getattr(source.spec, f), getattr(target.express(source.spec), f)
+        raise Inexpressible(target.name, f, f"the model has {f}={have!r}, {target.name} holds only {want!r}")
     if source.family.keys is None:
         raise ReferenceError(f"{source.path}: the tensor layout of {source.family.model_type} "
                              "is not mapped yet")

@@ -110,7 +110,8 @@ def adapt(
         elif feature in allow:
             caveats.append(f"dropped {feature}={have!r}: {target} computes without it")
         else:
-            raise Inexpressible(target, feature, f"the model has {feature}={have!r}")
+            detail = f"the model has {feature}={have!r}, {target} holds only {want!r}"
+            raise Inexpressible(target, feature, detail)
     return tensors, caveats, folds
 
 
