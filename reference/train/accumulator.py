@@ -63,19 +63,24 @@ def causal_lm_token_losses(
     labels: torch.Tensor,
     channel_ids: torch.Tensor,
     ignore_index: int = IGNORE_INDEX,
+    chunk_elements: int = 2**26,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token fp32 losses, channel ids and loss mask, flat, with transformers' shift and mask.
 
-    logits: (B, T, V); labels and channel_ids: (B, T), aligned with the inputs.
+    logits: (B, T, V); labels and channel_ids: (B, T), aligned with the inputs. Rows go through
+    in chunks of about `chunk_elements` logits, so the fp32 temporaries stay bounded (256 MiB
+    by default) however large the vocabulary and the batch.
     """
     shift_labels, shift_channels = shift_like_causal_lm(labels, channel_ids, ignore_index)
     shift_labels = shift_labels.reshape(-1).to(logits.device)
+    flat = logits.reshape(-1, logits.shape[-1])
+    rows = max(1, chunk_elements // logits.shape[-1])
     # fp32 like ForCausalLMLoss; ignored positions come back as exactly 0.
-    losses = F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]),
-        shift_labels,
-        ignore_index=ignore_index,
-        reduction="none",
+    losses = torch.cat(
+        [
+            F.cross_entropy(x.float(), y, ignore_index=ignore_index, reduction="none")
+            for x, y in zip(flat.split(rows), shift_labels.split(rows), strict=True)
+        ]
     )
     return losses, shift_channels.reshape(-1).to(logits.device), shift_labels != ignore_index
 

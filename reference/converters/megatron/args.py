@@ -1,0 +1,207 @@
+"""The `args` Namespace a Megatron-LM checkpoint carries, and the ModelSpec it describes.
+
+Megatron-LM compares some of these with its command line and, under `--use-checkpoint-args`,
+takes the rest from here: a checkpoint without `rotary_base` would train with 10000. So every
+hyper-parameter that changes what the model computes is written, as a plain value.
+"""
+
+from __future__ import annotations
+
+from argparse import Namespace
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from reference.converters.megatron.layout import (
+    MegatronLayout,
+    layout_string,
+    padded_vocab,
+    parse_layout_string,
+)
+from reference.errors import Inexpressible, ReferenceError
+from reference.families.spec import ModelSpec
+
+# Megatron-Core's Llama-3 rope scaling fixes these (RotaryEmbedding._apply_scaling).
+LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+TRANSFORMER_IMPL = {"local": "local", "te": "transformer_engine"}
+
+
+def check_expressible(spec: ModelSpec) -> None:
+    """Raise for what ModelSpec holds as a dimension but Megatron-Core cannot compute."""
+    if spec.hidden_act != "silu":
+        raise Inexpressible("megatron", "hidden_act",
+                            f"the model uses {spec.hidden_act!r}; Megatron-LM's gated MLP is SwiGLU (silu)")
+    if spec.num_heads % spec.num_kv_heads:
+        raise ReferenceError(f"num_attention_heads {spec.num_heads} is not a multiple of "
+                             f"num_key_value_heads {spec.num_kv_heads}")
+    rope_args(spec.rope_parameters)
+
+
+def rope_args(rope: Mapping[str, Any]) -> dict[str, Any]:
+    """Megatron-LM's rope arguments for HF rope parameters; others raise."""
+    kind = rope.get("rope_type", "default")
+    theta = float(rope.get("rope_theta", 10000.0))
+    base = int(theta) if theta.is_integer() else theta  # Megatron-LM's --rotary-base is an int
+    rest = {k: v for k, v in rope.items() if k not in ("rope_type", "rope_theta")}
+    if kind == "default" and not rest:
+        return {"rotary_base": base, "use_rope_scaling": False, "rope_scaling_factor": 8.0}
+    fixed = {k: rest.get(k) for k in LLAMA3_FIXED}
+    if kind == "llama3" and set(rest) == {"factor", *LLAMA3_FIXED} and fixed == LLAMA3_FIXED:
+        return {"rotary_base": base, "use_rope_scaling": True, "rope_scaling_factor": float(rest["factor"])}
+    raise Inexpressible("megatron", "rope_parameters",
+                        f"{dict(rope)}; Megatron-Core computes default rope, and Llama-3 scaling with "
+                        f"{LLAMA3_FIXED} only")
+
+
+def build_args(spec: ModelSpec, layout: MegatronLayout, counts: Sequence[int],
+               dtype: torch.dtype) -> Namespace:
+    """The args of a checkpoint of `spec` laid out by `layout` (`counts`: layers per virtual stage)."""
+    even = len(set(counts)) == 1
+    return Namespace(
+        num_layers=spec.num_layers,
+        hidden_size=spec.hidden_size,
+        ffn_hidden_size=spec.intermediate_size,
+        num_attention_heads=spec.num_heads,
+        group_query_attention=spec.num_kv_heads != spec.num_heads,
+        num_query_groups=spec.num_kv_heads,
+        kv_channels=spec.head_dim,
+        max_position_embeddings=spec.max_position_embeddings,
+        seq_length=spec.max_position_embeddings,
+        position_embedding_type="rope",
+        add_position_embedding=False,
+        use_rotary_position_embeddings=True,
+        rotary_percent=spec.rotary_fraction,
+        rotary_interleaved=False,
+        rotary_seq_len_interpolation_factor=None,
+        **rope_args(spec.rope_parameters),
+        normalization="RMSNorm",
+        norm_epsilon=spec.norm_eps,
+        apply_layernorm_1p=False,
+        swiglu=True,
+        squared_relu=False,
+        add_bias_linear=spec.o_bias or spec.mlp_bias,
+        add_qkv_bias=spec.qkv_bias,
+        qk_layernorm=spec.qk_norm,
+        untie_embeddings_and_output_weights=not spec.tie_word_embeddings,
+        attention_dropout=0.0,
+        hidden_dropout=0.0,
+        vocab_size=spec.vocab_size,
+        padded_vocab_size=padded_vocab(spec.vocab_size, layout.vocab_divisor, layout.tp),
+        make_vocab_size_divisible_by=layout.vocab_divisor,
+        tokenizer_type="HuggingFaceTokenizer",
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp,
+        num_virtual_stages_per_pipeline_rank=layout.vpp,
+        num_layers_per_virtual_pipeline_stage=counts[0] if layout.vpp and even else None,
+        pipeline_model_parallel_layout=None if even else layout_string(counts),
+        decoder_first_pipeline_num_layers=None,
+        decoder_last_pipeline_num_layers=None,
+        params_dtype=dtype,
+        fp16=dtype == torch.float16,
+        bf16=dtype == torch.bfloat16,
+        transformer_impl=TRANSFORMER_IMPL[layout.layer_spec],
+        use_legacy_models=False,
+        use_mcore_models=True,
+        ckpt_format="torch",
+        num_experts=None,
+        multi_latent_attention=False,
+    )
+
+
+def _get(args: Namespace, name: str, where: str) -> Any:
+    value = getattr(args, name, None)
+    if value is None:
+        raise ReferenceError(f"{where}: args lack '{name}'")
+    return value
+
+
+def _require(args: Namespace, name: str, want: Any, default: Any, where: str) -> None:
+    got = getattr(args, name, default)
+    if got != want:
+        raise ReferenceError(f"{where}: args {name}={got!r} is not read (only {want!r})")
+
+
+def spec_from_args(args: Namespace, where: str) -> ModelSpec:
+    """The ModelSpec a checkpoint's args describe; what it cannot hold raises, naming the arg.
+    Absent args take Megatron-LM's defaults."""
+    _require(args, "position_embedding_type", "rope", "learned_absolute", where)
+    _require(args, "normalization", "RMSNorm", "LayerNorm", where)
+    _require(args, "swiglu", True, False, where)
+    for flag in ("apply_layernorm_1p", "rotary_interleaved", "multi_latent_attention"):
+        _require(args, flag, False, False, where)
+    _require(args, "rotary_seq_len_interpolation_factor", None, None, where)
+    if getattr(args, "num_experts", None):
+        raise ReferenceError(f"{where}: args num_experts={args.num_experts} is not read (dense models only)")
+    heads, hidden = _get(args, "num_attention_heads", where), _get(args, "hidden_size", where)
+    groups = args.num_query_groups if getattr(args, "group_query_attention", False) else heads
+    theta = float(getattr(args, "rotary_base", 10000))
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": theta}
+    if getattr(args, "use_rope_scaling", False):
+        rope = {"rope_type": "llama3", "factor": float(args.rope_scaling_factor), **LLAMA3_FIXED,
+                "rope_theta": theta}
+    bias = getattr(args, "add_bias_linear", True)  # Megatron-LM's default; --disable-bias-linear
+    return ModelSpec(
+        vocab_size=getattr(args, "vocab_size", None) or _get(args, "padded_vocab_size", where),
+        hidden_size=hidden,
+        intermediate_size=_get(args, "ffn_hidden_size", where),
+        num_layers=_get(args, "num_layers", where),
+        num_heads=heads,
+        num_kv_heads=groups,
+        head_dim=getattr(args, "kv_channels", None) or hidden // heads,
+        max_position_embeddings=(getattr(args, "max_position_embeddings", None)
+                                 or _get(args, "seq_length", where)),
+        norm_eps=float(getattr(args, "norm_epsilon", 1e-5)),
+        hidden_act="silu",
+        rope_parameters=rope,
+        tie_word_embeddings=not getattr(args, "untie_embeddings_and_output_weights", False),
+        qkv_bias=bias or getattr(args, "add_qkv_bias", False),
+        o_bias=bias,
+        mlp_bias=bias,
+        qk_norm=getattr(args, "qk_layernorm", False),
+        rotary_fraction=float(getattr(args, "rotary_percent", 1.0)),
+    )
+
+
+def layout_from_args(args: Namespace, where: str) -> tuple[MegatronLayout, tuple[int, ...]]:
+    """The layout args describe, and the layers of every virtual stage they imply."""
+    tp = _get(args, "tensor_model_parallel_size", where)
+    pp = _get(args, "pipeline_model_parallel_size", where)
+    vpp = getattr(args, "virtual_pipeline_model_parallel_size", None)
+    impl = getattr(args, "transformer_impl", "transformer_engine")
+    spec = next((k for k, v in TRANSFORMER_IMPL.items() if v == impl), None)
+    if spec is None:
+        raise ReferenceError(f"{where}: args transformer_impl={impl!r} is not read")
+    layers, stages = _get(args, "num_layers", where), pp * (vpp or 1)
+    if getattr(args, "pipeline_model_parallel_layout", None):
+        counts = parse_layout_string(str(args.pipeline_model_parallel_layout))
+    else:
+        counts = _uneven(args, layers, pp, vpp or 1, where)
+    if len(counts) != stages or sum(counts) != layers:
+        raise ReferenceError(f"{where}: args pipeline layout {counts} does not fit num_layers {layers} "
+                             f"over pp {pp} x vpp {vpp or 1}")
+    divisor = getattr(args, "make_vocab_size_divisible_by", 128)
+    return MegatronLayout(tp=tp, pp=pp, vpp=vpp, layer_spec=spec, vocab_divisor=divisor), counts
+
+
+def _uneven(args: Namespace, layers: int, pp: int, chunks: int, where: str) -> tuple[int, ...]:
+    """Per-stage layers from Megatron-LM's first/last-stage counts (even when neither is set)."""
+    first = getattr(args, "decoder_first_pipeline_num_layers", None)
+    last = getattr(args, "decoder_last_pipeline_num_layers", None)
+    ends = [n for n in (first, last) if n is not None]
+    middle = pp - len(ends)
+    rest = layers - sum(ends)
+    if (middle and rest % middle) or (not middle and rest) or any(n % chunks for n in ends):
+        raise ReferenceError(f"{where}: args num_layers {layers} does not split over pp {pp} "
+                             f"(first {first}, last {last}, vpp {chunks})")
+    share = rest // middle if middle else 0
+    per_rank = [share] * pp
+    if first is not None:
+        per_rank[0] = first
+    if last is not None:
+        per_rank[-1] = last
+    if any(n % chunks for n in per_rank):
+        raise ReferenceError(f"{where}: args layers per pipeline rank {per_rank} do not split "
+                             f"over vpp {chunks}")
+    return tuple(per_rank[p] // chunks for _ in range(chunks) for p in range(pp))

@@ -1,0 +1,100 @@
+"""Megatron-Core state-dict keys as data: one rule per tensor, for the local layer spec and
+the TransformerEngine one; the TE rules and the inverse map are derived, never written twice.
+
+A template holds `{}` where the layer number goes. In a Megatron stage file the number is the
+layer's index within that (virtual) stage; in a canonical name it is the global layer.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+
+import torch
+
+# How tensor parallelism cuts a tensor (reference/converters/megatron/layout.py):
+# "replicated" on every rank, "vocab" rows padded then split, "cols" (row-parallel input
+# columns), "qkv" grouped per query group, "fc1" as cat(gate_r, up_r).
+SPLITS = ("replicated", "vocab", "cols", "qkv", "fc1")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One Megatron tensor: its key template, the canonical tensors it holds, how TP cuts it."""
+
+    key: str
+    canonical: tuple[str, ...]
+    split: str
+
+
+_L = "decoder.layers.{}."
+_ATTN = "layers.{}.attn."
+_MLP = "layers.{}.mlp."
+EMBEDDING = "embedding.word_embeddings.weight"
+OUTPUT = "output_layer.weight"
+
+LOCAL_RULES: tuple[Rule, ...] = (
+    Rule(EMBEDDING, ("embed.weight",), "vocab"),
+    Rule(_L + "input_layernorm.weight", ("layers.{}.attn_norm.weight",), "replicated"),
+    Rule(_L + "self_attention.linear_qkv.weight", tuple(_ATTN + f"{p}.weight" for p in "qkv"), "qkv"),
+    Rule(_L + "self_attention.linear_qkv.bias", tuple(_ATTN + f"{p}.bias" for p in "qkv"), "qkv"),
+    Rule(_L + "self_attention.q_layernorm.weight", (_ATTN + "q_norm.weight",), "replicated"),
+    Rule(_L + "self_attention.k_layernorm.weight", (_ATTN + "k_norm.weight",), "replicated"),
+    Rule(_L + "self_attention.linear_proj.weight", (_ATTN + "o.weight",), "cols"),
+    Rule(_L + "self_attention.linear_proj.bias", (_ATTN + "o.bias",), "replicated"),
+    Rule(_L + "pre_mlp_layernorm.weight", ("layers.{}.mlp_norm.weight",), "replicated"),
+    Rule(_L + "mlp.linear_fc1.weight", (_MLP + "gate.weight", _MLP + "up.weight"), "fc1"),
+    Rule(_L + "mlp.linear_fc1.bias", (_MLP + "gate.bias", _MLP + "up.bias"), "fc1"),
+    Rule(_L + "mlp.linear_fc2.weight", (_MLP + "down.weight",), "cols"),
+    Rule(_L + "mlp.linear_fc2.bias", (_MLP + "down.bias",), "replicated"),
+    Rule("decoder.final_layernorm.weight", ("norm.weight",), "replicated"),
+    Rule(OUTPUT, ("lm_head.weight",), "vocab"),
+)
+
+# TransformerEngine fuses each pre-norm into the linear after it.
+TE_RENAMES = {
+    _L + "input_layernorm.weight": _L + "self_attention.linear_qkv.layer_norm_weight",
+    _L + "pre_mlp_layernorm.weight": _L + "mlp.linear_fc1.layer_norm_weight",
+}
+TE_RULES = tuple(replace(r, key=TE_RENAMES.get(r.key, r.key)) for r in LOCAL_RULES)
+RULES = {"local": LOCAL_RULES, "te": TE_RULES}
+
+# Modules whose state dict carries `_extra_state`, which a strict load requires. Megatron's own
+# parallel linears save None; TransformerEngine modules save their FP8 metadata, which without
+# FP8 is an empty uint8 tensor (TE 2.x). `output_layer` is Megatron's linear in both specs.
+_LINEARS = (_L + "self_attention.linear_qkv", _L + "self_attention.linear_proj",
+            _L + "mlp.linear_fc1", _L + "mlp.linear_fc2")
+_TE_ONLY = (_L + "self_attention.core_attention", "decoder.final_layernorm")
+_TE_QK = (_L + "self_attention.q_layernorm", _L + "self_attention.k_layernorm")
+EXTRA_SUFFIX = "._extra_state"
+
+
+def extra_states(layer_spec: str, qk_norm: bool) -> dict[str, str]:
+    """Module template -> "none" or "te" (what its `_extra_state` holds)."""
+    out = dict.fromkeys(_LINEARS, "none" if layer_spec == "local" else "te")
+    if layer_spec == "te":
+        out.update(dict.fromkeys(_TE_ONLY + (_TE_QK if qk_norm else ()), "te"))
+    out["output_layer"] = "none"
+    return out
+
+
+def extra_state_value(kind: str) -> torch.Tensor | None:
+    """A fresh `_extra_state` value: TE's "no FP8" marker, or None for Megatron's linears."""
+    return torch.empty(0, dtype=torch.uint8) if kind == "te" else None
+
+
+def _pattern(template: str) -> re.Pattern[str]:
+    return re.compile("^" + re.escape(template).replace(r"\{\}", r"(\d+)") + "$")
+
+
+class KeyTable:
+    """The rules of one layer spec, searchable by Megatron key."""
+
+    def __init__(self, layer_spec: str) -> None:
+        self.layer_spec = layer_spec
+        self.rules = RULES[layer_spec]
+        self._patterns = [_pattern(r.key) for r in self.rules]
+
+    def knows(self, key: str) -> bool:
+        """Whether some rule of this layer spec names the Megatron key."""
+        return any(pattern.match(key) for pattern in self._patterns)

@@ -1,0 +1,234 @@
+"""Reading a Megatron-LM `torch` checkpoint as lazy canonical tensors.
+
+Opening checks every rank file against the args (keys, shapes, dtypes, layers per stage)
+without reading tensor data: files are memory-mapped. A canonical tensor is merged from its
+TP pieces when pulled; the files of one pipeline rank are kept open at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from argparse import Namespace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from reference.converters.megatron import stage as S
+from reference.converters.megatron.args import layout_from_args, spec_from_args
+from reference.converters.megatron.keys import EXTRA_SUFFIX, OUTPUT, KeyTable
+from reference.converters.megatron.layout import MegatronLayout, check_layout, padded_vocab
+from reference.converters.megatron.write import FAMILY_FILE
+from reference.converters.plan import Lazy
+from reference.converters.source import Source
+from reference.errors import ReferenceError
+from reference.families.family import Family
+from reference.families.registry import FAMILIES, family_named
+from reference.families.spec import BIAS_KEYS, FEATURES, ModelSpec
+from reference.families.verdict import blocking
+
+# Unpickled without running arbitrary code: tensors, plain values and the args Namespace.
+SAFE = [Namespace, SimpleNamespace]
+
+
+def load_rank_file(path: Path) -> dict[str, Any]:
+    """One rank file, memory-mapped: tensor data is read only when touched."""
+    try:
+        with torch.serialization.safe_globals(SAFE):
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except FileNotFoundError:
+        raise ReferenceError(f"{path}: missing rank file") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ReferenceError(f"{path}: not a readable torch checkpoint ({reason})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("args"), Namespace):
+        raise ReferenceError(f"{path}: no 'args' Namespace (not a Megatron-LM checkpoint)")
+    return state
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What the args of the first rank file say the checkpoint is."""
+
+    root: Path
+    tracker: str
+    spec: ModelSpec
+    layout: MegatronLayout
+    counts: tuple[int, ...]  # decoder layers of every virtual stage
+    table: KeyTable
+    dtype: torch.dtype
+
+    def file(self, tp_rank: int, pp_rank: int) -> Path:
+        return S.rank_file(self.root, self.tracker, tp_rank, pp_rank, self.layout.pp)
+
+    def stages_of(self, pp_rank: int) -> list[S.Stage]:
+        """The virtual stages pipeline rank `pp_rank` holds, as model0, model1, ..."""
+        return S.stages(self.counts)[pp_rank::self.layout.pp]
+
+
+def _tracker(root: Path) -> str:
+    text = (root / S.TRACKER).read_text().strip()
+    if text != "release" and not text.isdigit():
+        raise ReferenceError(f"{root / S.TRACKER}: '{text}' is neither an iteration nor 'release'")
+    return text
+
+
+def _first_file(root: Path, tracker: str) -> Path:
+    for pp in (1, 2):  # the directory name says whether the checkpoint is pipelined
+        path = S.rank_file(root, tracker, 0, 0, pp)
+        if path.is_file():
+            return path
+    raise ReferenceError(f"{root / S.iteration_dir(tracker)}: missing rank file mp_rank_00[_000]/{S.FILE}")
+
+
+def _dtype(state: dict[str, Any], path: Path) -> torch.dtype:
+    """The dtype of the first floating tensor of a rank file."""
+    for model in state.values():
+        for t in model.values() if isinstance(model, dict) else ():
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                return t.dtype
+    raise ReferenceError(f"{path}: holds no floating tensor")
+
+
+def _open(root: Path) -> Checkpoint:
+    tracker = _tracker(root)
+    first = _first_file(root, tracker)
+    state = load_rank_file(first)
+    spec = spec_from_args(state["args"], str(first))
+    layout, counts = layout_from_args(state["args"], str(first))
+    try:
+        check_layout(spec, replace(layout, pp_layers=counts))
+    except ReferenceError as e:
+        raise ReferenceError(f"{first}: args: {e}") from None
+    return Checkpoint(root, tracker, spec, layout, counts, KeyTable(layout.layer_spec), _dtype(state, first))
+
+
+def _family(root: Path, spec: ModelSpec) -> tuple[Family, dict[str, Any]]:
+    """The family the checkpoint records; else the first whose features are exactly the spec's,
+    or else the first that holds them up to biases."""
+    record = root / FAMILY_FILE
+    if record.is_file():
+        try:
+            data = json.loads(record.read_text())
+            return family_named(data["model_type"]), dict(data.get("config") or {})
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ReferenceError(f"{record}: corrupt (want model_type and config)") from None
+    rows = [f for f in FAMILIES.values() if f.keys is not None]
+    exact = [f for f in rows if all(getattr(f.express(spec), x) == getattr(spec, x) for x in FEATURES)]
+    # --add-bias-linear gives every linear a bias; the conversion drops those that are zero.
+    holds = [f for f in rows if set(blocking(spec, f.express(spec))) <= set(BIAS_KEYS)]
+    return (exact or holds or [FAMILIES["llama"]])[0], {}
+
+
+def _check_rank_dirs(ck: Checkpoint) -> None:
+    """Every rank file the args imply exists, and no other rank directory does."""
+    tp, pp = ck.layout.tp, ck.layout.pp
+    for t in range(tp):
+        for p in range(pp):
+            if not ck.file(t, p).is_file():
+                raise ReferenceError(f"{ck.file(t, p)}: missing rank file (args say tp {tp}, pp {pp})")
+    want = {S.rank_dir(t, p, pp) for t in range(tp) for p in range(pp)}
+    where = ck.root / S.iteration_dir(ck.tracker)
+    odd = sorted(d.name for d in where.iterdir() if d.name.startswith("mp_rank_") and d.name not in want)
+    if odd:
+        raise ReferenceError(f"{where / odd[0]}: rank directory the args do not imply (tp {tp}, pp {pp})")
+
+
+def _check_file(ck: Checkpoint, tp_rank: int, pp_rank: int) -> None:
+    """Raise, naming the file and key, unless the file holds exactly what the args imply."""
+    path = ck.file(tp_rank, pp_rank)
+    state = load_rank_file(path)
+    args = state["args"]
+    said = (spec_from_args(args, str(path)), layout_from_args(args, str(path)))
+    if said != (ck.spec, (ck.layout, ck.counts)):
+        raise ReferenceError(f"{path}: args differ from those of the first rank file")
+    padded = padded_vocab(ck.spec.vocab_size, ck.layout.vocab_divisor, ck.layout.tp)
+    for chunk, st in enumerate(ck.stages_of(pp_rank)):
+        name = S.model_key(chunk, ck.layout.vpp)
+        model = state.get(name)
+        if not isinstance(model, dict):
+            raise ReferenceError(f"{path}: no '{name}' state dict (args say vpp {ck.layout.vpp})")
+        slots = S.slots(ck.spec, ck.table, st)
+        for slot in slots:
+            where = f"{path}: {name} '{slot.key}'"
+            if slot.key not in model:
+                raise ReferenceError(f"{where} is missing; the args imply it")
+            metas = [torch.empty(S.canonical_shape(n, ck.spec), device="meta") for n in slot.sources]
+            want = list(S.shard(slot.rule.split, metas, ck.spec, ck.layout.tp, tp_rank, padded).shape)
+            got = model[slot.key]
+            if list(got.shape) != want:
+                raise ReferenceError(f"{where} has shape {list(got.shape)}, the args imply {want}")
+            if got.dtype != ck.dtype:
+                raise ReferenceError(f"{where} is {got.dtype}, the first tensor {ck.dtype}")
+        known = {s.key for s in slots}
+        for key in model:
+            if key in known or key.endswith(EXTRA_SUFFIX):
+                continue
+            if not ck.table.knows(key):
+                spec = ck.layout.layer_spec
+                raise ReferenceError(f"{path}: {name} holds '{key}', unknown to the {spec} layer spec")
+            raise ReferenceError(f"{path}: {name} holds '{key}', which the args do not imply")
+
+
+class _Files:
+    """Rank files of one pipeline rank at a time: a pipeline stage is read front to back."""
+
+    def __init__(self, ck: Checkpoint) -> None:
+        self.ck = ck
+        self.pp_rank: int | None = None
+        self.open: dict[int, dict[str, Any]] = {}
+
+    def get(self, tp_rank: int, pp_rank: int) -> dict[str, Any]:
+        if pp_rank != self.pp_rank:
+            self.open.clear()
+            self.pp_rank = pp_rank
+        if tp_rank not in self.open:
+            self.open[tp_rank] = load_rank_file(self.ck.file(tp_rank, pp_rank))
+        return self.open[tp_rank]
+
+
+def _merger(files: _Files, slot: S.Slot, pp_rank: int, model: str,
+            where: str) -> Callable[[], list[torch.Tensor]]:
+    def load() -> list[torch.Tensor]:
+        pieces = [files.get(t, pp_rank)[model][slot.key] for t in range(files.ck.layout.tp)]
+        return S.unshard(slot.rule.split, pieces, files.ck.spec, where)
+
+    return load
+
+
+def _lazy_tensors(ck: Checkpoint) -> tuple[dict[str, Lazy], dict[str, str]]:
+    """Canonical name -> Lazy merge from the rank files; and -> its Megatron key, for messages."""
+    files = _Files(ck)
+    tensors: dict[str, Lazy] = {}
+    homes: dict[str, str] = {}
+    for pp_rank in range(ck.layout.pp):
+        for chunk, st in enumerate(ck.stages_of(pp_rank)):
+            model = S.model_key(chunk, ck.layout.vpp)
+            for slot in S.slots(ck.spec, ck.table, st):
+                if slot.key == OUTPUT and ck.spec.tie_word_embeddings:
+                    continue  # the last stage's copy of a tied embedding
+                ranks = "mp_rank_*" + (f"_{pp_rank:03d}" if ck.layout.pp > 1 else "")
+                where = f"{ranks} {model} '{slot.key}'"
+                load = _merger(files, slot, pp_rank, model, where)
+                for part, name in enumerate(slot.sources):
+                    meta = torch.empty(S.canonical_shape(name, ck.spec), dtype=ck.dtype, device="meta")
+                    tensors[name] = Lazy(meta, lambda f=load, i=part: f()[i])
+                    homes[name] = where
+    return tensors, homes
+
+
+def read_megatron(path: Path) -> Source:
+    """A Megatron-LM checkpoint directory as a Source: recorded family, spec from the args,
+    canonical tensors merged over TP (vocabulary trimmed) when pulled."""
+    ck = _open(Path(path))
+    family, extra = _family(ck.root, ck.spec)
+    _check_rank_dirs(ck)
+    for pp_rank in range(ck.layout.pp):
+        for tp_rank in range(ck.layout.tp):
+            _check_file(ck, tp_rank, pp_rank)
+    tensors, homes = _lazy_tensors(ck)
+    return Source(ck.root, family, ck.spec, extra, tensors, lambda name: homes.get(name, name))

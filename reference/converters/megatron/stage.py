@@ -1,0 +1,147 @@
+"""What one rank file of a Megatron-LM `torch` checkpoint holds: file names, the tensors of a
+(virtual) pipeline stage, and one TP rank's piece of each."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from reference.converters.megatron import layout as L
+from reference.converters.megatron.keys import EMBEDDING, EXTRA_SUFFIX, OUTPUT, KeyTable, Rule, extra_states
+from reference.errors import ReferenceError
+from reference.families.spec import ModelSpec, bias_shape, canonical_names
+
+TRACKER = "latest_checkpointed_iteration.txt"
+# Megatron-LM refuses iteration 0 ("assert iteration > 0 or release"); its own HF converters
+# save iteration 1 too. Load with --finetune (or --no-load-optim --no-load-rng): no optimizer.
+ITERATION = 1
+FILE = "model_optim_rng.pt"
+CHECKPOINT_VERSION = 3.0
+
+
+def iteration_dir(tracker: str) -> str:
+    """The directory a tracker's content names: `release`, or `iter_0000001` for 1."""
+    return "release" if tracker == "release" else f"iter_{int(tracker):07d}"
+
+
+def rank_dir(tp_rank: int, pp_rank: int, pp: int) -> str:
+    """`mp_rank_TT` without pipeline parallelism, `mp_rank_TT_PPP` with it (Megatron-LM)."""
+    return f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+
+
+def rank_file(root: Path, iteration: str, tp_rank: int, pp_rank: int, pp: int) -> Path:
+    return root / iteration_dir(iteration) / rank_dir(tp_rank, pp_rank, pp) / FILE
+
+
+def model_key(chunk: int, vpp: int | None) -> str:
+    """`model`, or `model0`..`model{V-1}` with virtual pipeline stages."""
+    return "model" if vpp is None else f"model{chunk}"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Virtual stage `index` (= chunk * pp + pp_rank): layers [start, start + count)."""
+
+    index: int
+    start: int
+    count: int
+    first: bool
+    last: bool
+
+
+def stages(counts: Sequence[int]) -> list[Stage]:
+    """Every virtual stage, in Megatron's order, from its layer counts."""
+    starts = [sum(counts[:i]) for i in range(len(counts))]
+    n = len(counts)
+    return [Stage(i, starts[i], counts[i], i == 0, i == n - 1) for i in range(n)]
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One tensor of a stage file: its key, rule and the canonical tensors it is made of."""
+
+    key: str
+    rule: Rule
+    sources: tuple[str, ...]
+
+
+def slots(spec: ModelSpec, table: KeyTable, stage: Stage) -> list[Slot]:
+    """The tensors of a stage file: embedding, layer by layer, final norm, output layer."""
+    have = set(canonical_names(spec))
+    out = []
+    for rule in table.rules:
+        if "{}" not in rule.key:
+            continue
+        for i in range(stage.count):
+            names = tuple(c.format(stage.start + i) for c in rule.canonical)
+            if all(n in have for n in names):
+                out.append(Slot(rule.key.format(i), rule, names))
+    out.sort(key=lambda s: int(s.key.split(".")[2]))  # layer by layer, rules in order
+    by_key = {r.key: r for r in table.rules}
+    if stage.first:
+        out.insert(0, Slot(EMBEDDING, by_key[EMBEDDING], ("embed.weight",)))
+    if stage.last:
+        out.append(Slot("decoder.final_layernorm.weight", by_key["decoder.final_layernorm.weight"],
+                        ("norm.weight",)))
+        # A tied head lives in the embedding; a last stage without it needs its own copy.
+        if not spec.tie_word_embeddings:
+            out.append(Slot(OUTPUT, by_key[OUTPUT], ("lm_head.weight",)))
+        elif not stage.first:
+            out.append(Slot(OUTPUT, by_key[OUTPUT], ("embed.weight",)))
+    return out
+
+
+def extra_keys(spec: ModelSpec, layer_spec: str, stage: Stage) -> dict[str, str]:
+    """`_extra_state` key -> kind ("none" or "te") of a stage file."""
+    out = {}
+    for module, kind in extra_states(layer_spec, spec.qk_norm).items():
+        if "{}" in module:
+            out.update({module.format(i) + EXTRA_SUFFIX: kind for i in range(stage.count)})
+        elif stage.last:
+            out[module + EXTRA_SUFFIX] = kind
+    return out
+
+
+def canonical_shape(name: str, spec: ModelSpec) -> tuple[int, ...]:
+    """The shape of a canonical tensor of `spec`."""
+    if name.endswith(".bias"):
+        return bias_shape(spec, name)
+    h, d, f, v = spec.hidden_size, spec.head_dim, spec.intermediate_size, spec.vocab_size
+    q, kv = spec.num_heads * d, spec.num_kv_heads * d
+    shapes = {"embed": (v, h), "lm_head": (v, h), "norm": (h,), "attn_norm": (h,), "mlp_norm": (h,),
+              "q_norm": (d,), "k_norm": (d,), "q": (q, h), "k": (kv, h), "v": (kv, h), "o": (h, q),
+              "gate": (f, h), "up": (f, h), "down": (h, f)}
+    return shapes[name.split(".")[-2]]
+
+
+def shard(split: str, parts: Sequence[torch.Tensor], spec: ModelSpec, tp: int, rank: int,
+          padded: int) -> torch.Tensor:
+    """TP rank's piece of the Megatron tensor made of `parts` (full canonical tensors)."""
+    if split == "replicated":
+        return parts[0]
+    if split == "vocab":
+        return L.vocab_rank(parts[0], padded, tp, rank)
+    if split == "cols":
+        return L.cols_rank(parts[0], tp, rank)
+    if split == "qkv":
+        return L.qkv_rank(*parts, spec.num_kv_heads, tp, rank)
+    return L.fc1_rank(*parts, tp, rank)
+
+
+def unshard(split: str, pieces: Sequence[torch.Tensor], spec: ModelSpec, where: str) -> list[torch.Tensor]:
+    """The full canonical tensors from every TP rank's piece."""
+    if split == "replicated":
+        for r, p in enumerate(pieces[1:], 1):
+            if not torch.equal(p, pieces[0]):
+                raise ReferenceError(f"{where}: replicated tensor differs between TP ranks 0 and {r}")
+        return [pieces[0]]
+    if split == "vocab":
+        return [L.merge_vocab(pieces, spec.vocab_size)]
+    if split == "cols":
+        return [torch.cat(list(pieces), dim=1)]
+    if split == "qkv":
+        return list(L.merge_qkv(pieces, spec.num_kv_heads, spec.num_heads))
+    return list(L.merge_fc1(pieces))

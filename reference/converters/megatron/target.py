@@ -1,0 +1,40 @@
+"""Megatron-Core as a conversion target: what it can hold, and the writer."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from reference.converters.megatron.layout import MegatronLayout
+from reference.converters.megatron.write import write_megatron
+from reference.converters.plan import Lazy
+from reference.families.spec import DEFAULT_FEATURES, ModelSpec
+
+# Features Megatron-Core computes exactly as the HF families do. Every other feature is held at
+# Llama's value, so a new feature in ModelSpec is refused by name until it is listed here.
+SUPPORTED = ("qkv_bias", "o_bias", "mlp_bias", "qk_norm", "rotary_fraction")
+
+
+@dataclass(frozen=True)
+class MegatronTarget:
+    """A Megatron-LM `torch` checkpoint of `layout`, recording the HF `family` it came from."""
+
+    family: str
+    layout: MegatronLayout
+    name: ClassVar[str] = "megatron"
+
+    def express(self, spec: ModelSpec) -> ModelSpec:
+        held = dict(DEFAULT_FEATURES)
+        held.update({f: getattr(spec, f) for f in SUPPORTED})
+        if spec.o_bias or spec.mlp_bias:  # --add-bias-linear gives every linear a bias
+            held.update(qkv_bias=True, o_bias=True, mlp_bias=True)
+        return spec.replace(**held)
+
+    def write(self, tensors: Mapping[str, Lazy], held: ModelSpec, extra: Mapping[str, Any],
+              dtype: torch.dtype | None, out: Path) -> tuple[int, int]:
+        """Write into `out`; returns (tensors, bytes) written."""
+        return write_megatron(tensors, held, self.layout, self.family, extra, dtype, out)

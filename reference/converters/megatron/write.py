@@ -1,0 +1,84 @@
+"""Writing canonical tensors as a Megatron-LM `torch` checkpoint, one rank file at a time.
+
+Each rank file is built, saved and released before the next: memory holds one rank's shard
+plus the full tensors of the one Megatron tensor being cut (q, k, v for `linear_qkv`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from reference.converters.megatron import stage as S
+from reference.converters.megatron.args import build_args, check_expressible
+from reference.converters.megatron.keys import KeyTable, extra_state_value
+from reference.converters.megatron.layout import MegatronLayout, check_layout
+from reference.converters.plan import Lazy, materialize
+from reference.errors import ReferenceError
+from reference.families.spec import ModelSpec, canonical_names
+
+FAMILY_FILE = "hf_source.json"  # the HF family and config fields the weights came with
+
+
+def _owned(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A contiguous copy with storage of its own: torch.save writes a view's whole storage."""
+    return x.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
+
+
+def write_megatron(
+    tensors: Mapping[str, Lazy],
+    spec: ModelSpec,
+    layout: MegatronLayout,
+    family: str,
+    extra: Mapping[str, Any],
+    dtype: torch.dtype | None,
+    out: Path,
+) -> tuple[int, int]:
+    """Write the checkpoint into `out`; returns (tensors, bytes) written."""
+    counts = check_layout(spec, layout)
+    check_expressible(spec)
+    expected = list(canonical_names(spec))
+    if sorted(expected) != sorted(tensors):
+        odd = sorted(set(expected) ^ set(tensors))
+        raise ReferenceError(f"megatron: canonical tensors do not fit the spec: {odd[:3]}")
+    cast = dtype
+    dtype = dtype or tensors["embed.weight"].meta.dtype
+    args = build_args(spec, layout, counts, dtype)
+    table = KeyTable(layout.layer_spec)
+    # Virtual stage v * pp + p is model{v} of pipeline rank p.
+    every = S.stages(counts)
+    ranks = [[(st, S.slots(spec, table, st)) for st in every[p::layout.pp]] for p in range(layout.pp)]
+    used = {n for stages in ranks for _, slots in stages for slot in slots for n in slot.sources}
+    if used != set(expected):
+        raise ReferenceError(f"megatron: canonical tensor '{sorted(set(expected) - used)[0]}' has no place")
+    n_tensors = n_bytes = 0
+    for pp_rank, stages in enumerate(ranks):
+        for tp_rank in range(layout.tp):  # each rank reads its tensors anew: memory stays at one rank
+            state: dict[str, Any] = {"args": args, "checkpoint_version": S.CHECKPOINT_VERSION,
+                                     "iteration": S.ITERATION}
+            for chunk, (st, slots) in enumerate(stages):
+                model: dict[str, Any] = {}
+                for slot in slots:
+                    parts = [materialize(tensors[n].load()) for n in slot.sources]
+                    piece = S.shard(slot.rule.split, parts, spec, layout.tp, tp_rank, args.padded_vocab_size)
+                    model[slot.key] = _owned(piece, dtype)
+                    n_tensors += 1
+                    n_bytes += model[slot.key].nbytes
+                    del parts, piece
+                for key, kind in S.extra_keys(spec, layout.layer_spec, st).items():
+                    model[key] = extra_state_value(kind)
+                state[S.model_key(chunk, layout.vpp)] = model
+            path = S.rank_file(out, str(S.ITERATION), tp_rank, pp_rank, layout.pp)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(state, path)
+            del state
+    (out / S.TRACKER).write_text(f"{S.ITERATION}\n")
+    recorded = dict(extra)
+    if cast is not None:
+        recorded["dtype"] = str(dtype).removeprefix("torch.")
+    (out / FAMILY_FILE).write_text(json.dumps({"model_type": family, "config": recorded}, indent=2) + "\n")
+    return n_tensors, n_bytes

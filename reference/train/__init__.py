@@ -1,0 +1,1 @@
+"""Channel loss: per-source loss curves that add up exactly to the global loss."""
