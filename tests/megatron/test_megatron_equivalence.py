@@ -11,8 +11,6 @@ per world size runs all its cases.
 from __future__ import annotations
 
 import json
-import socket
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ from typing import Any
 import pytest
 import torch
 from harness import assert_bitwise, read_tensors
+from procs import spawn
 
 from reference.converters import convert
 from reference.converters.megatron import MegatronLayout
@@ -93,28 +92,6 @@ def _matrix() -> list[Case]:
 CASES = _matrix()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn(world: int, *args: Any, timeout_s: float) -> None:
-    """`run_group` on `world` forked ranks (they inherit the parent's megatron import)."""
-    import torch.multiprocessing as mp
-    from mcore_ranks import run_group
-
-    ctx = mp.start_processes(run_group, args=(world, _free_port(), *args), nprocs=world, join=False,
-                             start_method="fork")
-    deadline = time.monotonic() + timeout_s
-    while not ctx.join(timeout=max(deadline - time.monotonic(), 0.1)):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail(f"megatron-core ranks of world size {world} still running after {timeout_s} s")
-
-
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory) -> Path:
     """Every case converted to Megatron (root/ID), with its HF source (root/hf-ID) and the HF
@@ -151,7 +128,9 @@ def mcore_results(converted, tmp_path_factory) -> dict[str, dict[str, Any]]:
     for world in sorted({c.tp * c.pp for c in CASES}):
         out = work / f"world{world}"
         out.mkdir()
-        _spawn(world, str(cases_file), str(out), timeout_s=240)
+        from mcore_ranks import run_group
+
+        spawn(run_group, world, str(cases_file), str(out), timeout_s=240, method="fork")
         for rank in range(world):
             for cid, r in json.loads((out / f"rank{rank}.json").read_text()).items():
                 merged[cid]["errors"] += [f"rank {rank}: {r['error']}"] if r["error"] else []
