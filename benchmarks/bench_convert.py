@@ -3,11 +3,11 @@
 
     python benchmarks/bench_convert.py [--layers 8 16] [--workdir DIR]
 
-Each command runs in its own process, started from this small one (so that the child's peak
-RSS is its own), after `sync` (so that no row pays for the previous row's dirty pages); wall
-time and peak RSS come from wait4(). The data path is wall time less the cost of starting
-Python and importing: the same command run on a tiny checkpoint. The source is in the page
-cache for every row.
+Each row is the median of --repeat runs (default 3). Each command runs in its own process,
+started from this small one (so that the child's peak RSS is its own), after `sync` (so that
+no row pays for the previous row's dirty pages); wall time and peak RSS come from wait4().
+The data path is wall time less the cost of starting Python and importing: the same command
+run on a tiny checkpoint. The source is in the page cache for every row.
 """
 
 from __future__ import annotations
@@ -52,8 +52,18 @@ def make_checkpoint(path: Path, layers: int) -> None:
     config.save_pretrained(path)
 
 
-def measure(argv: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MiB) of one command in its own process."""
+def measure(argv: list[str], out: Path | None = None, repeat: int = 1) -> tuple[float, float]:
+    """Median wall seconds and peak RSS (MiB) of a command, each run in its own process."""
+    runs = []
+    for _ in range(repeat):
+        if out is not None:
+            shutil.rmtree(out, ignore_errors=True)
+        runs.append(_once(argv))
+    walls = sorted(w for w, _ in runs)
+    return walls[len(walls) // 2], max(r for _, r in runs)
+
+
+def _once(argv: list[str]) -> tuple[float, float]:
     os.sync()
     start = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -64,15 +74,15 @@ def measure(argv: list[str]) -> tuple[float, float]:
     return wall, usage.ru_maxrss / 1024
 
 
-def run(layers: int, work: Path) -> list[list[str]]:
+def run(layers: int, work: Path, repeat: int) -> list[list[str]]:
     src, tiny = work / f"llama-{layers}", work / "tiny"
     py = sys.executable
     subprocess.run([py, __file__, "--make", str(src), str(layers)], check=True)
     subprocess.run([py, __file__, "--make", str(tiny), "0"], check=True)
     size = sum(f.stat().st_size for f in src.glob("*.safetensors"))
     convert = [py, "-m", "reference", "convert"]
-    base_ref = measure([*convert, str(tiny), str(work / "t1"), "--to", "qwen2"])
-    base_usual = measure([py, "-c", USUAL, str(tiny), str(work / "t2")])
+    base_ref = measure([*convert, str(tiny), str(work / "t1"), "--to", "qwen2"], work / "t1", repeat)
+    base_usual = measure([py, "-c", USUAL, str(tiny), str(work / "t2")], work / "t2", repeat)
     cases = [  # (name, output directory, command, start-up baseline)
         ("cp -r", work / "cp", ["cp", "-r", str(src), str(work / "cp")], (0.0, 0.0)),
         ("reference: llama -> qwen2", work / "q", [*convert, str(src), str(work / "q"), "--to", "qwen2"],
@@ -86,8 +96,7 @@ def run(layers: int, work: Path) -> list[list[str]]:
     rows = []
     cp_data = 1.0
     for name, out, argv, (base_wall, base_rss) in cases:
-        shutil.rmtree(out, ignore_errors=True)
-        wall, rss = measure(argv)
+        wall, rss = measure(argv, out, repeat)
         data = wall - base_wall
         cp_data = data if name == "cp -r" else cp_data
         rows.append([str(layers), f"{size / 2**30:.2f}", name, f"{wall:.2f}", f"{data:.2f}",
@@ -99,6 +108,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, nargs="+", default=[8, 16])
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--repeat", type=int, default=3, help="runs per row; the median is shown")
     parser.add_argument("--make", nargs=2, metavar=("DIR", "LAYERS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.make:  # in a child process, so that this one stays small
@@ -116,7 +126,7 @@ def main() -> None:
         for layers in args.layers:
             work = Path(tmp) / str(layers)
             work.mkdir()
-            rows += run(layers, work)
+            rows += run(layers, work, args.repeat)
             shutil.rmtree(work)
     from reference.families.cli import table
 
