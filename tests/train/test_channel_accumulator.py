@@ -30,19 +30,9 @@ def masked_to(labels: torch.Tensor, channel_ids: torch.Tensor, c: int) -> torch.
 
 
 def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from reference.tiny import tiny_model
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_model("llama", vocab_size=97)
 
 
 def test_llama_micro_batches_match_transformers_loss() -> None:

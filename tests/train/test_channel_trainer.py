@@ -38,19 +38,9 @@ def samples() -> list[Sample]:
 
 @pytest.fixture(scope="module")
 def model():
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from reference.tiny import tiny_model
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=89,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-    )
-    return LlamaForCausalLM(config)
+    return tiny_model("llama", vocab_size=89, max_position_embeddings=32)
 
 
 def train(model, samples, tmp_path, *, channels: bool, logging_steps: int):
