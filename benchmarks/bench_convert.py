@@ -6,13 +6,15 @@
 Each row is the median of --repeat runs (default 3). Each command runs in its own process,
 started from this small one (so that the child's peak RSS is its own), after `sync` (so that
 no row pays for the previous row's dirty pages); wall time and peak RSS come from wait4().
-The data path is wall time less the cost of starting Python and importing: the same command
-run on a tiny checkpoint. The source is in the page cache for every row.
+The data path is timed inside that process, after the same job has run once on a tiny
+checkpoint (so every import and lazy load is done); "RSS over import" is the peak less the
+peak before the timed job. The source is in the page cache for every row.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -21,12 +23,32 @@ import tempfile
 import time
 from pathlib import Path
 
-USUAL = """
-import sys, torch
-from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
-model.save_pretrained(sys.argv[2])
-"""
+
+def timed(kind: str, tiny: Path, src: Path, dst: Path, to: str) -> None:
+    """In a child: do the whole job once on a tiny checkpoint (every import and lazy load),
+    then time the real one; print (seconds, peak RSS in KiB before the real job)."""
+    import json
+    import resource
+
+    def job(a: Path, b: Path) -> None:
+        if kind == "reference":
+            from reference.converters import convert
+
+            convert(a, b, to=to)
+        else:  # the usual path: load the whole model, save it again
+            import torch
+            from transformers import AutoModelForCausalLM
+
+            AutoModelForCausalLM.from_pretrained(a, dtype=torch.bfloat16).save_pretrained(b)
+
+    warm = dst.with_name(dst.name + "-warm")
+    shutil.rmtree(warm, ignore_errors=True)
+    job(tiny, warm)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    os.sync()
+    start = time.perf_counter()
+    job(src, dst)
+    print(json.dumps([time.perf_counter() - start, before]))
 
 
 def make_checkpoint(path: Path, layers: int) -> None:
@@ -52,26 +74,25 @@ def make_checkpoint(path: Path, layers: int) -> None:
     config.save_pretrained(path)
 
 
-def measure(argv: list[str], out: Path | None = None, repeat: int = 1) -> tuple[float, float]:
-    """Median wall seconds and peak RSS (MiB) of a command, each run in its own process."""
+def measure(argv: list[str], out: Path, repeat: int) -> tuple[float, float, float, float]:
+    """Medians of wall and data-path seconds, and the largest peak RSS and RSS before the job
+    (MiB), over `repeat` runs of a command in its own process."""
     runs = []
     for _ in range(repeat):
-        if out is not None:
-            shutil.rmtree(out, ignore_errors=True)
-        runs.append(_once(argv))
-    walls = sorted(w for w, _ in runs)
-    return walls[len(walls) // 2], max(r for _, r in runs)
-
-
-def _once(argv: list[str]) -> tuple[float, float]:
-    os.sync()
-    start = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    if status != 0:
-        raise SystemExit(f"{argv} failed: {proc.stderr.read().decode()[-500:]}")
-    return wall, usage.ru_maxrss / 1024
+        shutil.rmtree(out, ignore_errors=True)
+        os.sync()
+        start = time.perf_counter()
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        if status != 0:
+            raise SystemExit(f"{argv} failed: {proc.stderr.read().decode()[-500:]}")
+        lines = proc.stdout.read().decode().strip().splitlines()
+        data, before = json.loads(lines[-1]) if argv[0] != "cp" else (wall, 0)
+        runs.append((wall, data, usage.ru_maxrss / 1024, before / 1024))
+    mid = len(runs) // 2
+    return (sorted(r[0] for r in runs)[mid], sorted(r[1] for r in runs)[mid],
+            max(r[2] for r in runs), max(r[3] for r in runs))
 
 
 def run(layers: int, work: Path, repeat: int) -> list[list[str]]:
@@ -80,27 +101,24 @@ def run(layers: int, work: Path, repeat: int) -> list[list[str]]:
     subprocess.run([py, __file__, "--make", str(src), str(layers)], check=True)
     subprocess.run([py, __file__, "--make", str(tiny), "0"], check=True)
     size = sum(f.stat().st_size for f in src.glob("*.safetensors"))
-    convert = [py, "-m", "reference", "convert"]
-    base_ref = measure([*convert, str(tiny), str(work / "t1"), "--to", "qwen2"], work / "t1", repeat)
-    base_usual = measure([py, "-c", USUAL, str(tiny), str(work / "t2")], work / "t2", repeat)
-    cases = [  # (name, output directory, command, start-up baseline)
-        ("cp -r", work / "cp", ["cp", "-r", str(src), str(work / "cp")], (0.0, 0.0)),
-        ("reference: llama -> qwen2", work / "q", [*convert, str(src), str(work / "q"), "--to", "qwen2"],
-         base_ref),
-        ("reference: qwen2 -> llama", work / "l",
-         [*convert, str(work / "q"), str(work / "l"), "--to", "llama"], base_ref),
-        ("from_pretrained + save_pretrained", work / "u", [py, "-c", USUAL, str(src), str(work / "u")],
-         base_usual),
+
+    def child(kind: str, a: Path, b: Path, to: str = "-") -> list[str]:
+        return [py, __file__, "--timed", kind, str(tiny), str(a), str(b), to]
+
+    cases = [  # (name, output directory, command)
+        ("cp -r", work / "cp", ["cp", "-r", str(src), str(work / "cp")]),
+        ("reference: llama -> qwen2", work / "q", child("reference", src, work / "q", "qwen2")),
+        ("reference: qwen2 -> llama", work / "l", child("reference", work / "q", work / "l", "llama")),
+        ("from_pretrained + save_pretrained", work / "u", child("usual", src, work / "u")),
     ]
-    measure(cases[0][2])  # read the source once, so that every row sees a warm page cache
+    measure(cases[0][2], work / "cp", 1)  # read the source once: every row sees a warm page cache
     rows = []
     cp_data = 1.0
-    for name, out, argv, (base_wall, base_rss) in cases:
-        wall, rss = measure(argv, out, repeat)
-        data = wall - base_wall
+    for name, out, argv in cases:
+        wall, data, rss, before = measure(argv, out, repeat)
         cp_data = data if name == "cp -r" else cp_data
         rows.append([str(layers), f"{size / 2**30:.2f}", name, f"{wall:.2f}", f"{data:.2f}",
-                     f"{data / cp_data:.2f}x", f"{rss:.0f}", f"{max(rss - base_rss, 0):.0f}"])
+                     f"{data / cp_data:.2f}x", f"{rss:.0f}", f"{max(rss - before, 0):.0f}"])
     return rows
 
 
@@ -110,7 +128,13 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--repeat", type=int, default=3, help="runs per row; the median is shown")
     parser.add_argument("--make", nargs=2, metavar=("DIR", "LAYERS"), help=argparse.SUPPRESS)
+    parser.add_argument("--timed", nargs=5, metavar=("KIND", "TINY", "SRC", "DST", "TO"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.timed:
+        kind, tiny, src, dst, to = args.timed
+        timed(kind, Path(tiny), Path(src), Path(dst), to)
+        return
     if args.make:  # in a child process, so that this one stays small
         if args.make[1] == "0":
             from reference.tiny import save_tiny
