@@ -37,3 +37,16 @@ def spawn(
                 if p.is_alive():
                     p.kill()
             pytest.fail(f"{fn.__name__}: ranks still running after {timeout_s} s (hang)")
+
+
+def join_gloo(rank: int, world: int, port: int, timeout_s: float = 60) -> None:
+    """In a spawned rank: one thread, then join the gloo group at 127.0.0.1:`port`, with a
+    timeout so that a mismatched collective errors instead of waiting forever."""
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=timedelta(seconds=timeout_s))

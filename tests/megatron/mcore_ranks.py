@@ -6,34 +6,20 @@ model-parallel groups, builds GPTModel from the checkpoint's own `args` (as Mega
 stages by hand (send/recv; megatron's schedules allocate on CUDA) and, on the last stage,
 gathers the vocab-parallel logits for the parent to compare with the HF model's.
 
-The CUDA side-steps of shared/notes/megatron-core-on-cpu.md live here, in test code only, plus
-one more: a tied embedding with PP > 1 is synchronised at construction by `weight.data.cuda()`
-and an all-reduce, so `Tensor.cuda` is the identity in these processes.
+The CUDA side-steps live in tests/mcore_cpu.py, in test code only.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import traceback
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from mcore_cpu import CPU_CONFIG, side_steps
+from procs import join_gloo
+
 TIMEOUT_S = 120
-
-
-def _side_steps() -> None:
-    import torch
-    from megatron.core import tensor_parallel
-
-    class NoRngTracker:
-        def fork(self, *args: object, **kwargs: object) -> contextlib.AbstractContextManager:
-            return contextlib.nullcontext()  # dropout is 0: no random numbers are drawn
-
-    torch.cuda.current_device = lambda: "cpu"
-    torch.Tensor.cuda = lambda self, *args, **kwargs: self
-    tensor_parallel.get_cuda_rng_tracker = lambda *a, **k: NoRngTracker()
 
 
 def te_to_local(model: dict[str, Any]) -> dict[str, Any]:
@@ -82,12 +68,7 @@ def _build(args: Any, vp_stage: int | None) -> Any:
         pipeline_model_parallel_layout=args.pipeline_model_parallel_layout,
         hidden_dropout=args.hidden_dropout,
         attention_dropout=args.attention_dropout,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
-        use_cpu_initialization=True,
+        **CPU_CONFIG,
         params_dtype=args.params_dtype,
         pipeline_dtype=args.params_dtype,
     )
@@ -199,13 +180,10 @@ def _case(case: dict[str, Any]) -> dict[str, Any]:
 
 def run_group(rank: int, world: int, port: int, cases_file: str, out_dir: str) -> None:
     """Entry point of one rank: every case of this world size, results to out_dir/rank{N}.json."""
-    import torch
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=TIMEOUT_S))
-    _side_steps()
+    join_gloo(rank, world, port, TIMEOUT_S)
+    side_steps()
     cases = [c for c in json.loads(Path(cases_file).read_text()) if c["tp"] * c["pp"] == world]
     results = {c["id"]: _case(c) for c in cases}
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(results))

@@ -56,20 +56,12 @@ def _reference(model, windows: list[list[tuple[int, int]]]) -> list[dict]:
 
 
 def _worker(rank: int, world: int, port: int, model) -> None:
-    from datetime import timedelta
-
     import torch.distributed as dist
+    from procs import join_gloo
 
     from reference.train.accumulator import ChannelLossAccumulator, causal_lm_token_losses
 
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=60),
-    )
+    join_gloo(rank, world, port)
     acc = ChannelLossAccumulator()  # names are registered as this rank meets them
 
     def step(micro: int) -> None:

@@ -38,32 +38,15 @@ def _rows(dp_rank: int, micro: int) -> tuple:
 
 
 def _worker(rank: int, world: int, port: int) -> None:
-    import contextlib
-    from datetime import timedelta
-
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
+    from mcore_cpu import CPU_CONFIG, side_steps
+    from procs import join_gloo
 
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=60),
-    )
-    # Test-only side-steps of megatron-core's CUDA assumptions (shared notes).
-    torch.cuda.current_device = lambda: "cpu"
+    join_gloo(rank, world, port)
+    side_steps()  # test-only: megatron-core's CUDA assumptions
     from megatron.core import parallel_state as ps
-    from megatron.core import tensor_parallel
-
-    class _NoRngTracker:
-        def fork(self, *args: object, **kwargs: object) -> contextlib.AbstractContextManager:
-            return contextlib.nullcontext()
-
-    tensor_parallel.get_cuda_rng_tracker = lambda *a, **k: _NoRngTracker()
-
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer import TransformerConfig
@@ -94,12 +77,7 @@ def _worker(rank: int, world: int, port: int) -> None:
         add_bias_linear=False,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
-        use_cpu_initialization=True,
+        **CPU_CONFIG,
         params_dtype=torch.float32,
         pipeline_dtype=torch.float32,
     )

@@ -1,0 +1,33 @@
+"""Real megatron-core on the CPU, in test processes only (shared/notes/megatron-core-on-cpu.md).
+
+The notes' three side-steps, plus one more: a tied embedding with PP > 1 is synchronised at
+construction by `weight.data.cuda()` and an all-reduce, so `Tensor.cuda` is the identity here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+# TransformerConfig fields that keep megatron-core off fused CUDA kernels and CUDA memory.
+CPU_CONFIG = dict(
+    bias_dropout_fusion=False,
+    apply_rope_fusion=False,
+    masked_softmax_fusion=False,
+    persist_layer_norm=False,
+    gradient_accumulation_fusion=False,
+    use_cpu_initialization=True,
+)
+
+
+def side_steps() -> None:
+    """Patch, in this process, what megatron-core assumes of CUDA."""
+    import torch
+    from megatron.core import tensor_parallel
+
+    class NoRngTracker:
+        def fork(self, *args: object, **kwargs: object) -> contextlib.AbstractContextManager:
+            return contextlib.nullcontext()  # dropout is 0: no random numbers are drawn
+
+    torch.cuda.current_device = lambda: "cpu"
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    tensor_parallel.get_cuda_rng_tracker = lambda *a, **k: NoRngTracker()
