@@ -17,12 +17,11 @@ from typing import Any
 
 import pytest
 import torch
-from harness import assert_bitwise, read_tensors
+from harness import MEGATRON_FAMILIES, assert_bitwise, read_tensors
 from procs import spawn
 
 from reference.converters import convert
 from reference.converters.megatron import MegatronLayout
-from reference.families.registry import FAMILIES
 from reference.tiny import SHAPE, logits, tiny_model
 
 pytest.importorskip("megatron.core")
@@ -36,7 +35,7 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 LAYOUTS = [(1, 1, None), (2, 1, None), (4, 1, None), (1, 2, None), (2, 2, None), (4, 2, None),
            (1, 2, 2), (2, 2, 2)]
-FAMILY_NAMES = [f for f in ("llama", "qwen2", "mistral", "yi", "qwen3") if f in FAMILIES]
+FAMILY_NAMES = MEGATRON_FAMILIES
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
