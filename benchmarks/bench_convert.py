@@ -3,7 +3,8 @@
 
     python benchmarks/bench_convert.py [--layers 8 16] [--workdir DIR]
 
-Each row is the median of --repeat runs (default 3). Each command runs in its own process,
+Each row is the median of --repeat runs (default 7), taken round-robin over the rows, with the
+best and worst data path beside it. Each command runs in its own process,
 started from this small one (so that the child's peak RSS is its own), after `sync` (so that
 no row pays for the previous row's dirty pages); wall time and peak RSS come from wait4().
 The data path is timed inside that process, after the same job has run once on a tiny
@@ -74,25 +75,24 @@ def make_checkpoint(path: Path, layers: int) -> None:
     config.save_pretrained(path)
 
 
-def measure(argv: list[str], out: Path, repeat: int) -> tuple[float, float, float, float]:
-    """Medians of wall and data-path seconds, and the largest peak RSS and RSS before the job
-    (MiB), over `repeat` runs of a command in its own process."""
-    runs = []
-    for _ in range(repeat):
-        shutil.rmtree(out, ignore_errors=True)
-        os.sync()
-        start = time.perf_counter()
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - start
-        if status != 0:
-            raise SystemExit(f"{argv} failed: {proc.stderr.read().decode()[-500:]}")
-        lines = proc.stdout.read().decode().strip().splitlines()
-        data, before = json.loads(lines[-1]) if argv[0] != "cp" else (wall, 0)
-        runs.append((wall, data, usage.ru_maxrss / 1024, before / 1024))
-    mid = len(runs) // 2
-    return (sorted(r[0] for r in runs)[mid], sorted(r[1] for r in runs)[mid],
-            max(r[2] for r in runs), max(r[3] for r in runs))
+def measure_once(argv: list[str], out: Path) -> tuple[float, float, float, float]:
+    """Wall and data-path seconds, peak RSS and RSS before the job (MiB) of one command run in
+    its own process, after `sync`."""
+    shutil.rmtree(out, ignore_errors=True)
+    os.sync()
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    if status != 0:
+        raise SystemExit(f"{argv} failed: {proc.stderr.read().decode()[-500:]}")
+    lines = proc.stdout.read().decode().strip().splitlines()
+    data, before = json.loads(lines[-1]) if argv[0] != "cp" else (wall, 0)
+    return wall, data, usage.ru_maxrss / 1024, before / 1024
+
+
+def median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
 
 
 def run(layers: int, work: Path, repeat: int) -> list[list[str]]:
@@ -111,14 +111,22 @@ def run(layers: int, work: Path, repeat: int) -> list[list[str]]:
         ("reference: qwen2 -> llama", work / "l", child("reference", work / "q", work / "l", "llama")),
         ("from_pretrained + save_pretrained", work / "u", child("usual", src, work / "u")),
     ]
-    measure(cases[0][2], work / "cp", 1)  # read the source once: every row sees a warm page cache
+    measure_once(cases[0][2], work / "cp")  # read the source once: every row sees a warm page cache
+    # Round-robin, so that every row meets the same page-cache writeback and machine load: on
+    # this machine one command's time moves by 2x from run to run, which a row-after-row median
+    # of three turned into spurious gaps.
+    runs: dict[str, list[tuple[float, float, float, float]]] = {name: [] for name, _, _ in cases}
+    for _ in range(repeat):
+        for name, out, argv in cases:
+            runs[name].append(measure_once(argv, out))
+    cp_mid, cp_best = median([r[1] for r in runs["cp -r"]]), min(r[1] for r in runs["cp -r"])
     rows = []
-    cp_data = 1.0
-    for name, out, argv in cases:
-        wall, data, rss, before = measure(argv, out, repeat)
-        cp_data = data if name == "cp -r" else cp_data
-        rows.append([str(layers), f"{size / 2**30:.2f}", name, f"{wall:.2f}", f"{data:.2f}",
-                     f"{data / cp_data:.2f}x", f"{rss:.0f}", f"{max(rss - before, 0):.0f}"])
+    for name, _, _ in cases:
+        wall, data = median([r[0] for r in runs[name]]), [r[1] for r in runs[name]]
+        rss, before = max(r[2] for r in runs[name]), max(r[3] for r in runs[name])
+        rows.append([str(layers), f"{size / 2**30:.2f}", name, f"{wall:.2f}", f"{median(data):.2f}",
+                     f"{min(data):.2f}", f"{max(data):.2f}", f"{median(data) / cp_mid:.2f}x",
+                     f"{min(data) / cp_best:.2f}x", f"{rss:.0f}", f"{max(rss - before, 0):.0f}"])
     return rows
 
 
@@ -126,7 +134,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, nargs="+", default=[8, 16])
     parser.add_argument("--workdir", type=Path, default=None)
-    parser.add_argument("--repeat", type=int, default=3, help="runs per row; the median is shown")
+    parser.add_argument("--repeat", type=int, default=7, help="runs per row; the median is shown")
     parser.add_argument("--make", nargs=2, metavar=("DIR", "LAYERS"), help=argparse.SUPPRESS)
     parser.add_argument("--timed", nargs=5, metavar=("KIND", "TINY", "SRC", "DST", "TO"),
                         help=argparse.SUPPRESS)
@@ -143,7 +151,8 @@ def main() -> None:
         else:
             make_checkpoint(Path(args.make[0]), int(args.make[1]))
         return
-    header = ["layers", "GiB", "command", "wall s", "data path s", "vs cp", "peak RSS MiB",
+    header = ["layers", "GiB", "command", "wall s", "data path s", "best s", "worst s", "vs cp",
+              "best vs best cp", "peak RSS MiB",
               "RSS over import MiB"]
     rows = [header]
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:

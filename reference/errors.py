@@ -9,7 +9,7 @@ class Inexpressible(ReferenceError):
     """A target family cannot express a feature the model uses."""
 
     def __init__(self, target: str, feature: str, detail: str = "") -> None:
-        self.target, self.feature = target, feature
+        self.target, self.feature, self.detail = target, feature, detail
         hint = " (use --to unified to keep it)" if target != "unified" else ""
         detail = f": {detail}" if detail else ""
         super().__init__(f"{target} cannot express feature '{feature}'{detail}{hint}")

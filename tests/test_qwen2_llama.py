@@ -129,6 +129,16 @@ def test_output_is_sharded_with_an_index_and_loads(tmp_path) -> None:
     assert index["metadata"]["total_size"] == sum(t.nbytes for t in read_tensors(tmp_path / "dst").values())
 
 
+def test_output_is_sharded_as_the_source_was(tmp_path) -> None:
+    src = tmp_path / "src"
+    tiny_model("llama").save_pretrained(src, max_shard_size="100KB")
+    convert(src, tmp_path / "dst", to="mistral")  # the same tensors under other names
+    shards = sorted(src.glob("*.safetensors"))
+    out = sorted((tmp_path / "dst").glob("*.safetensors"))
+    assert len(shards) > 3 and len(out) == len(shards)
+    assert max(p.stat().st_size for p in out) <= max(p.stat().st_size for p in shards)
+
+
 def test_fill_depends_on_seed_and_names_not_on_transformers_init() -> None:
     torch.manual_seed(1)
     a = tiny_model("qwen2", seed=3)

@@ -29,8 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                     help="pad the vocabulary to a multiple of N x tp (zeros; trimmed on the way back)")
     mg.add_argument("--pp-layers", type=_layers, default=None, metavar="N,N,...",
                     help="layers per pipeline stage (default: even split)")
-    p.add_argument("--max-shard-size", type=int, default=5 * 2**30, metavar="BYTES",
-                   help="largest output shard (default 5 GiB)")
+    p.add_argument("--max-shard-size", type=int, default=None, metavar="BYTES",
+                   help="largest output shard (default: the source's largest, else 5 GiB)")
 
 
 def _layers(text: str) -> tuple[int, ...]:

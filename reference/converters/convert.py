@@ -20,7 +20,7 @@ from reference.families.registry import family_named
 from reference.families.spec import BIAS_KEYS, ModelSpec
 from reference.families.verdict import blocking
 
-DEFAULT_SHARD_BYTES = 5 * 2**30
+DEFAULT_SHARD_BYTES = 5 * 2**30  # when the source has no safetensors shards to follow
 RECORD = "conversion.json"  # what was done, beside the weights: source, caveats, folds
 
 
@@ -54,8 +54,17 @@ class Target(Protocol):
 
     def express(self, spec: ModelSpec) -> ModelSpec: ...
 
+    def refuses(self, spec: ModelSpec) -> dict[str, str]: ...
+
     def write(self, tensors: Mapping[str, Lazy], held: ModelSpec, extra: Mapping[str, Any],
               dtype: torch.dtype | None, out: Path) -> tuple[int, int]: ...
+
+
+def source_shard_bytes(src: Path) -> int:
+    """The largest safetensors file of an HF source: the output is sharded as the source was
+    (users expect as many shards back, and one 100 GB file is slower to write and to copy)."""
+    sizes = [p.stat().st_size for p in src.glob("*.safetensors")]
+    return max(sizes) if sizes else DEFAULT_SHARD_BYTES
 
 
 def resolve_target(to: str, source: Source, max_shard_bytes: int, layout: Any) -> Target:
@@ -89,6 +98,9 @@ def prepare(source: Source, target: Target, allow: Collection[str] = ()) -> Prep
         f = early[0]
         have, want = getattr(source.spec, f), getattr(target.express(source.spec), f)
         raise Inexpressible(target.name, f, f"the model has {f}={have!r}, {target.name} holds only {want!r}")
+    refused = target.refuses(source.spec)  # dimensions, not features: an activation, a rope type
+    if refused:
+        raise Inexpressible(target.name, *next(iter(refused.items())))
     if source.family.keys is None:
         raise ReferenceError(f"{source.path}: the tensor layout of {source.family.model_type} "
                              "is not mapped yet")
@@ -107,7 +119,7 @@ def convert(
     dtype: str | None = None,
     force: bool = False,
     allow: Collection[str] = (),
-    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    max_shard_bytes: int | None = None,
     layout: Any = None,
 ) -> Report:
     """Convert the checkpoint at SRC (HF or Megatron) into `to` at DST; DST appears whole or
@@ -116,11 +128,13 @@ def convert(
     `to` is a family's model_type, `hf` (back to the family the checkpoint came from) or
     `megatron` (laid out by `layout`, a MegatronLayout). `allow` names features the user
     accepts dropping (e.g. `sliding_window`); each is recorded in DST/conversion.json.
+    HF output shards hold at most `max_shard_bytes` (default: the source's largest shard).
     """
     src, dst = Path(src), Path(dst)
     cast = parse_dtype(dtype)
     source = open_source(src)
-    target = resolve_target(to, source, max_shard_bytes, layout)
+    shard_bytes = max_shard_bytes or source_shard_bytes(src)
+    target = resolve_target(to, source, shard_bytes, layout)
     prepared = prepare(source, target, allow)
     with atomic_dir(dst, force) as out:
         count, size = target.write(prepared.tensors, prepared.held, source.extra, cast, out)

@@ -11,6 +11,7 @@ from reference.converters.safetensors_io import Entry, read_dir
 from reference.errors import ReferenceError
 from reference.families.family import Family
 from reference.families.registry import family_of
+from reference.families.resolve import as_loaded
 from reference.families.spec import ModelSpec
 
 
@@ -46,5 +47,6 @@ def open_hf(path: Path) -> HFModel:
     cfg = read_config(path)
     where = str(path / "config.json")
     family = family_of(cfg, where)
-    spec = family.read(cfg, where)
+    family.read(cfg, where)  # the fields a checkpoint must state, before any class fills them
+    spec = family.read(as_loaded(cfg, where), where)
     return HFModel(path, cfg, family, spec, read_dir(path))

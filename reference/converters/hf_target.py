@@ -46,6 +46,9 @@ class HFTarget:
     def express(self, spec: ModelSpec) -> ModelSpec:
         return self.family.express(spec)
 
+    def refuses(self, spec: ModelSpec) -> dict[str, str]:
+        return self.family.refuses(spec)
+
     def write(
         self,
         tensors: Mapping[str, Lazy],

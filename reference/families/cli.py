@@ -38,8 +38,6 @@ def rows() -> list[list[str]]:
 
 def run(args: argparse.Namespace) -> int:
     print(table(rows()))
-    print("\n-> megatron also needs hidden_act silu (Megatron-LM's gated MLP is SwiGLU) and default or "
-          "llama3 rope; a checkpoint with another (gemma's gelu) is refused at conversion, naming the field.")
     print("\nFolds move a scalar feature into the weights (in fp32); what each costs:")
     from reference.converters.folds import FOLDS
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from reference.errors import ReferenceError
 from reference.families.spec import ModelSpec
@@ -30,17 +30,33 @@ PASSTHROUGH = (
 )
 
 
-class Codec(Protocol):
-    """How one family stores some features in its config."""
+class Codec:
+    """How one family stores some features in its config: read them, name the values the
+    family may hold (`variants`, for `reference families`), hold the nearest it can
+    (`express`), write them, and name what it cannot write at all (`refuses`)."""
 
-    def read(self, cfg: Mapping[str, Any], where: str) -> dict[str, Any]: ...
-    def variants(self) -> list[dict[str, Any]]: ...
-    def express(self, spec: ModelSpec) -> dict[str, Any]: ...
-    def write(self, spec: ModelSpec) -> dict[str, Any]: ...
+    def read(self, cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def variants(self) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def express(self, spec: ModelSpec) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def write(self, spec: ModelSpec) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def refuses(self, spec: ModelSpec) -> dict[str, str]:
+        return {}
+
+    def switches(self) -> tuple[str, ...]:
+        """Features a config turns on or off at will, whatever its class defaults to."""
+        return ()
 
 
 @dataclass(frozen=True)
-class Flag:
+class Flag(Codec):
     """Boolean features held in one HF field; several features may share it (Llama's
     `attention_bias` turns on q, k, v and o bias together)."""
 
@@ -63,7 +79,7 @@ class Flag:
 
 
 @dataclass(frozen=True)
-class Fixed:
+class Fixed(Codec):
     """A feature the family always has at one value (Qwen2 always has q, k, v bias)."""
 
     feature: str
@@ -83,7 +99,7 @@ class Fixed:
 
 
 @dataclass(frozen=True)
-class Window:
+class Window(Codec):
     """A sliding window on every layer, in `sliding_window` (Mistral); Qwen2 also has a
     switch `use_sliding_window` and may window only some layers (`layer_types`)."""
 
@@ -100,6 +116,9 @@ class Window:
         if window is not None and window >= cfg.get("max_position_embeddings", window + 1):
             window = None  # a window no sequence can exceed computes nothing
         return {"sliding_window": window}
+
+    def switches(self) -> tuple[str, ...]:
+        return ("sliding_window",)  # Mistral's class defaults to 4096; Mistral-7B-v0.3 says null
 
     def variants(self) -> list[dict[str, Any]]:
         return [{"sliding_window": 4096}]
@@ -118,7 +137,7 @@ class Window:
 
 
 @dataclass(frozen=True)
-class Value:
+class Value(Codec):
     """A scalar feature held in one HF field (Granite's multipliers, Gemma2's softcaps)."""
 
     feature: str
@@ -148,7 +167,7 @@ class AttentionScale(Value):
 
 
 @dataclass(frozen=True)
-class Derived:
+class Derived(Codec):
     """A feature the family fixes as a power of a dimension (Gemma scales embeddings by
     sqrt(hidden_size))."""
 
@@ -173,7 +192,7 @@ class Derived:
 
 
 @dataclass(frozen=True)
-class RotaryFraction:
+class RotaryFraction(Codec):
     """Partial rotary, stored as `partial_rotary_factor` inside rope_parameters (Phi3, GLM)."""
 
     def read(self, cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -193,7 +212,7 @@ class RotaryFraction:
 
 
 @dataclass(frozen=True)
-class Scaled:
+class Scaled(Codec):
     """A dimension stored times a factor (Qwen v1 stores twice the MLP width)."""
 
     dimension: str
@@ -214,7 +233,7 @@ class Scaled:
 
 
 @dataclass(frozen=True)
-class LegacyRope:
+class LegacyRope(Codec):
     """Rope as remote-code checkpoints store it: a base field (and `rope_scaling`), not
     transformers 5's `rope_parameters`. Only plain rope is written back."""
 
@@ -230,17 +249,20 @@ class LegacyRope:
     def express(self, spec: ModelSpec) -> dict[str, Any]:
         return {}
 
-    def write(self, spec: ModelSpec) -> dict[str, Any]:
+    def refuses(self, spec: ModelSpec) -> dict[str, str]:
         rope = dict(spec.rope_parameters)
-        theta = rope.pop("rope_theta")
+        rope.pop("rope_theta", None)
         if rope.pop("rope_type", "default") != "default" or rope:
-            detail = dict(spec.rope_parameters)
-            raise ReferenceError(f"rope scaling {detail} cannot be written as {self.base}")
-        return {self.base: theta, "rope_parameters": None}
+            return {"rope_parameters": f"rope scaling {dict(spec.rope_parameters)} cannot be written as "
+                                       f"{self.base} (only a plain rope base)"}
+        return {}
+
+    def write(self, spec: ModelSpec) -> dict[str, Any]:
+        return {self.base: spec.rope_parameters["rope_theta"], "rope_parameters": None}
 
 
 @dataclass(frozen=True)
-class LongContext:
+class LongContext(Codec):
     """Qwen v1's `use_dynamic_ntk` / `use_logn_attn`, which act beyond `seq_length` only."""
 
     def read(self, cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -260,7 +282,7 @@ class LongContext:
 
 
 @dataclass(frozen=True)
-class BaichuanPositions:
+class BaichuanPositions(Codec):
     """Baichuan2-7B uses rope; Baichuan-13B and Baichuan2-13B use ALiBi, and their published
     configs carry no max_position_embeddings (vLLM tells them apart by hidden_size 4096)."""
 

@@ -34,6 +34,14 @@ class Family:
             held.update(codec.express(spec))
         return spec.replace(**held)
 
+    def refuses(self, spec: ModelSpec) -> dict[str, str]:
+        """Fields of the spec's dimensions this family cannot write, each with why (a layout
+        that stores rope as a bare base cannot hold rope scaling)."""
+        out: dict[str, str] = {}
+        for codec in self.codecs:
+            out.update(codec.refuses(spec))
+        return out
+
     def config(self, spec: ModelSpec, extra: Mapping[str, Any]) -> dict[str, Any]:
         """config.json for a spec this family holds exactly (see `express`)."""
         out = {"architectures": [self.architecture], "model_type": self.model_type}

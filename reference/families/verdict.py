@@ -6,15 +6,17 @@ from __future__ import annotations
 from typing import Protocol
 
 from reference.families.family import Family
-from reference.families.spec import BIAS_KEYS, FEATURES, FOLDABLE, ModelSpec
+from reference.families.spec import BIAS_KEYS, DEFAULT_FEATURES, FEATURES, FOLDABLE, ModelSpec
 
-_DIMS = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
+# A 7B shape; the vocabulary is large enough for every class's default token ids (no warnings).
+_DIMS = {"vocab_size": 262144, "hidden_size": 4096, "intermediate_size": 11008,
          "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
          "head_dim": 128, "max_position_embeddings": 32768, "rms_norm_eps": 1e-5}
 
 
 class Holder(Protocol):
     def express(self, spec: ModelSpec) -> ModelSpec: ...
+    def refuses(self, spec: ModelSpec) -> dict[str, str]: ...
 
 
 def blocking(spec: ModelSpec, held: ModelSpec) -> list[str]:
@@ -30,24 +32,39 @@ def blocking(spec: ModelSpec, held: ModelSpec) -> list[str]:
 
 
 def typical(family: Family) -> ModelSpec:
-    """The spec of a 7B-shaped config of the family with every optional field at its default."""
-    return family.read({**_DIMS, "model_type": family.model_type}, family.model_type)
+    """The spec of a 7B-shaped config of the family with every optional field at its default
+    (its config class's, where transformers has one)."""
+    from reference.families.resolve import as_loaded
+
+    cfg = as_loaded({**_DIMS, "model_type": family.model_type}, family.model_type)
+    return family.read(cfg, family.model_type)
+
+
+def _refused(spec: ModelSpec, target: Holder) -> list[str]:
+    """Features and dimensions (an activation, a rope type) of `spec` the target cannot hold."""
+    return blocking(spec, target.express(spec)) + list(target.refuses(spec))
 
 
 def verdict(source: Family, target: Holder) -> str:
-    """One cell of `reference families`: how the features `source` may hold fare in `target`."""
+    """One cell of `reference families`: how the features `source` may hold fare in `target`.
+
+    A switch the family's config class turns on by default (Mistral's window) makes a
+    condition, not a refusal of the family."""
     base = typical(source)
-    needs = blocking(base, target.express(base))
+    switches = {f for codec in source.codecs for f in codec.switches()}
+    optional = [f for f in _refused(base, target) if f in switches]
+    needs = [f for f in _refused(base, target) if f not in optional and f not in BIAS_KEYS]
     if needs:
-        return "refused: " + ", ".join(needs)
+        return "refused: " + ", ".join(needs + optional)
+    zero_if = [f for f in _refused(base, target) if f in BIAS_KEYS]  # only the tensors can tell
+    base = base.replace(**{f: DEFAULT_FEATURES[f] for f in optional})
     folds = [f for f in FOLDABLE if getattr(base, f) != getattr(target.express(base), f)]
-    refused_if: list[str] = []
-    zero_if: list[str] = []
+    refused_if: list[str] = list(optional)
     for codec in source.codecs:
         for variant in codec.variants():
             spec = base.replace(**variant)
             held = target.express(spec)
-            for f in blocking(spec, held):
+            for f in _refused(spec, target):
                 (zero_if if f in BIAS_KEYS else refused_if).append(f)
             folds += [f for f in FOLDABLE if getattr(spec, f) != getattr(held, f)]
     text = "exact with folding (" + ", ".join(dict.fromkeys(folds)) + ")" if folds else "exact"

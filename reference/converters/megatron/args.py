@@ -27,15 +27,26 @@ LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_p
 TRANSFORMER_IMPL = {"local": "local", "te": "transformer_engine"}
 
 
+def refuses(spec: ModelSpec) -> dict[str, str]:
+    """Fields of the spec's dimensions Megatron-Core cannot compute, each with why."""
+    out: dict[str, str] = {}
+    if spec.hidden_act != "silu":
+        out["hidden_act"] = f"the model uses {spec.hidden_act!r}; Megatron-LM's gated MLP is SwiGLU (silu)"
+    try:
+        rope_args(spec.rope_parameters)
+    except Inexpressible as e:
+        out["rope_parameters"] = e.detail
+    return out
+
+
 def check_expressible(spec: ModelSpec) -> None:
     """Raise for what ModelSpec holds as a dimension but Megatron-Core cannot compute."""
-    if spec.hidden_act != "silu":
-        raise Inexpressible("megatron", "hidden_act",
-                            f"the model uses {spec.hidden_act!r}; Megatron-LM's gated MLP is SwiGLU (silu)")
+    refused = refuses(spec)
+    if refused:
+        raise Inexpressible("megatron", *next(iter(refused.items())))
     if spec.num_heads % spec.num_kv_heads:
         raise ReferenceError(f"num_attention_heads {spec.num_heads} is not a multiple of "
                              f"num_key_value_heads {spec.num_kv_heads}")
-    rope_args(spec.rope_parameters)
 
 
 def rope_args(rope: Mapping[str, Any]) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from reference.converters.megatron.args import refuses
 from reference.converters.megatron.layout import MegatronLayout
 from reference.converters.megatron.write import write_megatron
 from reference.converters.plan import Lazy
@@ -33,6 +34,9 @@ class MegatronTarget:
         if spec.o_bias or spec.mlp_bias:  # --add-bias-linear gives every linear a bias
             held.update(qkv_bias=True, o_bias=True, mlp_bias=True)
         return spec.replace(**held)
+
+    def refuses(self, spec: ModelSpec) -> dict[str, str]:
+        return refuses(spec)
 
     def write(self, tensors: Mapping[str, Lazy], held: ModelSpec, extra: Mapping[str, Any],
               dtype: torch.dtype | None, out: Path) -> tuple[int, int]:
