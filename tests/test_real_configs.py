@@ -16,6 +16,7 @@ from reference.converters.plan import Lazy, plan_target, read_canonical
 from reference.converters.safetensors_io import Entry
 from reference.converters.source import Source
 from reference.families.registry import FAMILIES
+from reference.families.resolve import as_loaded
 
 _LLAMA_7B = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
              "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
@@ -45,7 +46,7 @@ CONFIGS = {
     "Gemma-7B": {"model_type": "gemma", "vocab_size": 256000, "hidden_size": 3072,
                  "intermediate_size": 24576, "num_hidden_layers": 28, "num_attention_heads": 16,
                  "num_key_value_heads": 16, "head_dim": 256, "max_position_embeddings": 8192,
-                 "hidden_act": "gelu_pytorch_tanh", "rms_norm_eps": 1e-6, "tie_word_embeddings": True},
+                 "hidden_act": "gelu", "rms_norm_eps": 1e-6, "tie_word_embeddings": True},
     "Granite-3-8B": {"model_type": "granite", "vocab_size": 49155, "hidden_size": 4096,
                      "intermediate_size": 12800, "num_hidden_layers": 40, "num_attention_heads": 32,
                      "num_key_value_heads": 8, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
@@ -71,7 +72,7 @@ def meta_source(name: str, config: dict, state: dict[str, torch.Tensor],
     shapes: a nonzero stand-in keeps every bias, unless `values` (from a previous conversion,
     whose filled biases are real zeros) says otherwise."""
     family = FAMILIES[config["model_type"]]
-    spec = family.read(config, name)
+    spec = family.read(as_loaded(config, name), name)  # as open_hf reads a config.json
     entries = {k: Entry(Path(name), 0, 0, v.dtype, tuple(v.shape)) for k, v in state.items()}
     tensors = read_canonical(entries, family, spec, name)  # every key placed, none missing
     tensors = {k: (values or {}).get(k, Lazy(v.meta, lambda: torch.ones(1))) for k, v in tensors.items()}
@@ -102,3 +103,10 @@ def test_every_key_once_both_ways_at_real_size(name: str) -> None:
     extra = set(back_keys) - set(state)
     assert extra <= {"lm_head.weight"} and set(state) <= set(back_keys)
     assert back_config["vocab_size"] == config["vocab_size"]
+
+
+def test_gemma_7b_becomes_a_llama_with_tanh_gelu() -> None:
+    """Gemma's releases say "gelu" and run the tanh approximation: Llama must be told which."""
+    config = CONFIGS["Gemma-7B"]
+    llama_config, _, _ = convert_meta(meta_source("Gemma-7B", config, meta_state(config)), "llama")
+    assert config["hidden_act"] == "gelu" and llama_config["hidden_act"] == "gelu_pytorch_tanh"

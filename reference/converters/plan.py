@@ -24,6 +24,7 @@ class Lazy:
 
     meta: torch.Tensor
     load: Callable[[], torch.Tensor | Entry]
+    entry: Entry | None = None  # the source bytes, when the tensor is them unchanged
 
 
 def materialize(x: torch.Tensor | Entry) -> torch.Tensor:
@@ -40,7 +41,7 @@ def read_canonical(
         names, fused = family.keys.canonical(key, where)
         if fused is None:
             for name in names:
-                out[name] = Lazy(entry.meta(), lambda e=entry: e)
+                out[name] = Lazy(entry.meta(), lambda e=entry: e, entry)
             continue
         metas = fused.split(entry.meta(), spec)
         for i, name in enumerate(names):
@@ -168,5 +169,5 @@ def plan_target(
         cast = dtype is not None and lazy.meta.is_floating_point() and lazy.meta.dtype != dtype
         out_dtype = dtype if cast else lazy.meta.dtype
         produce = (lambda lz=lazy, d=out_dtype: materialize(lz.load()).to(d)) if cast else lazy.load
-        planned.append(Planned(hf, out_dtype, tuple(lazy.meta.shape), produce))
+        planned.append(Planned(hf, out_dtype, tuple(lazy.meta.shape), produce, None if cast else lazy.entry))
     return planned

