@@ -10,6 +10,7 @@ average per-step means, which the channel numbers could not add up to.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -78,7 +79,9 @@ def record_from_logs(logs: dict[str, Any], step: int) -> dict[str, Any]:
     """The JSONL record of one training log: step, global loss and tokens, and each channel."""
     names = [key.removeprefix("loss/") for key in logs if key.startswith("loss/")]
     channels = {n: {"loss": logs[f"loss/{n}"], "tokens": logs[f"tokens/{n}"]} for n in names}
-    return {"step": step, "loss": logs["loss"], "tokens": logs["tokens"], "channels": channels}
+    # A window with no token has no mean: null, since NaN is not JSON (jq and browsers reject it).
+    loss = None if math.isnan(logs["loss"]) else logs["loss"]
+    return {"step": step, "loss": loss, "tokens": logs["tokens"], "channels": channels}
 
 
 class ChannelLossJsonlCallback(TrainerCallback):
@@ -91,4 +94,4 @@ class ChannelLossJsonlCallback(TrainerCallback):
         """Write the record if this log carries the channel loss."""
         if state.is_world_process_zero and logs is not None and "tokens" in logs:
             with self.path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(record_from_logs(logs, state.global_step)) + "\n")
+                f.write(json.dumps(record_from_logs(logs, state.global_step), allow_nan=False) + "\n")

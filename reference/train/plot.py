@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,8 @@ def plot_channel_loss(records: Sequence[dict[str, Any]], path: Path) -> None:
         steps, losses = zip(*points, strict=True)
         ax.plot(steps, losses, linewidth=1.2, alpha=0.85, label=name)
     steps = [r["step"] for r in records]
-    ax.plot(steps, [r["loss"] for r in records], color="black", linewidth=2.4, label="global")
+    losses = [math.nan if r["loss"] is None else r["loss"] for r in records]  # null: no tokens
+    ax.plot(steps, losses, color="black", linewidth=2.4, label="global")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("mean token loss")
     ax.set_title("Channel loss (token-weighted; channels add up to the global loss)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 import random
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from reference.train.data import ChannelCollator, Sample
+from reference.train.hf_trainer import record_from_logs
 
 NAMES = ["code", "math", "web"]
 BATCH, ACCUM, STEPS = 2, 4, 3  # one epoch of 24 samples is exactly 3 optimizer steps
@@ -129,3 +131,14 @@ def test_trainer_logs_channel_loss_that_adds_up_to_its_own_loss(model, samples, 
     metrics = trainer.evaluate(samples[:4])
     assert math.isfinite(metrics["eval_loss"]) and not any("/" in k for k in metrics)
     assert trainer.channel_loss.reduce().tokens == 0
+
+
+def test_a_window_without_tokens_is_logged_as_null_not_nan() -> None:
+    """NaN is not JSON: a strict reader (jq, a browser) must be able to read every line."""
+    logs = {"loss": float("nan"), "tokens": 0}
+    line = json.dumps(record_from_logs(logs, 7), allow_nan=False)
+
+    def strict(name: str) -> None:
+        raise ValueError(f"not JSON: {name}")
+
+    assert json.loads(line, parse_constant=strict) == {"step": 7, "loss": None, "tokens": 0, "channels": {}}
