@@ -4,6 +4,7 @@ channel that one rank never sees (nor registers) — no hang, and the sums are e
 from __future__ import annotations
 
 import torch
+from packed import packed_rows
 
 WORLD, ACCUM, VOCAB = 2, 4, 61
 # References computed by transformers in float32 agree to float32 rounding (assert_close's
@@ -14,17 +15,9 @@ FP32 = {"rtol": 1.3e-6, "atol": 1e-5}
 def _micro_batch(rank: int, micro: int) -> tuple[torch.Tensor, torch.Tensor, list[list[str]]]:
     """Packed rows of rank `rank`: input_ids, labels, a channel name per token."""
     g = torch.Generator().manual_seed(10 * rank + micro)
-    rows, length = 2, int(torch.randint(6, 14, (1,), generator=g))
-    input_ids = torch.randint(0, VOCAB, (rows, length), generator=g)
-    labels = input_ids.clone()
-    labels[torch.rand(rows, length, generator=g) < 0.2] = -100
+    length = int(torch.randint(6, 14, (1,), generator=g))
     pool = ["code", "web", "only-rank-0"] if rank == 0 else ["code", "web"]
-    names = []
-    for r in range(rows):
-        cut = int(torch.randint(1, length, (1,), generator=g))
-        a, b = (pool[int(torch.randint(0, len(pool), (1,), generator=g))] for _ in "ab")
-        names.append([a] * cut + [b] * (length - cut))
-        labels[r, cut] = -100  # first token of the second packed sample
+    input_ids, labels, names = packed_rows(g, 2, length, VOCAB, pool, margin=1)
     if rank == 0 and micro == 0:  # make sure the rank-0-only channel has tokens in the loss
         names[0] = ["only-rank-0"] * length
         labels[0] = input_ids[0]

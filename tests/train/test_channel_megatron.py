@@ -22,19 +22,11 @@ FP32 = {"rtol": 1.3e-6, "atol": 1e-5}
 def _rows(dp_rank: int, micro: int) -> tuple:
     """Packed rows: (input_ids, labels, channel names per token); 'rare' only on DP rank 0."""
     import torch
+    from packed import packed_rows
 
     g = torch.Generator().manual_seed(100 * dp_rank + micro)
-    input_ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
-    labels = input_ids.clone()
-    labels[torch.rand(BATCH, SEQ, generator=g) < 0.2] = -100
     pool = ["alpha", "beta", "rare"] if dp_rank == 0 else ["alpha", "beta"]
-    names = []
-    for b in range(BATCH):
-        cut = int(torch.randint(3, SEQ - 3, (1,), generator=g))
-        first, second = (pool[int(torch.randint(0, len(pool), (1,), generator=g))] for _ in "12")
-        names.append([first] * cut + [second] * (SEQ - cut))
-        labels[b, cut] = -100  # no loss term across the packing boundary
-    return input_ids, labels, names
+    return packed_rows(g, BATCH, SEQ, VOCAB, pool, margin=3)
 
 
 def _worker(rank: int, world: int, port: int) -> None:
