@@ -39,11 +39,9 @@ def refuses(spec: ModelSpec) -> dict[str, str]:
     return out
 
 
-def check_expressible(spec: ModelSpec) -> None:
-    """Raise for what ModelSpec holds as a dimension but Megatron-Core cannot compute."""
-    refused = refuses(spec)
-    if refused:
-        raise Inexpressible("megatron", *next(iter(refused.items())))
+def check_heads(spec: ModelSpec) -> None:
+    """Megatron-Core groups query heads evenly over the KV heads. (What it cannot compute at
+    all is refused earlier, by `refuses`, before anything is written.)"""
     if spec.num_heads % spec.num_kv_heads:
         raise ReferenceError(f"num_attention_heads {spec.num_heads} is not a multiple of "
                              f"num_key_value_heads {spec.num_kv_heads}")

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from reference.converters.megatron import stage as S
-from reference.converters.megatron.args import build_args, check_expressible
+from reference.converters.megatron.args import build_args, check_heads
 from reference.converters.megatron.keys import KeyTable, extra_state_value
 from reference.converters.megatron.layout import MegatronLayout, check_layout
 from reference.converters.plan import Lazy, materialize
@@ -40,7 +40,7 @@ def write_megatron(
 ) -> tuple[int, int]:
     """Write the checkpoint into `out`; returns (tensors, bytes) written."""
     counts = check_layout(spec, layout)
-    check_expressible(spec)
+    check_heads(spec)
     expected = list(canonical_names(spec))
     if sorted(expected) != sorted(tensors):
         odd = sorted(set(expected) ^ set(tensors))
