@@ -144,7 +144,7 @@ def _write_header(f, tensors: list[Planned]) -> None:
 def _phase(tensors: list[Planned]) -> int:
     """Where in a page the data should start, so that most copied bytes keep their offset
     within a page: the kernel then copies whole pages (a copy shifted within the page costs
-    ~30% more, measured). The header's padding spaces absorb the shift."""
+    1.7x, `benchmarks/bench_copy.py`). The header's padding spaces absorb the shift."""
     votes: dict[int, int] = {}
     offset = 0
     for t in tensors:
@@ -169,7 +169,7 @@ def _copy_range(path: Path, start: int, length: int, f) -> None:
 
 def _write_tensors(group: list[Planned], f) -> None:
     """The data of one shard, in order. Unchanged tensors that lie back to back in one source
-    file are copied by one kernel call (one call per tensor costs ~15% more, measured)."""
+    file are copied by one kernel call."""
     run: list[Entry] = []  # byte ranges waiting to be copied as one
 
     def flush() -> None:
@@ -197,7 +197,7 @@ def source_order(tensors: list[Planned]) -> list[Planned]:
     """Copies first, laid out as their sources lie, then every computed tensor in plan order.
     Copies then run back to back at their source offsets within a page, which the kernel
     copies fastest; a computed tensor between them (a zero bias) would shift every copy after
-    it within its page, which costs ~30% (measured). File order means nothing to readers."""
+    it within its page (see `_phase`). File order means nothing to readers."""
     copies = sorted((t for t in tensors if t.source is not None),
                     key=lambda t: (str(t.source.path), t.source.start))
     return copies + [t for t in tensors if t.source is None]
