@@ -5,6 +5,8 @@ Adding a family to reference.families.registry adds its rows here; nothing is li
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import safetensors.torch
@@ -23,11 +25,59 @@ def golden_path(model_type: str, tie: bool) -> Path:
     return GOLDENS / f"{model_type}-tie{int(tie)}.safetensors"
 
 
-def load_golden(model_type: str, tie: bool) -> tuple[torch.Tensor, dict[str, str]]:
-    """The golden logits of a family's tiny model, and the versions that made them."""
+@dataclass(frozen=True)
+class Golden:
+    """Logits of a family's tiny model, the versions that made them, and the largest difference
+    a machine's last bits may make to them (measured when the golden was made)."""
+
+    logits: torch.Tensor
+    made_with: dict[str, str]
+    atol: float
+
+
+def load_golden(model_type: str, tie: bool) -> Golden:
     path = golden_path(model_type, tie)
     with safetensors.safe_open(path, "pt") as f:
-        return f.get_tensor("logits"), f.metadata()
+        meta = f.metadata()
+        logits = f.get_tensor("logits")
+    made_with = {k: meta[k] for k in VERSIONED}
+    return Golden(logits, made_with, float(meta.get("atol", 1e-5)))  # older goldens: the default
+
+
+VERSIONED = ("torch", "transformers")
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def check_golden(model_type: str, tie: bool, got: torch.Tensor) -> None:
+    """Raise unless `got` is the golden within its measured last-bit spread. The message tells
+    an upstream change (other versions than made the golden) from a numeric one (same versions)."""
+    golden = load_golden(model_type, tie)
+    diff = (got - golden.logits).abs().max().item()
+    if diff <= golden.atol:
+        return
+    now = versions()
+    if now != golden.made_with:
+        cause = f"upstream drift: {now} compute differently from {golden.made_with}, which made it"
+    else:
+        cause = ("numeric drift: the same versions that made it compute differently, by more than "
+                 "any last-bit difference between machines")
+    raise AssertionError(f"{model_type} golden (tie={tie}): max |dlogits| {diff:.3g} > {golden.atol:.3g}; "
+                         f"{cause}")
+
+
+def ulp_noise(tensors: Iterable[torch.Tensor], seed: int) -> None:
+    """Move every value one step up or down to its float neighbour, in place: what another
+    machine's kernels do to the last bits, made deliberately."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t in tensors:
+            sign = torch.randint(0, 2, t.shape, generator=g).to(t.dtype) * 2 - 1
+            t.copy_(torch.nextafter(t, t + sign * float("inf")))
 
 
 def tiny_spec(model_type: str, tie: bool) -> ModelSpec:

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from harness import assert_bitwise, load_golden, read_tensors
+from harness import assert_bitwise, check_golden, read_tensors
 from layouts import CONFIGS, forward, tiny_layout
 from transformers import AutoModelForCausalLM
 
@@ -20,7 +20,7 @@ from reference.tiny import golden_input, logits
 def test_layout_to_llama_and_back(layout: str, tmp_path) -> None:
     src = tiny_layout(layout, tmp_path / "src")
     want = forward(layout, src, golden_input())
-    torch.testing.assert_close(want, load_golden(layout, False)[0])
+    check_golden(layout, False, want)
 
     there = convert(src, tmp_path / "llama", to="llama")
     llama, info = AutoModelForCausalLM.from_pretrained(tmp_path / "llama", output_loading_info=True,
