@@ -15,8 +15,9 @@ nox.options.default_venv_backend = "none"
 nox.options.sessions = ["lint", "tests"]
 
 # The gate: every registered family x every conversion path, against the originals.
-EQUIVALENCE = ["tests/test_equivalence.py", "tests/test_registry.py", "tests/test_config_defaults.py",
-               "tests/test_families_table.py", "tests/megatron"]
+EQUIVALENCE = ["tests/test_equivalence.py", "tests/test_unified.py", "tests/test_goldens.py",
+               "tests/test_registry.py", "tests/test_config_defaults.py", "tests/test_families_table.py",
+               "tests/megatron"]
 
 
 @nox.session

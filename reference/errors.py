@@ -8,8 +8,8 @@ class ReferenceError(Exception):
 class Inexpressible(ReferenceError):
     """A target family cannot express a feature the model uses."""
 
-    def __init__(self, target: str, feature: str, detail: str = "") -> None:
+    def __init__(self, target: str, feature: str, detail: str = "", unified_holds: bool = False) -> None:
         self.target, self.feature, self.detail = target, feature, detail
-        hint = " (use --to unified to keep it)" if target != "unified" else ""
+        hint = " (use --to unified to keep it)" if unified_holds and target != "unified" else ""
         detail = f": {detail}" if detail else ""
         super().__init__(f"{target} cannot express feature '{feature}'{detail}{hint}")

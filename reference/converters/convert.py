@@ -15,10 +15,11 @@ from reference.converters.files import atomic_dir, side_files
 from reference.converters.hf_target import HFTarget
 from reference.converters.plan import Lazy, adapt, prune_zero_biases, retie
 from reference.converters.source import Source, open_source
+from reference.converters.unified_dir import UnifiedTarget
 from reference.errors import Inexpressible, ReferenceError
 from reference.families.registry import family_named
 from reference.families.spec import BIAS_KEYS, ModelSpec
-from reference.families.verdict import blocking
+from reference.families.verdict import blocking, unified_holds
 
 DEFAULT_SHARD_BYTES = 5 * 2**30  # when the source has no safetensors shards to follow
 RECORD = "conversion.json"  # what was done, beside the weights: source, caveats, folds
@@ -70,13 +71,14 @@ def source_shard_bytes(src: Path) -> int:
 def resolve_target(to: str, source: Source, max_shard_bytes: int, layout: Any) -> Target:
     """The writer for `--to`: `megatron`, `hf` (the family the source came from) or a family."""
     if to == "unified":
-        raise ReferenceError("unified: the unified model is not built yet; it will hold every feature")
+        return UnifiedTarget(source.config, max_shard_bytes)
     if to == "megatron":
         from reference.converters.megatron import MegatronLayout, MegatronTarget
 
         return MegatronTarget(source.family.model_type, layout or MegatronLayout())
     family = source.family if to == "hf" else family_named(to)
-    return HFTarget(family, max_shard_bytes)
+    own = source.config if source.config and source.config.get("model_type") == family.model_type else None
+    return HFTarget(family, max_shard_bytes, own)
 
 
 @dataclass(frozen=True)
@@ -97,10 +99,11 @@ def prepare(source: Source, target: Target, allow: Collection[str] = ()) -> Prep
     if early:
         f = early[0]
         have, want = getattr(source.spec, f), getattr(target.express(source.spec), f)
-        raise Inexpressible(target.name, f, f"the model has {f}={have!r}, {target.name} holds only {want!r}")
+        raise Inexpressible(target.name, f, f"the model has {f}={have!r}, {target.name} holds only {want!r}",
+                            unified_holds(f))
     refused = target.refuses(source.spec)  # dimensions, not features: an activation, a rope type
     if refused:
-        raise Inexpressible(target.name, *next(iter(refused.items())))
+        raise Inexpressible(target.name, *next(iter(refused.items())), unified_holds=True)
     if source.family.keys is None:
         raise ReferenceError(f"{source.path}: the tensor layout of {source.family.model_type} "
                              "is not mapped yet")
@@ -125,8 +128,9 @@ def convert(
     """Convert the checkpoint at SRC (HF or Megatron) into `to` at DST; DST appears whole or
     not at all.
 
-    `to` is a family's model_type, `hf` (back to the family the checkpoint came from) or
-    `megatron` (laid out by `layout`, a MegatronLayout). `allow` names features the user
+    `to` is a family's model_type, `hf` (back to the family the checkpoint came from),
+    `unified` (the unified model's own format) or `megatron` (laid out by `layout`, a
+    MegatronLayout). `allow` names features the user
     accepts dropping (e.g. `sliding_window`); each is recorded in DST/conversion.json.
     HF output shards hold at most `max_shard_bytes` (default: the source's largest shard).
     """

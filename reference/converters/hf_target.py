@@ -38,6 +38,9 @@ class HFTarget:
 
     family: Family
     max_shard_bytes: int
+    # The source's own config.json when it is of this family (a unified directory keeps it):
+    # written back whole when the weights still describe it, so nothing the spec omits is lost.
+    source_config: Mapping[str, Any] | None = None
 
     @property
     def name(self) -> str:
@@ -48,6 +51,12 @@ class HFTarget:
 
     def refuses(self, spec: ModelSpec) -> dict[str, str]:
         return self.family.refuses(spec)
+
+    def _describes(self, held: ModelSpec) -> bool:
+        from reference.families.resolve import as_loaded
+
+        where = f"{self.name} source config"
+        return self.family.read(as_loaded(self.source_config, where), where) == held
 
     def write(
         self,
@@ -63,6 +72,8 @@ class HFTarget:
         if dtype is not None:
             extra["dtype"] = str(dtype).removeprefix("torch.")
         config = self.family.config(held, extra)
+        if self.source_config is not None and self._describes(held):
+            config = {**self.source_config, **({"dtype": extra["dtype"]} if dtype is not None else {})}
         validate_config(config, self.name)
         write_dir(planned, out, self.max_shard_bytes)
         (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")

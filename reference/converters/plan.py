@@ -16,6 +16,7 @@ from reference.errors import Inexpressible, ReferenceError
 from reference.families.family import Family
 from reference.families.keymap import Fused
 from reference.families.spec import BIAS_KEYS, FEATURES, ModelSpec, bias_shape, canonical_names
+from reference.families.verdict import unified_holds
 
 
 @dataclass(frozen=True)
@@ -107,12 +108,12 @@ def adapt(
             name = next(n for n in _bias_names(spec, feature)
                         if torch.count_nonzero(materialize(tensors[n].load())))
             detail = f"'{key_of(name)}' is nonzero"
-            raise Inexpressible(target, feature, detail)
+            raise Inexpressible(target, feature, detail, unified_holds(feature))
         elif feature in allow:
             caveats.append(f"dropped {feature}={have!r}: {target} computes without it")
         else:
             detail = f"the model has {feature}={have!r}, {target} holds only {want!r}"
-            raise Inexpressible(target, feature, detail)
+            raise Inexpressible(target, feature, detail, unified_holds(feature))
     return tensors, caveats, folds
 
 

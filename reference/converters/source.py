@@ -9,6 +9,7 @@ from typing import Any
 
 from reference.converters.hf_dir import open_hf
 from reference.converters.plan import Lazy, read_canonical
+from reference.converters.unified_dir import is_unified_dir, read_unified
 from reference.families.config import PASSTHROUGH
 from reference.families.family import Family
 from reference.families.spec import ModelSpec
@@ -26,6 +27,7 @@ class Source:
     extra: dict[str, Any]
     tensors: dict[str, Lazy]
     key_of: Callable[[str], str]
+    config: dict[str, Any] | None = None  # the family's own config.json, where there is one
 
 
 def passthrough(config: dict[str, Any]) -> dict[str, Any]:
@@ -42,10 +44,12 @@ def open_source(path: Path) -> Source:
 
     if megatron.is_megatron_dir(path):
         return megatron.read_megatron(path)
+    if is_unified_dir(path):
+        return read_unified(path)
     model = open_hf(path)
     family = model.family
     if family.keys is None:  # known by its features only: fine for refusing, not for reading
-        return Source(path, family, model.spec, passthrough(model.config), {}, str)
+        return Source(path, family, model.spec, passthrough(model.config), {}, str, model.config)
     tensors = read_canonical(model.entries, family, model.spec, str(path))
     return Source(path, family, model.spec, passthrough(model.config), tensors,
-                  lambda name: family.keys.hf(name, family.model_type)[0])
+                  lambda name: family.keys.hf(name, family.model_type)[0], model.config)

@@ -20,6 +20,7 @@ def table(rows: list[list[str]]) -> str:
 def rows() -> list[list[str]]:
     """Header and one row per family: -> llama, llama -> family, -> megatron, -> unified."""
     from reference.converters import megatron
+    from reference.converters.unified_dir import UnifiedTarget
     from reference.families.registry import FAMILIES
     from reference.families.verdict import verdict
 
@@ -32,7 +33,7 @@ def rows() -> list[list[str]]:
         else:
             back = verdict(llama, f)
         to_mg = verdict(f, mg(f.model_type, megatron.MegatronLayout())) if mg else "not built yet"
-        out.append([f.model_type, verdict(f, llama), back, to_mg, "not built yet"])
+        out.append([f.model_type, verdict(f, llama), back, to_mg, verdict(f, UnifiedTarget(None, 0))])
     return out
 
 

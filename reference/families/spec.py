@@ -92,18 +92,34 @@ BIAS_KEYS: dict[str, tuple[str, ...]] = {
 }
 
 
-def bias_shape(spec: ModelSpec, template: str) -> tuple[int]:
-    """Shape of a canonical bias (the output features of its linear)."""
-    rows = {
-        "q": spec.num_heads * spec.head_dim,
-        "k": spec.num_kv_heads * spec.head_dim,
-        "v": spec.num_kv_heads * spec.head_dim,
-        "o": spec.hidden_size,
-        "gate": spec.intermediate_size,
-        "up": spec.intermediate_size,
-        "down": spec.hidden_size,
-    }
-    return (rows[template.split(".")[-2]],)
+def canonical_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """The shape of every canonical tensor of a model of this spec: the one place shapes are
+    computed (a test checks them against the unified model built on the meta device)."""
+    h, ff, d = spec.hidden_size, spec.intermediate_size, spec.head_dim
+    q, kv = spec.num_heads * d, spec.num_kv_heads * d
+    rows = {"q": (q, h), "k": (kv, h), "v": (kv, h), "o": (h, q),
+            "gate": (ff, h), "up": (ff, h), "down": (h, ff)}
+    out: dict[str, tuple[int, ...]] = {}
+    for name in canonical_names(spec):
+        parts = name.split(".")
+        if name in ("embed.weight", "lm_head.weight"):
+            out[name] = (spec.vocab_size, h)
+        elif parts[-2] in ("q_norm", "k_norm"):
+            out[name] = (d,)
+        elif parts[-2].endswith("norm"):
+            out[name] = (h,)
+        elif parts[-1] == "bias":
+            out[name] = rows[parts[-2]][:1]
+        else:
+            out[name] = rows[parts[-2]]
+    return out
+
+
+def bias_shape(spec: ModelSpec, name: str) -> tuple[int]:
+    """Shape of a canonical bias (the output features of its linear), also one the spec lacks."""
+    layer = name.split(".")[1]
+    one = spec.replace(num_layers=int(layer) + 1, **dict.fromkeys(BIAS_KEYS, True))
+    return canonical_shapes(one)[name]
 
 
 def canonical_names(spec: ModelSpec) -> Iterator[str]:

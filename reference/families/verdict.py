@@ -8,6 +8,17 @@ from typing import Protocol
 from reference.families.family import Family
 from reference.families.spec import BIAS_KEYS, DEFAULT_FEATURES, FEATURES, FOLDABLE, ModelSpec
 
+# Features of ModelSpec the unified model does not compute yet: refused by name until it does.
+UNIFIED_NOT_BUILT = ("post_norms", "attn_softcap", "final_softcap", "parallel_block", "layernorm",
+                     "gated_mlp", "interleaved_rope", "num_experts", "latent_attention", "alibi",
+                     "long_context_scaling")
+
+
+def unified_holds(feature: str) -> bool:
+    """Whether the unified model computes a feature (so a refusal elsewhere can point to it)."""
+    return feature not in UNIFIED_NOT_BUILT
+
+
 # A 7B shape; the vocabulary is large enough for every class's default token ids (no warnings).
 _DIMS = {"vocab_size": 262144, "hidden_size": 4096, "intermediate_size": 11008,
          "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,

@@ -1,0 +1,49 @@
+"""Loading any supported directory into the unified model: an HF family's (transformers
+families and the remote-code layouts), a unified one, or a Megatron checkpoint.
+
+The converters' readers turn the directory into canonical tensors (one key map, theirs); the
+model is built on the meta device and the tensors are assigned as read: no random
+initialisation, and each tensor keeps its stored dtype unless one is asked for.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from reference.modeling.config import UnifiedConfig
+from reference.modeling.model import UnifiedForCausalLM
+from reference.modeling.rope import Rotary
+
+
+def load(path: str | Path, dtype: torch.dtype | None = None,
+         attn_implementation: str | None = None) -> UnifiedForCausalLM:
+    """The model in `path`, in eval mode, on the CPU."""
+    from reference.converters.plan import materialize
+    from reference.converters.source import open_source
+    from reference.converters.unified_dir import held
+    from reference.errors import Inexpressible, ReferenceError
+    from reference.families.verdict import blocking
+
+    source = open_source(Path(path))
+    refused = blocking(source.spec, held(source.spec))
+    if refused:
+        f = refused[0]
+        raise Inexpressible("unified", f, f"the model has {f}={getattr(source.spec, f)!r}; "
+                                          "the unified model does not compute it yet")
+    if not source.tensors:
+        raise ReferenceError(f"{path}: the tensor layout of {source.family.model_type} is not mapped yet")
+    config = UnifiedConfig.from_spec(source.spec, source.config, **source.extra)
+    config._attn_implementation = attn_implementation or "sdpa"
+    with torch.device("meta"):
+        model = UnifiedForCausalLM(config)
+    state = {}
+    for name, lazy in source.tensors.items():
+        t = materialize(lazy.load())
+        state[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    model.load_state_dict(state, strict=not source.spec.tie_word_embeddings, assign=True)
+    if source.spec.tie_word_embeddings:
+        model.lm_head.weight = model.embed.weight
+    model.rotary = Rotary(config)  # buffers computed, not stored: rebuilt off the meta device
+    return model.eval()

@@ -1,0 +1,217 @@
+"""The unified decoder: one skeleton, every dense family, chosen by the spec.
+
+    x = embed(ids) * embedding_multiplier
+    for each block:                      # residual stream, (B, T, hidden)
+        x = x + r * attn(attn_norm(x))   # r: residual_multiplier
+        x = x + r * mlp(mlp_norm(x))
+    logits = lm_head(norm(x)) / logits_divisor
+
+Attribute names are the canonical names of reference.families.spec (embed, layers.N.attn.q,
+...), so a checkpoint in canonical names loads with no key map. Nothing here knows a family.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from reference.families.spec import ModelSpec
+from reference.modeling import attention
+from reference.modeling.config import UnifiedConfig
+from reference.modeling.rope import Rotary, apply_rotary
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) in fp32, times w (cast back first, as Llama) or times (1 + w) in fp32 (Gemma's
+    offset form, cast back last)."""
+
+    def __init__(self, dim: int, eps: float, offset: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
+        self.eps, self.offset = eps, offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (h * (1.0 + self.weight.float())).type_as(x)
+        return self.weight * h.to(x.dtype)
+
+
+def _norm(spec: ModelSpec, dim: int) -> RMSNorm:
+    return RMSNorm(dim, spec.norm_eps, spec.norm_offset)
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec, layer: int) -> None:
+        super().__init__()
+        d, h, kv = spec.head_dim, spec.num_heads, spec.num_kv_heads
+        self.q = nn.Linear(spec.hidden_size, h * d, bias=spec.qkv_bias)
+        self.k = nn.Linear(spec.hidden_size, kv * d, bias=spec.qkv_bias)
+        self.v = nn.Linear(spec.hidden_size, kv * d, bias=spec.qkv_bias)
+        self.o = nn.Linear(h * d, spec.hidden_size, bias=spec.o_bias)
+        if spec.qk_norm:  # over head_dim, on every head, before rope
+            self.q_norm, self.k_norm = _norm(spec, d), _norm(spec, d)
+        self.layer, self.head_dim, self.groups = layer, d, h // kv
+        self.scale = spec.head_dim ** -0.5 if spec.attention_multiplier is None else spec.attention_multiplier
+        self.qk_norm = spec.qk_norm
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
+                cache: Cache | None, backend: str) -> torch.Tensor:
+        b, t, _ = x.shape
+        shape = (b, t, -1, self.head_dim)
+        q, k, v = self.q(x).view(shape), self.k(x).view(shape), self.v(x).view(shape)  # (B, T, H, D)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer)  # (B, KV, S, D), S = past + T
+        k, v = attention.repeat_kv(k, self.groups), attention.repeat_kv(v, self.groups)
+        out, _ = attention.KERNELS[backend](q, k, v, mask, self.scale)  # (B, H, T, D)
+        return self.o(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.gate = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias)
+        self.up = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias)
+        self.down = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=spec.mlp_bias)
+        self.act = ACT2FN[spec.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.act(self.gate(x)) * self.up(x))
+
+
+class Block(GradientCheckpointingLayer):
+    def __init__(self, spec: ModelSpec, layer: int) -> None:
+        super().__init__()
+        self.attn_norm, self.attn = _norm(spec, spec.hidden_size), Attention(spec, layer)
+        self.mlp_norm, self.mlp = _norm(spec, spec.hidden_size), MLP(spec)
+        self.residual = spec.residual_multiplier
+
+    def _add(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return x + (out if self.residual == 1.0 else out * self.residual)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
+                cache: Cache | None, backend: str) -> torch.Tensor:
+        x = self._add(x, self.attn(self.attn_norm(x), rope, mask, cache, backend))
+        return self._add(x, self.mlp(self.mlp_norm(x)))
+
+
+class UnifiedForCausalLM(PreTrainedModel, GenerationMixin):
+    """A causal LM of any dense family, from its ModelSpec (`config.spec`)."""
+
+    config_class = UnifiedConfig
+    base_model_prefix = ""
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Block"]
+    _supports_sdpa = True
+    _tied_weights_keys = {"lm_head.weight": "embed.weight"}
+
+    def __init__(self, config: UnifiedConfig) -> None:
+        super().__init__(config)
+        spec = self.spec = config.model_spec()
+        self.embed = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.layers = nn.ModuleList(Block(spec, i) for i in range(spec.num_layers))
+        self.norm = _norm(spec, spec.hidden_size)
+        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.rotary = Rotary(config)
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = getattr(self.config, "initializer_range", 0.02)
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, RMSNorm):
+            nn.init.zeros_(module.weight) if module.offset else nn.init.ones_(module.weight)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def _backend(self) -> str:
+        chosen = getattr(self.config, "_attn_implementation", None) or "sdpa"
+        return chosen if chosen in attention.BACKENDS else "sdpa"
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(input_ids)
+        m = self.spec.embedding_multiplier
+        # rounded to the model dtype first, as Gemma applies sqrt(hidden)
+        return x if m == 1.0 else x * torch.tensor(m, dtype=x.dtype, device=x.device)
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.lm_head.weight
+        logits = F.linear(x, F.normalize(w, dim=-1) if self.spec.normalized_head else w)
+        if self.spec.logits_divisor != 1.0:
+            logits = logits / self.spec.logits_divisor
+        return logits
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        past_key_values: Cache | None = None,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        x = self._embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, hidden)
+        b, t, _ = x.shape
+        cache = cache if cache is not None else past_key_values
+        if cache is None and use_cache:
+            cache = DynamicCache()
+        past = cache.get_seq_length() if cache is not None else 0
+        query_pos = torch.arange(past, past + t, device=x.device)
+        if position_ids is None:
+            position_ids = query_pos[None].expand(b, -1)
+        backend = self._backend()
+        allowed = attention.allowed(query_pos, torch.arange(past + t, device=x.device), attention_mask,
+                                    self.spec.sliding_window)
+        mask = attention.additive(allowed, x.dtype)
+        rope = self.rotary(position_ids, x.dtype)
+        for layer in self.layers:
+            x = layer(x, rope, mask, cache, backend)
+        x = self.norm(x)
+        logits = self._head(x[:, -logits_to_keep:] if logits_to_keep else x)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.spec.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *args: Any, dtype: Any = None, torch_dtype: Any = None,
+                        attn_implementation: str | None = None, **kwargs: Any) -> UnifiedForCausalLM:
+        """Load a unified directory, or any supported family's directory as it is
+        (reference.modeling.load): built on the meta device, tensors assigned, no random init.
+        `dtype` casts floating tensors ("auto" or None keeps each as stored)."""
+        from reference.modeling.load import load
+
+        for unsupported in ("device_map", "quantization_config"):
+            if kwargs.get(unsupported) is not None:
+                raise ValueError(f"UnifiedForCausalLM.from_pretrained: {unsupported} is not supported")
+        dtype = dtype if dtype is not None else torch_dtype
+        if isinstance(dtype, str):
+            dtype = None if dtype == "auto" else getattr(torch, dtype)
+        return load(path, dtype, attn_implementation)

@@ -1,0 +1,131 @@
+"""The unified model against the originals (part of the gate, `nox -s equivalence`): every
+registry row it holds loads exactly from its own directory, converts to the unified format
+and back bitwise (config.json included), and every row it does not hold yet is refused by name.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from harness import BUILT, TIES, assert_bitwise, read_tensors, tiny_spec
+from layouts import CONFIGS as LAYOUTS
+from layouts import forward, tiny_layout
+from transformers import AutoModelForCausalLM
+
+from reference.converters import convert
+from reference.converters.unified_dir import held
+from reference.errors import Inexpressible, ReferenceError
+from reference.families.registry import FAMILIES
+from reference.families.spec import canonical_shapes
+from reference.families.verdict import UNIFIED_NOT_BUILT, blocking
+from reference.modeling import UnifiedConfig, UnifiedForCausalLM
+from reference.tiny import golden_input, logits, tiny_model
+
+HELD = [f for f in BUILT if not blocking(tiny_spec(f, False), held(tiny_spec(f, False)))]
+NOT_HELD = [f for f in BUILT if f not in HELD]
+BACKENDS = ("eager", "sdpa")
+
+
+@pytest.mark.parametrize("tie", TIES, ids=["untied", "tied"])
+@pytest.mark.parametrize("family", HELD)
+def test_unified_loads_a_family_directory_exactly(family: str, tie: bool, tmp_path) -> None:
+    original = tiny_model(family, tie=tie)
+    original.save_pretrained(tmp_path / "src")
+    for backend in BACKENDS:
+        model = UnifiedForCausalLM.from_pretrained(tmp_path / "src", attn_implementation=backend)
+        torch.testing.assert_close(logits(model), logits(original))
+
+
+@pytest.mark.parametrize("tie", TIES, ids=["untied", "tied"])
+@pytest.mark.parametrize("family", HELD)
+def test_family_to_unified_and_back_is_bitwise(family: str, tie: bool, tmp_path) -> None:
+    original = tiny_model(family, tie=tie)
+    original.save_pretrained(tmp_path / "src")
+    report = convert(tmp_path / "src", tmp_path / "unified", to="unified")
+    assert not report.folds and not report.caveats
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "unified", attn_implementation="eager")
+    assert isinstance(model, UnifiedForCausalLM)
+    torch.testing.assert_close(logits(model), logits(original))
+
+    convert(tmp_path / "unified", tmp_path / "back", to=family)
+    assert_bitwise(read_tensors(tmp_path / "src"), read_tensors(tmp_path / "back"))
+    config = [json.loads((tmp_path / d / "config.json").read_text()) for d in ("src", "back")]
+    assert config[0] == config[1]
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_unified_loads_a_remote_code_layout_exactly(layout: str, tmp_path) -> None:
+    src = tiny_layout(layout, tmp_path / "src")
+    model = UnifiedForCausalLM.from_pretrained(src, attn_implementation="eager")
+    torch.testing.assert_close(logits(model), forward(layout, src, golden_input()))
+    convert(src, tmp_path / "unified", to="unified")
+    convert(tmp_path / "unified", tmp_path / "back", to=layout)
+    assert_bitwise(read_tensors(src), read_tensors(tmp_path / "back"))
+
+
+@pytest.mark.parametrize("family", NOT_HELD)
+def test_what_the_unified_model_lacks_is_refused_by_name(family: str, tmp_path) -> None:
+    tiny_model(family).save_pretrained(tmp_path / "src")
+    with pytest.raises(ReferenceError) as e:
+        UnifiedForCausalLM.from_pretrained(tmp_path / "src")
+    if isinstance(e.value, Inexpressible):
+        assert e.value.feature in UNIFIED_NOT_BUILT and e.value.feature in str(e.value)
+    else:
+        assert "not mapped yet" in str(e.value)
+    with pytest.raises(ReferenceError):
+        convert(tmp_path / "src", tmp_path / "dst", to="unified")
+    assert not (tmp_path / "dst").exists()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_spec_owns_the_canonical_shapes(family: str) -> None:
+    from reference.families.verdict import typical
+
+    # Rope does not shape any tensor; gemma3's per-layer-type rope is not held yet.
+    rope = {"rope_type": "default", "rope_theta": 1e4}
+    spec = held(typical(FAMILIES[family])).replace(rope_parameters=rope)
+    with torch.device("meta"):
+        model = UnifiedForCausalLM(UnifiedConfig.from_spec(spec))
+    built = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if spec.tie_word_embeddings:
+        built.pop("lm_head.weight")
+    assert built == canonical_shapes(spec)
+
+
+ROPES = {
+    "linear": {"rope_type": "linear", "factor": 2.0},
+    "dynamic": {"rope_type": "dynamic", "factor": 2.0},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+    "longrope": {"rope_type": "longrope", "short_factor": [1.0 + i / 16 for i in range(8)],
+                 "long_factor": [2.0 + i / 8 for i in range(8)], "original_max_position_embeddings": 32},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16},
+}
+
+
+@pytest.mark.parametrize("rope", list(ROPES))
+def test_rope_scaling_types_match_transformers_beyond_the_trained_length(rope: str, tmp_path) -> None:
+    original = tiny_model("llama", rope_parameters={**ROPES[rope], "rope_theta": 10000.0})
+    original.save_pretrained(tmp_path / "src")
+    model = UnifiedForCausalLM.from_pretrained(tmp_path / "src", attn_implementation="eager")
+    for length in (12, 80):  # within and beyond max_position_embeddings (64)
+        ids = torch.randint(0, 250, (2, length), generator=torch.Generator().manual_seed(length))
+        fresh = tiny_model("llama", rope_parameters={**ROPES[rope], "rope_theta": 10000.0})
+        torch.testing.assert_close(logits(model, ids), logits(fresh, ids))
+
+
+@pytest.mark.parametrize(("family", "overrides"), [
+    ("mistral", {"sliding_window": 5}),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 0}),
+    ("phi3", {"sliding_window": 5, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                       "partial_rotary_factor": 0.5}}),
+])
+def test_windows_and_partial_rotary_act_beyond_the_window(family: str, overrides: dict, tmp_path) -> None:
+    original = tiny_model(family, **overrides)
+    original.save_pretrained(tmp_path / "src")
+    ids = torch.randint(0, 250, (2, 20), generator=torch.Generator().manual_seed(0))
+    for backend in BACKENDS:
+        model = UnifiedForCausalLM.from_pretrained(tmp_path / "src", attn_implementation=backend)
+        torch.testing.assert_close(logits(model, ids), logits(original, ids))
