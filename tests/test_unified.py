@@ -129,3 +129,15 @@ def test_windows_and_partial_rotary_act_beyond_the_window(family: str, overrides
     for backend in BACKENDS:
         model = UnifiedForCausalLM.from_pretrained(tmp_path / "src", attn_implementation=backend)
         torch.testing.assert_close(logits(model, ids), logits(original, ids))
+
+
+@pytest.mark.parametrize("family", HELD)
+def test_bf16_checkpoints_stay_bf16_and_match_transformers_in_bf16(family: str, tmp_path) -> None:
+    tiny_model(family, tie=True).to(torch.bfloat16).save_pretrained(tmp_path / "src")
+    original = AutoModelForCausalLM.from_pretrained(tmp_path / "src", attn_implementation="eager")
+    model = UnifiedForCausalLM.from_pretrained(tmp_path / "src", attn_implementation="eager")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        got, want = model(input_ids=golden_input()).logits, original(input_ids=golden_input()).logits
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want)  # bf16 defaults

@@ -64,6 +64,8 @@ def run_sft(cfg: SftConfig) -> list[dict[str, Any]]:
     from transformers import AutoModelForCausalLM, TrainingArguments
     from transformers.integrations import TensorBoardCallback
 
+    import reference.modeling  # noqa: F401  (registers the unified format with AutoModelForCausalLM)
+
     if not (cfg.model / "config.json").is_file():
         raise SystemExit(f"{cfg.model}: not a model directory (no config.json)")
     samples = load_samples(
