@@ -141,3 +141,18 @@ def test_bf16_checkpoints_stay_bf16_and_match_transformers_in_bf16(family: str, 
         got, want = model(input_ids=golden_input()).logits, original(input_ids=golden_input()).logits
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got, want)  # bf16 defaults
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("family", "overrides"), [("llama", {}), ("mistral", {"sliding_window": 6})])
+def test_greedy_generate_equals_transformers_with_left_padding(family: str, overrides: dict, backend: str,
+                                                               tmp_path) -> None:
+    original = tiny_model(family, **overrides)
+    original.save_pretrained(tmp_path / "src")
+    model = UnifiedForCausalLM.from_pretrained(tmp_path / "src", attn_implementation=backend)
+    ids = torch.randint(3, 250, (3, 9), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[0, :4], mask[1, :1] = 0, 0  # three prompts of 5, 8 and 9 tokens, padded on the left
+    ids = ids.masked_fill(mask == 0, 0)
+    args = {"attention_mask": mask, "max_new_tokens": 12, "do_sample": False, "pad_token_id": 0}
+    torch.testing.assert_close(model.generate(ids, **args), original.generate(ids, **args), rtol=0, atol=0)

@@ -22,8 +22,8 @@ from reference.converters.plan import Lazy
 from reference.converters.safetensors_io import Planned, read_dir, write_dir
 from reference.errors import ReferenceError
 from reference.families.registry import family_named, family_of
-from reference.families.spec import DEFAULT_FEATURES, ModelSpec, canonical_names
-from reference.families.verdict import UNIFIED_NOT_BUILT
+from reference.families.spec import ModelSpec, canonical_names
+from reference.families.verdict import Unified
 
 if TYPE_CHECKING:
     from reference.converters.source import Source
@@ -34,7 +34,7 @@ ARCHITECTURE = "UnifiedForCausalLM"
 
 def held(spec: ModelSpec) -> ModelSpec:
     """What the unified model holds of a spec: everything it computes, exactly."""
-    return spec.replace(**{f: DEFAULT_FEATURES[f] for f in UNIFIED_NOT_BUILT})
+    return Unified().express(spec)
 
 
 def is_unified_dir(path: Path) -> bool:
@@ -95,7 +95,7 @@ class UnifiedTarget:
         return held(spec)
 
     def refuses(self, spec: ModelSpec) -> dict[str, str]:
-        return {}
+        return Unified().refuses(spec)
 
     def write(self, tensors: Mapping[str, Lazy], held: ModelSpec, extra: Mapping[str, Any],
               dtype: torch.dtype | None, out: Path) -> tuple[int, int]:

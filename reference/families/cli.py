@@ -20,9 +20,8 @@ def table(rows: list[list[str]]) -> str:
 def rows() -> list[list[str]]:
     """Header and one row per family: -> llama, llama -> family, -> megatron, -> unified."""
     from reference.converters import megatron
-    from reference.converters.unified_dir import UnifiedTarget
     from reference.families.registry import FAMILIES
-    from reference.families.verdict import verdict
+    from reference.families.verdict import Unified, verdict
 
     llama = FAMILIES["llama"]
     mg = getattr(megatron, "MegatronTarget", None)
@@ -33,7 +32,7 @@ def rows() -> list[list[str]]:
         else:
             back = verdict(llama, f)
         to_mg = verdict(f, mg(f.model_type, megatron.MegatronLayout())) if mg else "not built yet"
-        out.append([f.model_type, verdict(f, llama), back, to_mg, verdict(f, UnifiedTarget(None, 0))])
+        out.append([f.model_type, verdict(f, llama), back, to_mg, verdict(f, Unified())])
     return out
 
 

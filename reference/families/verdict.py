@@ -19,6 +19,18 @@ def unified_holds(feature: str) -> bool:
     return feature not in UNIFIED_NOT_BUILT
 
 
+class Unified:
+    """What the unified model holds of a spec: everything it computes, exactly."""
+
+    name = "unified"
+
+    def express(self, spec: ModelSpec) -> ModelSpec:
+        return spec.replace(**{f: DEFAULT_FEATURES[f] for f in UNIFIED_NOT_BUILT})
+
+    def refuses(self, spec: ModelSpec) -> dict[str, str]:
+        return {}
+
+
 # A 7B shape; the vocabulary is large enough for every class's default token ids (no warnings).
 _DIMS = {"vocab_size": 262144, "hidden_size": 4096, "intermediate_size": 11008,
          "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,

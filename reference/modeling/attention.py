@@ -35,9 +35,19 @@ def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
-def eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+def causal(t: int, s: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The additive mask of plain causal attention of t queries over the last t of s keys."""
+    keys = torch.arange(s, device=device)
+    return additive(allowed(keys[s - t:], keys, None, None), dtype)
+
+
+def eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
           training: bool = False, dropout: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(output (B, H, T, D), weights (B, H, T, S)); softmax in fp32, as transformers does."""
+    """(output (B, H, T, D), weights (B, H, T, S)); softmax in fp32, as transformers does.
+    `mask` None is plain causal attention."""
+    k, v = repeat_kv(k, q.shape[1] // k.shape[1]), repeat_kv(v, q.shape[1] // v.shape[1])
+    if mask is None:
+        mask = causal(q.shape[2], k.shape[2], q.dtype, q.device)
     scores = torch.matmul(q, k.transpose(2, 3)) * scale
     scores = scores + mask
     weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
@@ -45,10 +55,17 @@ def eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
     return torch.matmul(weights, v), weights
 
 
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
          training: bool = False, dropout: float = 0.0) -> tuple[torch.Tensor, None]:
+    """torch's fused kernel; plain causal attention (mask None) takes its is_causal path, with no
+    mask tensor at all, and KV heads are shared by the kernel, not copied."""
+    t, s = q.shape[2], k.shape[2]
+    if mask is None and t not in (1, s):  # a chunk after a cache: is_causal would align it wrongly
+        mask = causal(t, s, q.dtype, q.device)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
-                                         dropout_p=dropout if training else 0.0)
+                                         is_causal=mask is None and t > 1,
+                                         dropout_p=dropout if training else 0.0,
+                                         enable_gqa=k.shape[1] != q.shape[1])
     return out, None
 
 

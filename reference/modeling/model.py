@@ -61,11 +61,11 @@ class Attention(nn.Module):
         self.o = nn.Linear(h * d, spec.hidden_size, bias=spec.o_bias)
         if spec.qk_norm:  # over head_dim, on every head, before rope
             self.q_norm, self.k_norm = _norm(spec, d), _norm(spec, d)
-        self.layer, self.head_dim, self.groups = layer, d, h // kv
+        self.layer, self.head_dim = layer, d
         self.scale = spec.head_dim ** -0.5 if spec.attention_multiplier is None else spec.attention_multiplier
         self.qk_norm = spec.qk_norm
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
                 cache: Cache | None, backend: str) -> torch.Tensor:
         b, t, _ = x.shape
         shape = (b, t, -1, self.head_dim)
@@ -76,7 +76,6 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
             k, v = cache.update(k, v, self.layer)  # (B, KV, S, D), S = past + T
-        k, v = attention.repeat_kv(k, self.groups), attention.repeat_kv(v, self.groups)
         out, _ = attention.KERNELS[backend](q, k, v, mask, self.scale)  # (B, H, T, D)
         return self.o(out.transpose(1, 2).reshape(b, t, -1))
 
@@ -103,7 +102,7 @@ class Block(GradientCheckpointingLayer):
     def _add(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         return x + (out if self.residual == 1.0 else out * self.residual)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
                 cache: Cache | None, backend: str) -> torch.Tensor:
         x = self._add(x, self.attn(self.attn_norm(x), rope, mask, cache, backend))
         return self._add(x, self.mlp(self.mlp_norm(x)))
@@ -187,9 +186,12 @@ class UnifiedForCausalLM(PreTrainedModel, GenerationMixin):
         if position_ids is None:
             position_ids = query_pos[None].expand(b, -1)
         backend = self._backend()
-        allowed = attention.allowed(query_pos, torch.arange(past + t, device=x.device), attention_mask,
-                                    self.spec.sliding_window)
-        mask = attention.additive(allowed, x.dtype)
+        mask = None  # plain causal: the kernels need no mask tensor
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        window = self.spec.sliding_window
+        if padded or (window is not None and past + t > window):
+            keys = torch.arange(past + t, device=x.device)
+            mask = attention.additive(attention.allowed(query_pos, keys, attention_mask, window), x.dtype)
         rope = self.rotary(position_ids, x.dtype)
         for layer in self.layers:
             x = layer(x, rope, mask, cache, backend)
