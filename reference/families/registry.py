@@ -32,6 +32,7 @@ from reference.families.keymap import (
     INTERNLM2_KEYS,
     LLAMA_KEYS,
     PHI3_KEYS,
+    POST_NORM_KEYS,
     QWEN_KEYS,
 )
 
@@ -72,12 +73,12 @@ ROWS = (
                    AttentionScale("attention_multiplier", "attention_multiplier", 1.0),
                    Value("residual_multiplier", "residual_multiplier", 1.0),
                    Value("logits_divisor", "logits_scaling", 1.0))),
-    # Recognised and refused by feature until the unified model holds them.
-    Family(model_type="gemma2", architecture="Gemma2ForCausalLM", keys=None,
+    Family(model_type="gemma2", architecture="Gemma2ForCausalLM", keys=POST_NORM_KEYS,
            fields=GEMMA2_FIELDS, tie_default=True, codecs=(LLAMA_BIAS[0], *GEMMA2_CODECS)),
-    Family(model_type="olmo2", architecture="Olmo2ForCausalLM", keys=None,
+    Family(model_type="olmo2", architecture="Olmo2ForCausalLM", keys=POST_NORM_KEYS,
            codecs=(LLAMA_BIAS[0], Fixed("pre_norms", False), Fixed("post_norms", True),
                    Fixed("qk_norm", True), Fixed("qk_norm_scope", "all"))),
+    # Recognised and refused by feature until the unified model holds them.
     Family(model_type="gemma3_text", architecture="Gemma3ForCausalLM", keys=None,
            fields=GEMMA2_FIELDS, tie_default=True,
            codecs=(*GEMMA2_CODECS, Fixed("qk_norm", True), LayerTypeRope())),

@@ -9,10 +9,9 @@ from reference.families.family import Family
 from reference.families.spec import BIAS_KEYS, DEFAULT_FEATURES, FEATURES, FOLDABLE, ModelSpec
 
 # Features of ModelSpec the unified model does not compute yet: refused by name until it does.
-UNIFIED_NOT_BUILT = ("qk_norm_scope", "pre_norms", "post_norms", "attn_softcap", "final_softcap",
-                     "parallel_block", "layernorm", "gated_mlp", "interleaved_rope",
+UNIFIED_NOT_BUILT = ("parallel_block", "layernorm", "gated_mlp", "interleaved_rope",
                      "sliding_rope_parameters", "num_experts", "latent_attention", "alibi",
-                     "long_context_scaling", "window_layers")
+                     "long_context_scaling")
 
 
 def unified_holds(feature: str) -> bool:

@@ -1,6 +1,6 @@
 """Attention kernels and masks. Masks are built once per forward from positions (causal,
 sliding window, padding) and handed to the chosen backend; what the spec adds to the scores
-is applied the same way in every backend that can serve it."""
+is applied the same way in every backend that can serve it (a softcap: eager only)."""
 
 from __future__ import annotations
 
@@ -35,10 +35,17 @@ def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
+def tanh_softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap * tanh(x / cap): x bounded to (-cap, cap), near the identity for small x."""
+    return x if cap is None else torch.tanh(x / cap) * cap
+
+
 def eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
-          training: bool = False, dropout: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(output (B, H, T, D), weights (B, H, T, S)); softmax in fp32, as transformers does."""
-    scores = torch.matmul(q, k.transpose(2, 3)) * scale
+          softcap: float | None = None, training: bool = False,
+          dropout: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output (B, H, T, D), weights (B, H, T, S)); softmax in fp32, as transformers does. A
+    softcap bounds the scores to (-cap, cap) by cap * tanh(scores / cap), before the mask."""
+    scores = tanh_softcap(torch.matmul(q, k.transpose(2, 3)) * scale, softcap)
     scores = scores + mask
     weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     weights = F.dropout(weights, p=dropout, training=training)
@@ -46,10 +53,14 @@ def eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
-         training: bool = False, dropout: float = 0.0) -> tuple[torch.Tensor, None]:
+         softcap: float | None = None, training: bool = False,
+         dropout: float = 0.0) -> tuple[torch.Tensor, None]:
+    if softcap is not None:  # the model serves a softcap with eager (UnifiedForCausalLM._backend)
+        raise ValueError("sdpa cannot apply an attention softcap; use the eager backend")
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
                                          dropout_p=dropout if training else 0.0)
     return out, None
 
 
+SERVES_SOFTCAP = ("eager",)
 KERNELS = {"eager": eager, "sdpa": sdpa}
