@@ -110,3 +110,27 @@ def test_gemma_7b_becomes_a_llama_with_tanh_gelu() -> None:
     config = CONFIGS["Gemma-7B"]
     llama_config, _, _ = convert_meta(meta_source("Gemma-7B", config, meta_state(config)), "llama")
     assert config["hidden_act"] == "gelu" and llama_config["hidden_act"] == "gelu_pytorch_tanh"
+
+
+GEMMA2_9B = {"model_type": "gemma2", "vocab_size": 256000, "hidden_size": 3584, "intermediate_size": 14336,
+             "num_hidden_layers": 42, "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 256,
+             "max_position_embeddings": 8192, "rms_norm_eps": 1e-6, "hidden_activation": "gelu_pytorch_tanh",
+             "query_pre_attn_scalar": 256, "sliding_window": 4096, "attn_logit_softcapping": 50.0,
+             "final_logit_softcapping": 30.0, "tie_word_embeddings": True}
+
+
+def test_gemma2_9b_every_key_once_into_the_unified_model_and_back() -> None:
+    """Gemma2 converts to no HF family; the unified model holds it: its key map, the canonical
+    shapes and the unified model built on the meta device agree at real size."""
+    from reference.modeling import UnifiedConfig, UnifiedForCausalLM
+
+    state = meta_state(GEMMA2_9B)
+    source = meta_source("Gemma-2-9B", GEMMA2_9B, state)  # every key placed, none missing
+    spec = source.spec
+    assert spec.window_layers == tuple(range(0, 42, 2)) and spec.attention_multiplier is None
+    with torch.device("meta"):
+        model = UnifiedForCausalLM(UnifiedConfig.from_spec(spec))
+    built = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    assert built == {k: tuple(v.meta.shape) for k, v in source.tensors.items()}
+    planned = plan_target(source.tensors, FAMILIES["gemma2"], spec, None)
+    assert {p.name: p.shape for p in planned} == {k: tuple(v.shape) for k, v in state.items()}

@@ -18,7 +18,8 @@ from reference.errors import ReferenceError
 from reference.families.spec import DEFAULT_FEATURES, ModelSpec
 
 NORMS = ("layers.{}.attn_norm.weight", "layers.{}.mlp_norm.weight", "norm.weight",
-         "layers.{}.attn.q_norm.weight", "layers.{}.attn.k_norm.weight")
+         "layers.{}.attn.q_norm.weight", "layers.{}.attn.k_norm.weight",
+         "layers.{}.attn_post_norm.weight", "layers.{}.mlp_post_norm.weight")
 
 
 @dataclass(frozen=True)

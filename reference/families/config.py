@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -101,38 +102,49 @@ class Fixed(Codec):
 @dataclass(frozen=True)
 class Window(Codec):
     """A sliding window on every layer, in `sliding_window` (Mistral); Qwen2 also has a
-    switch `use_sliding_window` and may window only some layers (`layer_types`)."""
+    switch `use_sliding_window`. Gemma2/3 window only the layers `layer_types` says are
+    "sliding_attention" (`mixed_layers`); the others attend to every position."""
 
     switch: str | None = None
-    mixed_layers: bool = False  # windows on some layers only (Gemma2/3): read as windowed
+    mixed_layers: bool = False
 
     def read(self, cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
         window = cfg.get("sliding_window")
         if self.switch is not None and not cfg.get(self.switch, False):
             window = None
-        kinds = set(cfg.get("layer_types") or ())
-        if window is not None and kinds and kinds != {"sliding_attention"} and not self.mixed_layers:
+        kinds = list(cfg.get("layer_types") or ())  # none listed: the window is on every layer
+        windowed = tuple(i for i, kind in enumerate(kinds) if kind == "sliding_attention")
+        some = len(windowed) < len(kinds)
+        if window is not None and some and not self.mixed_layers:
             raise ReferenceError(f"{where}: a window on only some layers (layer_types) is not supported")
         if window is not None and window >= cfg.get("max_position_embeddings", window + 1):
             window = None  # a window no sequence can exceed computes nothing
-        return {"sliding_window": window}
+        if window is None or (kinds and not windowed):
+            return {"sliding_window": None, "window_layers": None}
+        return {"sliding_window": window, "window_layers": windowed if some else None}
 
     def switches(self) -> tuple[str, ...]:
-        return ("sliding_window",)  # Mistral's class defaults to 4096; Mistral-7B-v0.3 says null
+        # Mistral's class defaults to 4096; Mistral-7B-v0.3 says null
+        return ("sliding_window", "window_layers") if self.mixed_layers else ("sliding_window",)
 
     def variants(self) -> list[dict[str, Any]]:
-        return [{"sliding_window": 4096}]
+        return [{"sliding_window": 4096, **({"window_layers": (0,)} if self.mixed_layers else {})}]
 
     def express(self, spec: ModelSpec) -> dict[str, Any]:
+        if self.mixed_layers:
+            return {"sliding_window": spec.sliding_window, "window_layers": spec.window_layers}
         return {"sliding_window": spec.sliding_window}
 
     def write(self, spec: ModelSpec) -> dict[str, Any]:
         out: dict[str, Any] = {"sliding_window": spec.sliding_window}
+        kinds = ["full_attention" if spec.window_of(i) is None else "sliding_attention"
+                 for i in range(spec.num_layers)]
+        if self.mixed_layers:
+            out["layer_types"] = kinds
         if self.switch is not None:
             out[self.switch] = spec.sliding_window is not None
             out["max_window_layers"] = 0
-            kind = "full_attention" if spec.sliding_window is None else "sliding_attention"
-            out["layer_types"] = [kind] * spec.num_layers
+            out["layer_types"] = kinds
         return out
 
 
@@ -164,6 +176,57 @@ class AttentionScale(Value):
     def write(self, spec: ModelSpec) -> dict[str, Any]:
         scale = spec.attention_multiplier
         return {self.field: spec.head_dim ** -0.5 if scale is None else scale}
+
+
+@dataclass(frozen=True)
+class QueryScalar(Codec):
+    """Gemma2/3's `query_pre_attn_scalar` s: q.k is scaled by s ** -0.5, so s == head_dim is
+    Llama's scale (held as None) and any other s is an attention_multiplier."""
+
+    field: str = "query_pre_attn_scalar"
+
+    def read(self, cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
+        s = cfg.get(self.field)
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+        return {"attention_multiplier": None if s is None or s == head_dim else s ** -0.5}
+
+    def variants(self) -> list[dict[str, Any]]:
+        return [{"attention_multiplier": 256 ** -0.5}]
+
+    def express(self, spec: ModelSpec) -> dict[str, Any]:
+        return {"attention_multiplier": spec.attention_multiplier}
+
+    def write(self, spec: ModelSpec) -> dict[str, Any]:
+        if spec.attention_multiplier is None:
+            return {self.field: spec.head_dim}
+        s = spec.attention_multiplier ** -2
+        return {self.field: round(s) if math.isclose(s, round(s), rel_tol=1e-12) else s}
+
+
+@dataclass(frozen=True)
+class LayerTypeRope(Codec):
+    """Rope per layer type, {"full_attention": ..., "sliding_attention": ...} (Gemma3): the full
+    layers' is the spec's rope_parameters, the windowed layers' sliding_rope_parameters."""
+
+    def read(self, cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
+        rope = cfg.get("rope_parameters") or {}
+        if "full_attention" not in rope:
+            return {}
+        full, fraction = read_rope({"rope_parameters": rope["full_attention"]})
+        sliding, _ = read_rope({"rope_parameters": rope.get("sliding_attention", full)})
+        return {"rope_parameters": full, "rotary_fraction": fraction,
+                "sliding_rope_parameters": None if sliding == full else sliding}
+
+    def variants(self) -> list[dict[str, Any]]:
+        return []
+
+    def express(self, spec: ModelSpec) -> dict[str, Any]:
+        return {"sliding_rope_parameters": spec.sliding_rope_parameters}
+
+    def write(self, spec: ModelSpec) -> dict[str, Any]:
+        full = dict(spec.rope_parameters)
+        return {"rope_parameters": {"full_attention": full,
+                                    "sliding_attention": dict(spec.sliding_rope_parameters or full)}}
 
 
 @dataclass(frozen=True)

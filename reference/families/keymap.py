@@ -136,10 +136,19 @@ def _llama_rules(attn: Mapping[str, Rule], mlp: Mapping[str, Rule]) -> dict[str,
 
 
 _BOTH = ("weight", "bias")
-LLAMA_KEYS = KeyMap(_llama_rules(
-    {f"{p}_proj.{w}": f"layers.{{}}.attn.{p}.{w}" for p in "qkvo" for w in _BOTH},
-    {f"{p}_proj.{w}": f"layers.{{}}.mlp.{p}.{w}" for p in ("gate", "up", "down") for w in _BOTH},
-))
+_LLAMA_ATTN = {f"{p}_proj.{w}": f"layers.{{}}.attn.{p}.{w}" for p in "qkvo" for w in _BOTH}
+_LLAMA_MLP = {f"{p}_proj.{w}": f"layers.{{}}.mlp.{p}.{w}" for p in ("gate", "up", "down") for w in _BOTH}
+LLAMA_KEYS = KeyMap(_llama_rules(_LLAMA_ATTN, _LLAMA_MLP))
+
+# Gemma2's four norms per layer (OLMo2 has the two post norms only, and q_norm / k_norm over
+# all heads: the same names with other shapes). Here post_attention_layernorm is the norm on
+# attention's output, not Llama's norm before the MLP.
+POST_NORM_KEYS = KeyMap({
+    **_llama_rules(_LLAMA_ATTN, _LLAMA_MLP),
+    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.attn_post_norm.weight",
+    "model.layers.{}.pre_feedforward_layernorm.weight": "layers.{}.mlp_norm.weight",
+    "model.layers.{}.post_feedforward_layernorm.weight": "layers.{}.mlp_post_norm.weight",
+})
 
 PHI3_KEYS = KeyMap(_llama_rules(
     {"qkv_proj.weight": Fused(tuple(f"layers.{{}}.attn.{p}.weight" for p in "qkv"), QKV),

@@ -17,18 +17,30 @@ from reference.families.config import (
     Derived,
     Fixed,
     Flag,
+    LayerTypeRope,
     LegacyRope,
     LongContext,
+    QueryScalar,
     RotaryFraction,
     Scaled,
     Value,
     Window,
 )
 from reference.families.family import Family
-from reference.families.keymap import BAICHUAN_KEYS, INTERNLM2_KEYS, LLAMA_KEYS, PHI3_KEYS, QWEN_KEYS
+from reference.families.keymap import (
+    BAICHUAN_KEYS,
+    INTERNLM2_KEYS,
+    LLAMA_KEYS,
+    PHI3_KEYS,
+    POST_NORM_KEYS,
+    QWEN_KEYS,
+)
 
 LLAMA_BIAS = (Flag("attention_bias", ("qkv_bias", "o_bias")), Flag("mlp_bias", ("mlp_bias",)))
 GEMMA2_FIELDS = {**LLAMA_FIELDS, "hidden_act": "hidden_activation"}
+GEMMA2_CODECS = (Fixed("norm_offset", True), Derived("embedding_multiplier", "hidden_size", 0.5),
+                 QueryScalar(), Fixed("post_norms", True), Value("attn_softcap", "attn_logit_softcapping"),
+                 Value("final_softcap", "final_logit_softcapping"), Window(mixed_layers=True))
 
 ROWS = (
     Family(model_type="llama", architecture="LlamaForCausalLM", keys=LLAMA_KEYS, codecs=LLAMA_BIAS),
@@ -61,25 +73,20 @@ ROWS = (
                    AttentionScale("attention_multiplier", "attention_multiplier", 1.0),
                    Value("residual_multiplier", "residual_multiplier", 1.0),
                    Value("logits_divisor", "logits_scaling", 1.0))),
+    Family(model_type="gemma2", architecture="Gemma2ForCausalLM", keys=POST_NORM_KEYS,
+           fields=GEMMA2_FIELDS, tie_default=True, codecs=(LLAMA_BIAS[0], *GEMMA2_CODECS)),
+    Family(model_type="olmo2", architecture="Olmo2ForCausalLM", keys=POST_NORM_KEYS,
+           codecs=(LLAMA_BIAS[0], Fixed("pre_norms", False), Fixed("post_norms", True),
+                   Fixed("qk_norm", True), Fixed("qk_norm_scope", "all"))),
     # Recognised and refused by feature until the unified model holds them.
-    Family(model_type="gemma2", architecture="Gemma2ForCausalLM", keys=None, fields=GEMMA2_FIELDS,
-           tie_default=True,
-           codecs=(Fixed("norm_offset", True), Derived("embedding_multiplier", "hidden_size", 0.5),
-                   Fixed("post_norms", True), Value("attn_softcap", "attn_logit_softcapping"),
-                   Value("final_softcap", "final_logit_softcapping"), Window(mixed_layers=True))),
     Family(model_type="gemma3_text", architecture="Gemma3ForCausalLM", keys=None,
            fields=GEMMA2_FIELDS, tie_default=True,
-           codecs=(Fixed("norm_offset", True), Derived("embedding_multiplier", "hidden_size", 0.5),
-                   Fixed("post_norms", True), Fixed("qk_norm", True),
-                   Value("attn_softcap", "attn_logit_softcapping"),
-                   Value("final_softcap", "final_logit_softcapping"), Window(mixed_layers=True))),
+           codecs=(*GEMMA2_CODECS, Fixed("qk_norm", True), LayerTypeRope())),
     Family(model_type="glm", architecture="GlmForCausalLM", keys=None,
            codecs=(Fixed("qkv_bias", True), RotaryFraction(), Fixed("interleaved_rope", True))),
     Family(model_type="glm4", architecture="Glm4ForCausalLM", keys=None,
            codecs=(Fixed("qkv_bias", True), RotaryFraction(), Fixed("interleaved_rope", True),
                    Fixed("post_norms", True))),
-    Family(model_type="olmo2", architecture="Olmo2ForCausalLM", keys=None,
-           codecs=(Fixed("post_norms", True),)),
     Family(model_type="cohere", architecture="CohereForCausalLM", keys=None, tie_default=True,
            fields={**LLAMA_FIELDS, "norm_eps": "layer_norm_eps"},
            codecs=(Fixed("layernorm", True), Fixed("parallel_block", True),

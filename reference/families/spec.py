@@ -34,7 +34,9 @@ class ModelSpec:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
-    qk_norm: bool = False  # RMSNorm over head_dim on every q and k head, before rope (Qwen3)
+    qk_norm: bool = False  # RMSNorm on q and on k, before rope (Qwen3, OLMo2)
+    qk_norm_scope: str = "head"  # "head": over head_dim, each head alone (Qwen3); "all": over
+    # all heads of q (and of k) at once, before splitting into heads (OLMo2)
     rotary_fraction: float = 1.0  # rope on the first fraction of each head only (GLM, StableLM)
     # Scalars some families apply and Llama does not; each can be folded into weights.
     norm_offset: bool = False  # norms compute x * (1 + w) in fp32 (Gemma)
@@ -43,25 +45,40 @@ class ModelSpec:
     residual_multiplier: float = 1.0  # each block's output times this before the residual add
     logits_divisor: float = 1.0  # logits / this (Granite's logits_scaling)
     # Architecture no Llama weight can express: only the unified model holds these.
-    post_norms: bool = False  # a norm after attention and after the MLP as well (Gemma2, OLMo2)
+    pre_norms: bool = True  # a norm on the input of attention and of the MLP (all but OLMo2)
+    post_norms: bool = False  # a norm on the output of attention and of the MLP, before the
+    # residual add (Gemma2: both placements; OLMo2: post only)
     attn_softcap: float | None = None  # tanh soft-capping of attention logits (Gemma2)
     final_softcap: float | None = None  # tanh soft-capping of the output logits (Gemma2)
     parallel_block: bool = False  # attention and MLP from one norm, summed (Cohere)
     layernorm: bool = False  # mean-centred LayerNorm (with bias) instead of RMSNorm
     gated_mlp: bool = True  # SwiGLU-style gate * up; False is a plain fc1 -> act -> fc2
     interleaved_rope: bool = False  # rope on (even, odd) pairs instead of halves (GLM, Cohere)
+    sliding_rope_parameters: Mapping[str, Any] | None = None  # the windowed layers' own rope (Gemma3)
     num_experts: int = 0  # a mixture of experts in place of the MLP
     latent_attention: bool = False  # MLA: low-rank latent KV with decoupled rope (DeepSeek-V2/3)
     alibi: bool = False  # ALiBi position bias instead of rope (Baichuan2-13B)
     normalized_head: bool = False  # lm_head rows L2-normalised before use (Baichuan2's NormHead)
-    # Last, so that a refusal names an architectural feature before these; both are exact
-    # for sequences no longer than their value.
+    # Last, so that a refusal names an architectural feature before these; each is exact
+    # for sequences no longer than its value (the window's, for the layers it is on).
     long_context_scaling: int | None = None  # Qwen v1: dynamic NTK and log-n attention beyond
     sliding_window: int | None = None  # attend to at most this many previous positions
+    window_layers: tuple[int, ...] | None = None  # the layers the window is on; None is all (Gemma2)
+
+    def __post_init__(self) -> None:
+        if self.qk_norm_scope not in ("head", "all"):
+            raise ValueError(f"qk_norm_scope must be 'head' or 'all', not {self.qk_norm_scope!r}")
+        if self.window_layers is not None:  # a list from JSON compares unequal to the tuple
+            object.__setattr__(self, "window_layers", tuple(self.window_layers))
 
     def replace(self, **changes: Any) -> ModelSpec:
         """A copy with some fields changed."""
         return dataclasses.replace(self, **changes)
+
+    def window_of(self, layer: int) -> int | None:
+        """The sliding window of one layer (None: it attends to every previous position)."""
+        on = self.window_layers is None or layer in self.window_layers
+        return self.sliding_window if on else None
 
     def features(self) -> dict[str, Any]:
         """The named features (everything that is not a dimension), in declaration order."""
@@ -105,7 +122,8 @@ def canonical_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
         if name in ("embed.weight", "lm_head.weight"):
             out[name] = (spec.vocab_size, h)
         elif parts[-2] in ("q_norm", "k_norm"):
-            out[name] = (d,)
+            whole = spec.qk_norm_scope == "all"  # one norm over all heads: q's rows, or k's
+            out[name] = ((q if parts[-2] == "q_norm" else kv) if whole else d,)
         elif parts[-2].endswith("norm"):
             out[name] = (h,)
         elif parts[-1] == "bias":
@@ -126,7 +144,8 @@ def canonical_names(spec: ModelSpec) -> Iterator[str]:
     """Every canonical parameter name a model of this spec has, in a stable order."""
     yield "embed.weight"
     for i in range(spec.num_layers):
-        yield f"layers.{i}.attn_norm.weight"
+        if spec.pre_norms:
+            yield f"layers.{i}.attn_norm.weight"
         for p in ("q", "k", "v", "o"):
             yield f"layers.{i}.attn.{p}.weight"
             if (spec.o_bias if p == "o" else spec.qkv_bias):
@@ -134,11 +153,16 @@ def canonical_names(spec: ModelSpec) -> Iterator[str]:
         if spec.qk_norm:
             yield f"layers.{i}.attn.q_norm.weight"
             yield f"layers.{i}.attn.k_norm.weight"
-        yield f"layers.{i}.mlp_norm.weight"
+        if spec.post_norms:
+            yield f"layers.{i}.attn_post_norm.weight"
+        if spec.pre_norms:
+            yield f"layers.{i}.mlp_norm.weight"
         for p in ("gate", "up", "down"):
             yield f"layers.{i}.mlp.{p}.weight"
             if spec.mlp_bias:
                 yield f"layers.{i}.mlp.{p}.bias"
+        if spec.post_norms:
+            yield f"layers.{i}.mlp_post_norm.weight"
     yield "norm.weight"
     if not spec.tie_word_embeddings:
         yield "lm_head.weight"

@@ -1,6 +1,6 @@
 """Attention kernels and masks. Masks are built once per forward from positions (causal,
 sliding window, padding) and handed to the chosen backend; what the spec adds to the scores
-is applied the same way in every backend that can serve it."""
+is applied the same way in every backend that can serve it (a softcap: eager only)."""
 
 from __future__ import annotations
 
@@ -41,14 +41,21 @@ def causal(t: int, s: int, dtype: torch.dtype, device: torch.device) -> torch.Te
     return additive(allowed(keys[s - t:], keys, None, None), dtype)
 
 
+def tanh_softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap * tanh(x / cap): x bounded to (-cap, cap), near the identity for small x."""
+    return x if cap is None else torch.tanh(x / cap) * cap
+
+
 def eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
-          training: bool = False, dropout: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(output (B, H, T, D), weights (B, H, T, S)); softmax in fp32, as transformers does.
+          softcap: float | None = None, training: bool = False,
+          dropout: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output (B, H, T, D), weights (B, H, T, S)); softmax in fp32, as transformers does. A
+    softcap bounds the scores to (-cap, cap) by cap * tanh(scores / cap), before the mask.
     `mask` None is plain causal attention."""
     k, v = repeat_kv(k, q.shape[1] // k.shape[1]), repeat_kv(v, q.shape[1] // v.shape[1])
     if mask is None:
         mask = causal(q.shape[2], k.shape[2], q.dtype, q.device)
-    scores = torch.matmul(q, k.transpose(2, 3)) * scale
+    scores = tanh_softcap(torch.matmul(q, k.transpose(2, 3)) * scale, softcap)
     scores = scores + mask
     weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     weights = F.dropout(weights, p=dropout, training=training)
@@ -56,9 +63,12 @@ def eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
-         training: bool = False, dropout: float = 0.0) -> tuple[torch.Tensor, None]:
+         softcap: float | None = None, training: bool = False,
+         dropout: float = 0.0) -> tuple[torch.Tensor, None]:
     """torch's fused kernel; plain causal attention (mask None) takes its is_causal path, with no
     mask tensor at all, and KV heads are shared by the kernel, not copied."""
+    if softcap is not None:  # the model serves a softcap with eager (UnifiedForCausalLM._backend)
+        raise ValueError("sdpa cannot apply an attention softcap; use the eager backend")
     t, s = q.shape[2], k.shape[2]
     if mask is None and t not in (1, s):  # a chunk after a cache: is_causal would align it wrongly
         mask = causal(t, s, q.dtype, q.device)
@@ -69,4 +79,5 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
     return out, None
 
 
+SERVES_SOFTCAP = ("eager",)
 KERNELS = {"eager": eager, "sdpa": sdpa}

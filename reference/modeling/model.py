@@ -1,10 +1,10 @@
 """The unified decoder: one skeleton, every dense family, chosen by the spec.
 
     x = embed(ids) * embedding_multiplier
-    for each block:                      # residual stream, (B, T, hidden)
-        x = x + r * attn(attn_norm(x))   # r: residual_multiplier
-        x = x + r * mlp(mlp_norm(x))
-    logits = lm_head(norm(x)) / logits_divisor
+    for each block:                                      # residual stream, (B, T, hidden)
+        x = x + r * attn_post_norm(attn(attn_norm(x)))   # r: residual_multiplier; a norm the
+        x = x + r * mlp_post_norm(mlp(mlp_norm(x)))      # spec lacks (pre_norms, post_norms)
+    logits = softcap(lm_head(norm(x)) / logits_divisor)  # is the identity
 
 Attribute names are the canonical names of reference.families.spec (embed, layers.N.attn.q,
 ...), so a checkpoint in canonical names loads with no key map. Nothing here knows a family.
@@ -12,6 +12,7 @@ Attribute names are the canonical names of reference.families.spec (embed, layer
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,8 @@ from reference.families.spec import ModelSpec
 from reference.modeling import attention
 from reference.modeling.config import UnifiedConfig
 from reference.modeling.rope import Rotary, apply_rotary
+
+log = logging.getLogger(__name__)
 
 
 class RMSNorm(nn.Module):
@@ -59,24 +62,31 @@ class Attention(nn.Module):
         self.k = nn.Linear(spec.hidden_size, kv * d, bias=spec.qkv_bias)
         self.v = nn.Linear(spec.hidden_size, kv * d, bias=spec.qkv_bias)
         self.o = nn.Linear(h * d, spec.hidden_size, bias=spec.o_bias)
-        if spec.qk_norm:  # over head_dim, on every head, before rope
+        # q/k norm, before rope: over head_dim on each head, or over all heads at once
+        self.qk_norm = spec.qk_norm_scope if spec.qk_norm else None
+        if self.qk_norm == "head":
             self.q_norm, self.k_norm = _norm(spec, d), _norm(spec, d)
+        elif self.qk_norm == "all":
+            self.q_norm, self.k_norm = _norm(spec, h * d), _norm(spec, kv * d)
         self.layer, self.head_dim = layer, d
         self.scale = spec.head_dim ** -0.5 if spec.attention_multiplier is None else spec.attention_multiplier
-        self.qk_norm = spec.qk_norm
+        self.softcap = spec.attn_softcap
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
                 cache: Cache | None, backend: str) -> torch.Tensor:
         b, t, _ = x.shape
         shape = (b, t, -1, self.head_dim)
-        q, k, v = self.q(x).view(shape), self.k(x).view(shape), self.v(x).view(shape)  # (B, T, H, D)
-        if self.qk_norm:
+        q, k, v = self.q(x), self.k(x), self.v(x)  # (B, T, H * D)
+        if self.qk_norm == "all":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.view(shape), k.view(shape), v.view(shape)  # (B, T, H, D)
+        if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
             k, v = cache.update(k, v, self.layer)  # (B, KV, S, D), S = past + T
-        out, _ = attention.KERNELS[backend](q, k, v, mask, self.scale)  # (B, H, T, D)
+        out, _ = attention.KERNELS[backend](q, k, v, mask, self.scale, self.softcap)  # (B, H, T, D)
         return self.o(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -95,8 +105,14 @@ class MLP(nn.Module):
 class Block(GradientCheckpointingLayer):
     def __init__(self, spec: ModelSpec, layer: int) -> None:
         super().__init__()
-        self.attn_norm, self.attn = _norm(spec, spec.hidden_size), Attention(spec, layer)
-        self.mlp_norm, self.mlp = _norm(spec, spec.hidden_size), MLP(spec)
+
+        def norm(on: bool) -> nn.Module:
+            return _norm(spec, spec.hidden_size) if on else nn.Identity()
+
+        self.attn_norm, self.attn = norm(spec.pre_norms), Attention(spec, layer)
+        self.attn_post_norm = norm(spec.post_norms)
+        self.mlp_norm, self.mlp = norm(spec.pre_norms), MLP(spec)
+        self.mlp_post_norm = norm(spec.post_norms)
         self.residual = spec.residual_multiplier
 
     def _add(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -104,8 +120,8 @@ class Block(GradientCheckpointingLayer):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
                 cache: Cache | None, backend: str) -> torch.Tensor:
-        x = self._add(x, self.attn(self.attn_norm(x), rope, mask, cache, backend))
-        return self._add(x, self.mlp(self.mlp_norm(x)))
+        x = self._add(x, self.attn_post_norm(self.attn(self.attn_norm(x), rope, mask, cache, backend)))
+        return self._add(x, self.mlp_post_norm(self.mlp(self.mlp_norm(x))))
 
 
 class UnifiedForCausalLM(PreTrainedModel, GenerationMixin):
@@ -126,6 +142,7 @@ class UnifiedForCausalLM(PreTrainedModel, GenerationMixin):
         self.norm = _norm(spec, spec.hidden_size)
         self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         self.rotary = Rotary(config)
+        self._said_fallback = False
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -148,7 +165,14 @@ class UnifiedForCausalLM(PreTrainedModel, GenerationMixin):
 
     def _backend(self) -> str:
         chosen = getattr(self.config, "_attn_implementation", None) or "sdpa"
-        return chosen if chosen in attention.BACKENDS else "sdpa"
+        chosen = chosen if chosen in attention.BACKENDS else "sdpa"
+        if self.spec.attn_softcap is not None and chosen not in attention.SERVES_SOFTCAP:
+            if not self._said_fallback:
+                log.warning("%s attention cannot apply attn_softcap=%s: this model runs eager attention",
+                            chosen, self.spec.attn_softcap)
+                self._said_fallback = True
+            return "eager"
+        return chosen
 
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.embed(input_ids)
@@ -161,7 +185,7 @@ class UnifiedForCausalLM(PreTrainedModel, GenerationMixin):
         logits = F.linear(x, F.normalize(w, dim=-1) if self.spec.normalized_head else w)
         if self.spec.logits_divisor != 1.0:
             logits = logits / self.spec.logits_divisor
-        return logits
+        return attention.tanh_softcap(logits, self.spec.final_softcap)
 
     def forward(
         self,
@@ -186,15 +210,16 @@ class UnifiedForCausalLM(PreTrainedModel, GenerationMixin):
         if position_ids is None:
             position_ids = query_pos[None].expand(b, -1)
         backend = self._backend()
-        mask = None  # plain causal: the kernels need no mask tensor
+        # One mask per window size; None is plain causal attention, which the kernels serve with
+        # no mask tensor at all.
         padded = attention_mask is not None and not bool(attention_mask.all())
-        window = self.spec.sliding_window
-        if padded or (window is not None and past + t > window):
-            keys = torch.arange(past + t, device=x.device)
-            mask = attention.additive(attention.allowed(query_pos, keys, attention_mask, window), x.dtype)
+        key_pos = torch.arange(past + t, device=x.device)
+        windows = [self.spec.window_of(i) for i in range(len(self.layers))]
+        masks = {w: attention.additive(attention.allowed(query_pos, key_pos, attention_mask, w), x.dtype)
+                 if padded or (w is not None and past + t > w) else None for w in set(windows)}
         rope = self.rotary(position_ids, x.dtype)
-        for layer in self.layers:
-            x = layer(x, rope, mask, cache, backend)
+        for layer, window in zip(self.layers, windows, strict=True):
+            x = layer(x, rope, masks[window], cache, backend)
         x = self.norm(x)
         logits = self._head(x[:, -logits_to_keep:] if logits_to_keep else x)
         loss = None
