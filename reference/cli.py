@@ -1,6 +1,8 @@
 """The `reference` console script: a thin argparse layer over typed functions.
 
-Subcommand modules are imported only when chosen, so `reference --help` stays instant.
+The top-level parser lists the subcommands from COMMANDS without importing them; only the
+chosen one's module is imported, to add its arguments and run. Those modules import torch and
+transformers inside `run`, so `reference --help` and `reference COMMAND --help` stay instant.
 """
 
 from __future__ import annotations
@@ -20,7 +22,14 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def chosen(argv: list[str]) -> str | None:
+    """The subcommand named in `argv`: its first word that is not an option (the top-level
+    parser has no option that takes a value)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """Every subcommand with its one-line help; `command`'s own arguments added."""
     parser = argparse.ArgumentParser(
         prog="reference",
         description="Exact checkpoint converters and LLM fundamentals, proven against the originals.",
@@ -28,13 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
-        p.set_defaults(module=module)
-        importlib.import_module(module).add_arguments(p)
+        if name == command:
+            p.set_defaults(module=module)
+            importlib.import_module(module).add_arguments(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(chosen(argv)).parse_args(argv)
     try:
         return importlib.import_module(args.module).run(args)
     except ReferenceError as e:

@@ -6,7 +6,8 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", help="HF model directory (its family is read from config.json)")
+    p.add_argument("src", help="an HF model directory (family from config.json) or a Megatron-LM "
+                               "checkpoint (family from its hf_source.json, else guessed from its args)")
     p.add_argument("dst", help="output directory; appears whole or not at all")
     p.add_argument("--to", required=True,
                    help="a family's model_type (llama, qwen2, ...), 'megatron', or 'hf' (back to the "
@@ -41,7 +42,7 @@ def _layers(text: str) -> tuple[int, ...]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from reference.converters.convert import convert
+    from reference.converters import convert
 
     layout = None
     if args.to == "megatron":

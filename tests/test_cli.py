@@ -1,0 +1,53 @@
+"""The console script as a newcomer meets it: fast help, quiet output, one-line errors.
+
+Every test runs the script in a fresh interpreter, with this checkout first on PYTHONPATH (so
+that it is the one tested wherever the package is installed from).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from reference.cli import COMMANDS
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+HEAVY = ("torch", "transformers")
+
+
+def reference(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    """`reference ARGS` as `python -m reference`, output captured as text."""
+    return subprocess.run([sys.executable, "-m", "reference", *args], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, **kwargs)
+
+
+def imported_by(*args: str) -> set[str]:
+    """The modules loaded once the console script's main(ARGS) is done."""
+    code = ("import json, sys\nfrom reference.cli import main\ntry:\n    main(sys.argv[1:])\n"
+            "except SystemExit:\n    pass\nprint(json.dumps(sorted(sys.modules)), file=sys.stderr)")
+    run = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=ENV, capture_output=True,
+                         text=True, check=True)
+    return set(json.loads(run.stderr.splitlines()[-1]))
+
+
+def test_help_lists_every_command() -> None:
+    run = reference("--help")
+    assert run.returncode == 0 and run.stderr == ""
+    assert all(name in run.stdout for name in COMMANDS)
+
+
+@pytest.mark.parametrize("command", [None, *COMMANDS])
+def test_help_imports_neither_torch_nor_other_commands(command: str | None) -> None:
+    """Speed without timing: help needs no torch or transformers (seconds to import), and no
+    subcommand module but the chosen one. `benchmarks/bench_cli.py` has the times."""
+    args = [command, "--help"] if command else ["--help"]
+    assert reference(*args).returncode == 0
+    loaded = imported_by(*args)
+    assert not {m for m in loaded if m.split(".")[0] in HEAVY}
+    assert {module for name, (module, _) in COMMANDS.items() if name != command}.isdisjoint(loaded)
