@@ -1,8 +1,11 @@
 """Regenerate goldens/ (run by `nox -s goldens`, the only way they change): for each family
-and tying, the original transformers model's fp32 logits on the fixed golden input."""
+and tying, the original transformers model's fp32 logits on the fixed golden input. Also
+reference/families/class_defaults.json: what each config class fills in, which
+`reference families` reads instead of importing transformers."""
 
 from __future__ import annotations
 
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -16,6 +19,8 @@ import transformers  # noqa: E402
 from harness import GOLDENS, TIES, golden_path, load_golden  # noqa: E402
 from layouts import CONFIGS as LAYOUTS  # noqa: E402
 
+from reference.families.registry import FAMILIES  # noqa: E402
+from reference.families.verdict import CLASS_DEFAULTS, typical_config  # noqa: E402
 from reference.tiny import TINY, golden_input, logits, tiny_model  # noqa: E402
 
 
@@ -31,6 +36,15 @@ def write(logits: torch.Tensor, model_type: str, tie: bool, meta: dict[str, str]
     print(f"wrote {path.name} {tuple(logits.shape)}")
 
 
+def write_class_defaults() -> None:
+    """Every family's typical config as the installed transformers fills it in."""
+    configs = {f: {k: v for k, v in typical_config(f).items() if k != "transformers_version"}
+               for f in FAMILIES}
+    data = {"transformers": transformers.__version__, "configs": configs}
+    CLASS_DEFAULTS.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    print(f"wrote {CLASS_DEFAULTS.name}")
+
+
 def main() -> None:
     torch.set_num_threads(1)  # the same reduction order as the tests, so goldens are stable
     GOLDENS.mkdir(exist_ok=True)
@@ -42,6 +56,7 @@ def main() -> None:
     for model_type in TINY:
         for tie in TIES:
             write(logits(tiny_model(model_type, tie=tie)), model_type, tie, meta)
+    write_class_defaults()
 
 
 if __name__ == "__main__":

@@ -51,3 +51,8 @@ def test_help_imports_neither_torch_nor_other_commands(command: str | None) -> N
     loaded = imported_by(*args)
     assert not {m for m in loaded if m.split(".")[0] in HEAVY}
     assert {module for name, (module, _) in COMMANDS.items() if name != command}.isdisjoint(loaded)
+
+
+def test_families_imports_neither_torch_nor_transformers() -> None:
+    """The table comes from the family rows and the stored config-class defaults."""
+    assert not {m for m in imported_by("families") if m.split(".")[0] in HEAVY}
