@@ -21,19 +21,22 @@ ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.e
 HEAVY = ("torch", "transformers")
 
 
+def python(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    """`python ARGS` in this checkout, output captured as text."""
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          **kwargs)
+
+
 def reference(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    """`reference ARGS` as `python -m reference`, output captured as text."""
-    return subprocess.run([sys.executable, "-m", "reference", *args], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, **kwargs)
+    """`reference ARGS` as `python -m reference`."""
+    return python("-m", "reference", *args, **kwargs)
 
 
 def imported_by(*args: str) -> set[str]:
     """The modules loaded once the console script's main(ARGS) is done."""
     code = ("import json, sys\nfrom reference.cli import main\ntry:\n    main(sys.argv[1:])\n"
             "except SystemExit:\n    pass\nprint(json.dumps(sorted(sys.modules)), file=sys.stderr)")
-    run = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=ENV, capture_output=True,
-                         text=True, check=True)
-    return set(json.loads(run.stderr.splitlines()[-1]))
+    return set(json.loads(python("-c", code, *args, check=True).stderr.splitlines()[-1]))
 
 
 def test_help_lists_every_command() -> None:
@@ -56,3 +59,16 @@ def test_help_imports_neither_torch_nor_other_commands(command: str | None) -> N
 def test_families_imports_neither_torch_nor_transformers() -> None:
     """The table comes from the family rows and the stored config-class defaults."""
     assert not {m for m in imported_by("families") if m.split(".")[0] in HEAVY}
+
+
+def test_a_missing_extra_is_one_line_naming_it_before_any_work(tmp_path) -> None:
+    """`reference train` without tensorboard (as without `reference[train]`): nothing created."""
+    code = ("import sys\nsys.modules['tensorboard'] = None  # unimportable, and find_spec says absent\n"
+            "from reference.cli import main\nsys.exit(main(sys.argv[1:]))")
+    out = tmp_path / "out"
+    args = ["train", str(tmp_path / "model"), str(tmp_path / "data.jsonl"), str(out)]
+    run = python("-c", code, *args)
+    assert run.returncode == 2
+    assert run.stderr.splitlines() == ["reference train: error: needs tensorboard: "
+                                       "pip install 'reference[train]'"]
+    assert not out.exists()
