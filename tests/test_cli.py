@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from reference.cli import COMMANDS
+from reference.tiny import save_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
@@ -37,6 +38,12 @@ def imported_by(*args: str) -> set[str]:
     code = ("import json, sys\nfrom reference.cli import main\ntry:\n    main(sys.argv[1:])\n"
             "except SystemExit:\n    pass\nprint(json.dumps(sorted(sys.modules)), file=sys.stderr)")
     return set(json.loads(python("-c", code, *args, check=True).stderr.splitlines()[-1]))
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory) -> Path:
+    """A tiny Llama saved as one model.safetensors, no index."""
+    return save_tiny("llama", tmp_path_factory.mktemp("m") / "llama")
 
 
 def test_help_lists_every_command() -> None:
@@ -72,3 +79,13 @@ def test_a_missing_extra_is_one_line_naming_it_before_any_work(tmp_path) -> None
     assert run.stderr.splitlines() == ["reference train: error: needs tensorboard: "
                                        "pip install 'reference[train]'"]
     assert not out.exists()
+
+
+def test_a_single_file_source_gives_a_single_file(llama, tmp_path) -> None:
+    """Even when the output outgrows the source (qwen2 adds zero q, k, v biases); sharded
+    sources keep their shards (tests/test_qwen2_llama.py)."""
+    for src, dst, to in ((llama, tmp_path / "q", "qwen2"), (tmp_path / "q", tmp_path / "l", "llama")):
+        assert reference("convert", str(src), str(dst), "--to", to).returncode == 0
+        assert sorted(p.name for p in dst.glob("model*")) == ["model.safetensors"]
+    grown, source = (d / "model.safetensors" for d in (tmp_path / "q", llama))
+    assert grown.stat().st_size > source.stat().st_size

@@ -31,7 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     mg.add_argument("--pp-layers", type=_layers, default=None, metavar="N,N,...",
                     help="layers per pipeline stage (default: even split)")
     p.add_argument("--max-shard-size", type=int, default=None, metavar="BYTES",
-                   help="largest output shard (default: the source's largest, else 5 GiB)")
+                   help="largest output shard (default: one file from a single-file source, else "
+                        "the source's largest shard; 5 GiB from Megatron)")
 
 
 def _layers(text: str) -> tuple[int, ...]:

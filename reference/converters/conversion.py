@@ -14,6 +14,7 @@ import torch
 from reference.converters.files import atomic_dir, side_files
 from reference.converters.hf_target import HFTarget
 from reference.converters.plan import Lazy, adapt, prune_zero_biases, retie
+from reference.converters.safetensors_io import INDEX, SINGLE
 from reference.converters.source import Source, open_source
 from reference.errors import Inexpressible, ReferenceError
 from reference.families.registry import family_named
@@ -60,14 +61,17 @@ class Target(Protocol):
               dtype: torch.dtype | None, out: Path) -> tuple[int, int]: ...
 
 
-def source_shard_bytes(src: Path) -> int:
-    """The largest safetensors file of an HF source: the output is sharded as the source was
-    (users expect as many shards back, and one 100 GB file is slower to write and to copy)."""
+def source_shard_bytes(src: Path) -> int | None:
+    """The output is sharded as the source was: one file (None, no limit) from one file, else
+    shards of at most the source's largest (users expect as many shards back, and one 100 GB
+    file is slower to write and to copy)."""
+    if (src / SINGLE).is_file() and not (src / INDEX).exists():  # read_dir prefers the index
+        return None
     sizes = [p.stat().st_size for p in src.glob("*.safetensors")]
     return max(sizes) if sizes else DEFAULT_SHARD_BYTES
 
 
-def resolve_target(to: str, source: Source, max_shard_bytes: int, layout: Any) -> Target:
+def resolve_target(to: str, source: Source, max_shard_bytes: int | None, layout: Any) -> Target:
     """The writer for `--to`: `megatron`, `hf` (the family the source came from) or a family."""
     if to == "unified":
         raise ReferenceError("unified: the unified model is not built yet; it will hold every feature")
@@ -128,7 +132,7 @@ def convert(
     `to` is a family's model_type, `hf` (back to the family the checkpoint came from) or
     `megatron` (laid out by `layout`, a MegatronLayout). `allow` names features the user
     accepts dropping (e.g. `sliding_window`); each is recorded in DST/conversion.json.
-    HF output shards hold at most `max_shard_bytes` (default: the source's largest shard).
+    HF output shards hold at most `max_shard_bytes` (default: as `source_shard_bytes` says).
     """
     src, dst = Path(src), Path(dst)
     cast = parse_dtype(dtype)

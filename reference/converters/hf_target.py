@@ -37,7 +37,7 @@ class HFTarget:
     """An HF family as a conversion target."""
 
     family: Family
-    max_shard_bytes: int
+    max_shard_bytes: int | None  # None: one file
 
     @property
     def name(self) -> str:

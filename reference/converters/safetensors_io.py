@@ -203,16 +203,17 @@ def source_order(tensors: list[Planned]) -> list[Planned]:
     return copies + [t for t in tensors if t.source is None]
 
 
-def shard(tensors: Iterable[Planned], max_bytes: int) -> list[list[Planned]]:
-    """Consecutive groups of at most max_bytes (a larger tensor gets a shard of its own); a
-    copy from another source file than the copy before it starts a new group, so that each
-    shard's copies share one offset within the page (see `source_order`)."""
+def shard(tensors: Iterable[Planned], max_bytes: int | None) -> list[list[Planned]]:
+    """Consecutive groups of at most max_bytes (None: no limit; a larger tensor gets a shard of
+    its own); a copy from another source file than the copy before it starts a new group, so
+    that each shard's copies share one offset within the page (see `source_order`)."""
     shards: list[list[Planned]] = [[]]
     size = 0
     last: Path | None = None
     for t in tensors:
         moved = t.source is not None and last is not None and t.source.path != last
-        if shards[-1] and (size + t.nbytes > max_bytes or moved):
+        full = max_bytes is not None and size + t.nbytes > max_bytes
+        if shards[-1] and (full or moved):
             shards.append([])
             size = 0
         shards[-1].append(t)
@@ -221,15 +222,18 @@ def shard(tensors: Iterable[Planned], max_bytes: int) -> list[list[Planned]]:
     return [s for s in shards if s]
 
 
-def write_dir(tensors: list[Planned], directory: Path, max_bytes: int) -> None:
-    """Sharded safetensors plus their index, one tensor in memory at a time."""
+def write_dir(tensors: list[Planned], directory: Path, max_bytes: int | None) -> None:
+    """Sharded safetensors plus their index, one tensor in memory at a time; a single shard is
+    written as model.safetensors without an index, as transformers' save_pretrained does."""
     groups = shard(source_order(tensors), max_bytes)
     weight_map: dict[str, str] = {}
     for i, group in enumerate(groups, 1):
-        name = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
+        name = SINGLE if len(groups) == 1 else f"model-{i:05d}-of-{len(groups):05d}.safetensors"
         with open(directory / name, "wb") as f:
             _write_header(f, group)
             _write_tensors(group, f)
             weight_map.update(dict.fromkeys((t.name for t in group), name))
+    if len(groups) == 1:
+        return
     index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)}, "weight_map": weight_map}
     (directory / INDEX).write_text(json.dumps(index, indent=2) + "\n")
