@@ -89,3 +89,17 @@ def test_a_single_file_source_gives_a_single_file(llama, tmp_path) -> None:
         assert sorted(p.name for p in dst.glob("model*")) == ["model.safetensors"]
     grown, source = (d / "model.safetensors" for d in (tmp_path / "q", llama))
     assert grown.stat().st_size > source.stat().st_size
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--tp", "2", "--to", "llama"], "--tp applies only to --to megatron"),
+    (["--to", "hf", "--make-vocab-size-divisible-by", "64"],
+     "--make-vocab-size-divisible-by applies only to --to megatron"),
+    (["--to", "megatron", "--max-shard-size", "1000"],
+     "--max-shard-size applies only to HF targets, not --to megatron"),
+])
+def test_an_option_for_another_target_is_refused_by_name(llama, tmp_path, flags, message) -> None:
+    run = reference("convert", str(llama), str(tmp_path / "dst"), *flags)
+    assert run.returncode == 2
+    assert run.stderr.splitlines() == [f"reference convert: error: {message}"]
+    assert list(tmp_path.iterdir()) == []
