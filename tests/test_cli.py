@@ -6,10 +6,14 @@ that it is the one tested wherever the package is installed from).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pty
+import struct
 import subprocess
 import sys
+import termios
 from pathlib import Path
 
 import pytest
@@ -103,3 +107,34 @@ def test_an_option_for_another_target_is_refused_by_name(llama, tmp_path, flags,
     assert run.returncode == 2
     assert run.stderr.splitlines() == [f"reference convert: error: {message}"]
     assert list(tmp_path.iterdir()) == []
+
+
+def on_a_terminal(*args: str) -> str:
+    """What `reference ARGS` shows on stderr when stderr is a 100-column terminal."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 0 columns: no bar
+    proc = subprocess.Popen([sys.executable, "-m", "reference", *args], cwd=ROOT, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=slave)
+    os.close(slave)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: the child has closed the terminal
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(master)
+    assert proc.wait() == 0
+    return shown.decode()
+
+
+@pytest.mark.parametrize("to", ["qwen2", "megatron"])
+def test_a_terminal_gets_one_progress_bar_and_a_pipe_nothing(llama, tmp_path, to) -> None:
+    redraws = [line for line in on_a_terminal("convert", str(llama), str(tmp_path / "a"), "--to", to)
+               .replace("\r", "\n").split("\n") if line.strip()]
+    assert redraws and all(line.startswith("writing:") for line in redraws), redraws
+    assert "100%" in redraws[-1] and "B/s" in redraws[-1]
+    piped = reference("convert", str(llama), str(tmp_path / "b"), "--to", to)
+    assert piped.returncode == 0 and piped.stderr == ""

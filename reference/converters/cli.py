@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
 
 from reference.errors import ReferenceError
 
@@ -54,6 +57,30 @@ def _layers(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of integers") from None
 
 
+@contextlib.contextmanager
+def progress_bar() -> Iterator[Callable[[int, int], None] | None]:
+    """One bar of bytes written (rate, ETA) on stderr when it is a terminal; else nothing, so
+    that logs and pipes stay clean."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from tqdm import tqdm
+
+    bars: list[tqdm] = []  # started by the first write, so that its rate and ETA time the writing
+
+    def progress(done: int, total: int) -> None:
+        if not bars:
+            bars.append(tqdm(desc="writing", total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                             file=sys.stderr))
+        bars[0].update(done - bars[0].n)
+
+    try:
+        yield progress
+    finally:
+        for bar in bars:
+            bar.close()
+
+
 def run(args: argparse.Namespace) -> int:
     given = {dest: getattr(args, dest) for dest in LAYOUT if getattr(args, dest) is not None}
     if given and args.to != "megatron":
@@ -68,8 +95,9 @@ def run(args: argparse.Namespace) -> int:
 
         layout = MegatronLayout(**{LAYOUT[dest]: value for dest, value in given.items()})
     allow = [*args.allow_drop, *(["sliding_window"] if args.allow_window_drop else [])]
-    report = convert(args.src, args.dst, to=args.to, dtype=args.dtype, force=args.force,
-                     allow=allow, max_shard_bytes=args.max_shard_size, layout=layout)
+    with progress_bar() as progress:
+        report = convert(args.src, args.dst, to=args.to, dtype=args.dtype, force=args.force, allow=allow,
+                         max_shard_bytes=args.max_shard_size, layout=layout, progress=progress)
     print(f"{report.source} -> {report.target}: {report.tensors} tensors, "
           f"{report.bytes / 2**20:.1f} MiB written to {args.dst}")
     for fold in report.folds:

@@ -14,7 +14,7 @@ import torch
 from reference.converters.files import atomic_dir, side_files
 from reference.converters.hf_target import HFTarget
 from reference.converters.plan import Lazy, adapt, prune_zero_biases, retie
-from reference.converters.safetensors_io import INDEX, SINGLE
+from reference.converters.safetensors_io import INDEX, SINGLE, Progress
 from reference.converters.source import Source, open_source
 from reference.errors import Inexpressible, ReferenceError
 from reference.families.registry import family_named
@@ -58,7 +58,7 @@ class Target(Protocol):
     def refuses(self, spec: ModelSpec) -> dict[str, str]: ...
 
     def write(self, tensors: Mapping[str, Lazy], held: ModelSpec, extra: Mapping[str, Any],
-              dtype: torch.dtype | None, out: Path) -> tuple[int, int]: ...
+              dtype: torch.dtype | None, out: Path, progress: Progress | None = None) -> tuple[int, int]: ...
 
 
 def source_shard_bytes(src: Path) -> int | None:
@@ -125,6 +125,7 @@ def convert(
     allow: Collection[str] = (),
     max_shard_bytes: int | None = None,
     layout: Any = None,
+    progress: Progress | None = None,
 ) -> Report:
     """Convert the checkpoint at SRC (HF or Megatron) into `to` at DST; DST appears whole or
     not at all.
@@ -133,6 +134,7 @@ def convert(
     `megatron` (laid out by `layout`, a MegatronLayout). `allow` names features the user
     accepts dropping (e.g. `sliding_window`); each is recorded in DST/conversion.json.
     HF output shards hold at most `max_shard_bytes` (default: as `source_shard_bytes` says).
+    `progress`, if given, is told (bytes written, bytes in all) as the tensors are written.
     """
     src, dst = Path(src), Path(dst)
     cast = parse_dtype(dtype)
@@ -141,7 +143,7 @@ def convert(
     target = resolve_target(to, source, shard_bytes, layout)
     prepared = prepare(source, target, allow)
     with atomic_dir(dst, force) as out:
-        count, size = target.write(prepared.tensors, prepared.held, source.extra, cast, out)
+        count, size = target.write(prepared.tensors, prepared.held, source.extra, cast, out, progress)
         for path in side_files(src):
             shutil.copy2(path, out / path.name)
         report = Report(source.family.model_type, target.name, count, size, prepared.caveats,

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from reference.converters.plan import Lazy, plan_target
-from reference.converters.safetensors_io import write_dir
+from reference.converters.safetensors_io import Progress, write_dir
 from reference.errors import ReferenceError
 from reference.families.family import Family
 from reference.families.spec import ModelSpec
@@ -56,6 +56,7 @@ class HFTarget:
         extra: Mapping[str, Any],
         dtype: torch.dtype | None,
         out: Path,
+        progress: Progress | None = None,
     ) -> tuple[int, int]:
         """Write into `out`; returns (tensors, bytes) written."""
         planned = plan_target(tensors, self.family, held, dtype)
@@ -64,6 +65,6 @@ class HFTarget:
             extra["dtype"] = str(dtype).removeprefix("torch.")
         config = self.family.config(held, extra)
         validate_config(config, self.name)
-        write_dir(planned, out, self.max_shard_bytes)
+        write_dir(planned, out, self.max_shard_bytes, progress)
         (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         return len(planned), sum(t.nbytes for t in planned)

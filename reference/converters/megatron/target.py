@@ -15,6 +15,7 @@ if TYPE_CHECKING:  # the writer needs torch; `reference families` asks express a
     import torch
 
     from reference.converters.plan import Lazy
+    from reference.converters.safetensors_io import Progress
 
 # Features Megatron-Core computes exactly as the HF families do. Every other feature is held at
 # Llama's value, so a new feature in ModelSpec is refused by name until it is listed here.
@@ -40,8 +41,8 @@ class MegatronTarget:
         return refuses(spec)
 
     def write(self, tensors: Mapping[str, Lazy], held: ModelSpec, extra: Mapping[str, Any],
-              dtype: torch.dtype | None, out: Path) -> tuple[int, int]:
+              dtype: torch.dtype | None, out: Path, progress: Progress | None = None) -> tuple[int, int]:
         """Write into `out`; returns (tensors, bytes) written."""
         from reference.converters.megatron.write import write_megatron
 
-        return write_megatron(tensors, held, self.layout, self.family, extra, dtype, out)
+        return write_megatron(tensors, held, self.layout, self.family, extra, dtype, out, progress)
