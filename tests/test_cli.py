@@ -138,3 +138,39 @@ def test_a_terminal_gets_one_progress_bar_and_a_pipe_nothing(llama, tmp_path, to
     assert "100%" in redraws[-1] and "B/s" in redraws[-1]
     piped = reference("convert", str(llama), str(tmp_path / "b"), "--to", to)
     assert piped.returncode == 0 and piped.stderr == ""
+
+
+
+def cells(shown: str) -> list[list[str]]:
+    """The rows of a printed table, continuation rows (first cell empty) joined back on."""
+    out: list[list[str]] = []
+    for line in shown.splitlines():
+        if not line.startswith("|") or line.startswith("|-"):
+            continue
+        row = [c.strip() for c in line.split("|")[1:-1]]
+        if row[0]:
+            out.append(row)
+        else:
+            out[-1] = [f"{a} {b}".strip() for a, b in zip(out[-1], row, strict=True)]
+    return out
+
+
+def test_demo_prints_its_table_and_no_progress_bars() -> None:
+    """One pair of the demo (all of it takes minutes): transformers' save and load bars stay off."""
+    code = ("import sys\nfrom reference import demo\nfrom reference.cli import main\n"
+            "demo.demo = lambda workdir: [demo._pair('qwen2', 'llama', False, workdir)]\n"
+            "sys.exit(main(['demo']))")
+    run = python("-c", code)
+    assert run.returncode == 0 and run.stderr == "", run.stderr
+    (source, target, tied, _, roundtrip, verdict), = cells(run.stdout)[1:]
+    assert (source, target, tied, roundtrip, verdict) == ("qwen2", "llama", "False", "bitwise", "exact")
+
+
+def test_families_fits_100_columns_and_keeps_every_cell() -> None:
+    from reference.families.cli import rows
+
+    shown = reference("families").stdout
+    assert max(map(len, shown.splitlines())) <= 100
+    # -> unified, the last column, reads the same for every family: it is one line instead
+    assert cells(shown) == [r[:-1] for r in rows()]
+    assert "-> unified: not built yet, for every family" in shown
