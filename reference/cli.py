@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from reference.errors import ReferenceError
@@ -44,7 +45,21 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    try:
+        try:
+            return dispatch(sys.argv[1:] if argv is None else argv)
+        finally:
+            sys.stdout.flush()  # a reader that has gone surfaces here, not at exit as a traceback
+    except BrokenPipeError:
+        # `reference families | head -1`. As the Python docs advise, stdout goes to devnull so
+        # that the interpreter's own flush at exit does not fail again; 141 is what a shell
+        # reports for a command that SIGPIPE ended.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+
+
+def dispatch(argv: list[str]) -> int:
+    """Parse `argv` and run the chosen subcommand; bad input is one line on stderr, exit 2."""
     args = build_parser(chosen(argv)).parse_args(argv)
     try:
         return importlib.import_module(args.module).run(args)

@@ -174,3 +174,12 @@ def test_families_fits_100_columns_and_keeps_every_cell() -> None:
     # -> unified, the last column, reads the same for every family: it is one line instead
     assert cells(shown) == [r[:-1] for r in rows()]
     assert "-> unified: not built yet, for every family" in shown
+
+
+def test_a_reader_that_has_gone_is_no_traceback() -> None:
+    """`reference families | head -1`, made certain: the pipe is closed before anything is written."""
+    proc = subprocess.Popen([sys.executable, "-m", "reference", "families"], cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait() == 141 and err == b""
