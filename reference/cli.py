@@ -1,12 +1,15 @@
 """The `reference` console script: a thin argparse layer over typed functions.
 
-Subcommand modules are imported only when chosen, so `reference --help` stays instant.
+The top-level parser lists the subcommands from COMMANDS without importing them; only the
+chosen one's module is imported, to add its arguments and run. Those modules import torch and
+transformers inside `run`, so `reference --help` and `reference COMMAND --help` stay instant.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from reference.errors import ReferenceError
@@ -20,7 +23,14 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def chosen(argv: list[str]) -> str | None:
+    """The subcommand named in `argv`: its first word that is not an option (the top-level
+    parser has no option that takes a value)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """Every subcommand with its one-line help; `command`'s own arguments added."""
     parser = argparse.ArgumentParser(
         prog="reference",
         description="Exact checkpoint converters and LLM fundamentals, proven against the originals.",
@@ -28,13 +38,29 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
-        p.set_defaults(module=module)
-        importlib.import_module(module).add_arguments(p)
+        if name == command:
+            p.set_defaults(module=module)
+            importlib.import_module(module).add_arguments(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        try:
+            return dispatch(sys.argv[1:] if argv is None else argv)
+        finally:
+            sys.stdout.flush()  # a reader that has gone surfaces here, not at exit as a traceback
+    except BrokenPipeError:
+        # `reference families | head -1`. As the Python docs advise, stdout goes to devnull so
+        # that the interpreter's own flush at exit does not fail again; 141 is what a shell
+        # reports for a command that SIGPIPE ended.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+
+
+def dispatch(argv: list[str]) -> int:
+    """Parse `argv` and run the chosen subcommand; bad input is one line on stderr, exit 2."""
+    args = build_parser(chosen(argv)).parse_args(argv)
     try:
         return importlib.import_module(args.module).run(args)
     except ReferenceError as e:

@@ -28,7 +28,7 @@ def _pair(source: str, target: str, tie: bool, workdir: Path) -> list[str]:
     from transformers import AutoModelForCausalLM
 
     from reference.converters import convert
-    from reference.errors import ReferenceError
+    from reference.errors import Inexpressible, ReferenceError
     from reference.tiny import logits, tiny_model
 
     model = tiny_model(source, tie=tie)
@@ -37,8 +37,9 @@ def _pair(source: str, target: str, tie: bool, workdir: Path) -> list[str]:
     dst, back = workdir / f"{src.name}-to-{target}", workdir / f"{src.name}-to-{target}-back"
     try:
         there = convert(src, dst, to=target, force=True)
-    except ReferenceError as e:
-        return [source, target, str(tie), "-", "-", f"refused: {e}"]
+    except ReferenceError as e:  # the feature names it; `reference convert` says the rest
+        why = e.feature if isinstance(e, Inexpressible) else str(e)
+        return [source, target, str(tie), "-", "-", f"refused: {why}"]
     got = logits(AutoModelForCausalLM.from_pretrained(dst, attn_implementation="eager"))
     want = logits(model)
     diff = (got - want).abs().max().item()
@@ -68,14 +69,22 @@ def demo(workdir: Path) -> list[list[str]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from reference.families.cli import table
+    from transformers.utils import logging as hf_logging
+
+    from reference.families.cli import WIDTH, table
 
     header = ["source", "target", "tied", "max |dlogits|", "roundtrip", "verdict"]
-    if args.workdir:
-        Path(args.workdir).mkdir(parents=True, exist_ok=True)
-        rows = demo(Path(args.workdir))
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            rows = demo(Path(tmp))
-    print(table([header, *rows]))
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a bar for every tiny model saved and loaded is noise here
+    try:
+        if args.workdir:
+            Path(args.workdir).mkdir(parents=True, exist_ok=True)
+            rows = demo(Path(args.workdir))
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                rows = demo(Path(tmp))
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    print(table([header, *rows], width=WIDTH))
     return 0 if all(r[-1] == "exact" or r[-1].startswith("refused") for r in rows) else 1

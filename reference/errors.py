@@ -1,5 +1,9 @@
 """The one exception type the CLI turns into a one-line message and a non-zero exit."""
 
+from __future__ import annotations
+
+import importlib.util
+
 
 class ReferenceError(Exception):
     """Bad input or an inexpressible model; the message names the file, key, family or feature."""
@@ -13,3 +17,11 @@ class Inexpressible(ReferenceError):
         hint = " (use --to unified to keep it)" if unified_holds and target != "unified" else ""
         detail = f": {detail}" if detail else ""
         super().__init__(f"{target} cannot express feature '{feature}'{detail}{hint}")
+
+
+def require(extra: str, *modules: str) -> None:
+    """Raise, naming the first of `modules` that is not installed and the extra that installs
+    it; commands call this before doing anything, so a missing one leaves nothing behind."""
+    for name in modules:
+        if importlib.util.find_spec(name) is None:
+            raise ReferenceError(f"needs {name}: pip install 'reference[{extra}]'")

@@ -1,6 +1,8 @@
 """Regenerate goldens/ (run by `nox -s goldens`, the only way they change): for each family
 and tying, the original model's fp32 logits on the fixed golden input, and the tolerance
-within which another machine may reproduce them.
+within which another machine may reproduce them. Also reference/families/class_defaults.json:
+what each config class fills in, which `reference families` reads instead of importing
+transformers.
 
 The tolerance is measured, not chosen: the same logits recomputed with other thread counts,
 with sdpa instead of eager attention, and with every weight moved one float step (what another
@@ -11,6 +13,7 @@ computation changes, never because a runner has AVX-512 and this machine does no
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -24,6 +27,8 @@ import torch  # noqa: E402
 from harness import GOLDENS, TIES, golden_path, load_golden, ulp_noise, versions  # noqa: E402
 from layouts import CONFIGS as LAYOUTS  # noqa: E402
 
+from reference.families.registry import FAMILIES  # noqa: E402
+from reference.families.verdict import CLASS_DEFAULTS, typical_config  # noqa: E402
 from reference.tiny import TINY, golden_input, logits, tiny_model  # noqa: E402
 
 MARGIN = 8.0  # over the largest last-bit spread measured here
@@ -88,6 +93,15 @@ def write(golden: torch.Tensor, variants: Callable[[], Iterator[torch.Tensor]], 
     print(f"wrote {path.name} {tuple(golden.shape)} spread {meta['spread']} atol {meta['atol']}")
 
 
+def write_class_defaults() -> None:
+    """Every family's typical config as the installed transformers fills it in."""
+    configs = {f: {k: v for k, v in typical_config(f).items() if k != "transformers_version"}
+               for f in FAMILIES}
+    data = {"transformers": versions()["transformers"], "configs": configs}
+    CLASS_DEFAULTS.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    print(f"wrote {CLASS_DEFAULTS.name}")
+
+
 def main() -> None:
     torch.set_num_threads(1)  # the tests' setting (tests/conftest.py)
     GOLDENS.mkdir(exist_ok=True)
@@ -100,6 +114,7 @@ def main() -> None:
         for tie in TIES:
             write(logits(tiny_model(model_type, tie=tie)),
                   lambda m=model_type, t=tie: model_variants(m, t), model_type, tie)
+    write_class_defaults()
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from reference.errors import Inexpressible
 from reference.families.cli import rows
 from reference.families.registry import FAMILIES
 from reference.families.spec import BIAS_KEYS
-from reference.families.verdict import blocking, verdict
+from reference.families.verdict import CLASS_DEFAULTS, blocking, class_defaults, typical_config, verdict
 from reference.tiny import save_tiny
 
 REFUSED_CELLS = [(s, t) for s in BUILT for t in TARGETS
@@ -70,3 +70,12 @@ def test_megatron_target_refuses_what_it_cannot_compute() -> None:
     assert list(target.refuses(spec.replace(hidden_act="gelu"))) == ["hidden_act"]
     yarn = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}
     assert list(target.refuses(spec.replace(rope_parameters=yarn))) == ["rope_parameters"]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_stored_class_defaults_read_as_the_installed_transformers_fills_them_in(family: str) -> None:
+    """`reference families` reads CLASS_DEFAULTS instead of importing the config classes."""
+    assert family in class_defaults(), f"{family}: not in {CLASS_DEFAULTS}; run `nox -s goldens`"
+    read = FAMILIES[family].read
+    assert read(class_defaults()[family], family) == read(typical_config(family), family), (
+        f"{CLASS_DEFAULTS} is stale for {family}; run `nox -s goldens`")

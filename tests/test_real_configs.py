@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from reference.converters.convert import prepare
+from reference.converters.conversion import prepare
 from reference.converters.hf_target import HFTarget
 from reference.converters.plan import Lazy, plan_target, read_canonical
 from reference.converters.safetensors_io import Entry

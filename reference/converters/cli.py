@@ -3,10 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
+
+from reference.errors import ReferenceError
+
+# Flags that only shape a Megatron checkpoint (dest -> MegatronLayout field). They default to
+# None, so that one given with another target is refused by name rather than ignored.
+LAYOUT = {"tp": "tp", "pp": "pp", "vpp": "vpp", "layer_spec": "layer_spec",
+          "make_vocab_size_divisible_by": "vocab_divisor", "pp_layers": "pp_layers"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", help="HF model directory (its family is read from config.json)")
+    from reference.converters.megatron.layout import LAYER_SPECS, MegatronLayout
+
+    d = MegatronLayout()
+    p.add_argument("src", help="an HF model directory (family from config.json) or a Megatron-LM "
+                               "checkpoint (family from its hf_source.json, else guessed from its args)")
     p.add_argument("dst", help="output directory; appears whole or not at all")
     p.add_argument("--to", required=True,
                    help="a family's model_type (llama, qwen2, ...), 'megatron', or 'hf' (back to the "
@@ -19,18 +33,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-drop", action="append", default=[], metavar="FEATURE",
                    help="the same for another feature that acts only on long inputs "
                         "(long_context_scaling: Qwen v1's dynamic NTK and log-n attention)")
-    mg = p.add_argument_group("Megatron layout (with --to megatron)")
-    mg.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
-    mg.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
-    mg.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per rank")
-    mg.add_argument("--layer-spec", choices=("local", "te"), default="local",
-                    help="key layout: megatron-core's local spec or TransformerEngine's")
-    mg.add_argument("--make-vocab-size-divisible-by", type=int, default=128, metavar="N",
-                    help="pad the vocabulary to a multiple of N x tp (zeros; trimmed on the way back)")
-    mg.add_argument("--pp-layers", type=_layers, default=None, metavar="N,N,...",
+    mg = p.add_argument_group("Megatron layout (only with --to megatron)")
+    mg.add_argument("--tp", type=int, help=f"tensor-parallel size (default {d.tp})")
+    mg.add_argument("--pp", type=int, help=f"pipeline-parallel size (default {d.pp})")
+    mg.add_argument("--vpp", type=int, help="virtual pipeline stages per rank (default: none)")
+    mg.add_argument("--layer-spec", choices=LAYER_SPECS,
+                    help=f"key layout: megatron-core's local spec or TransformerEngine's "
+                         f"(default {d.layer_spec})")
+    mg.add_argument("--make-vocab-size-divisible-by", type=int, metavar="N",
+                    help=f"pad the vocabulary to a multiple of N x tp (zeros; trimmed on the way back; "
+                         f"default {d.vocab_divisor})")
+    mg.add_argument("--pp-layers", type=_layers, metavar="N,N,...",
                     help="layers per pipeline stage (default: even split)")
-    p.add_argument("--max-shard-size", type=int, default=None, metavar="BYTES",
-                   help="largest output shard (default: the source's largest, else 5 GiB)")
+    p.add_argument("--max-shard-size", type=int, metavar="BYTES",
+                   help="largest output shard, for an HF target (default: one file from a single-file "
+                        "source, else the source's largest shard; 5 GiB from Megatron)")
 
 
 def _layers(text: str) -> tuple[int, ...]:
@@ -40,18 +57,47 @@ def _layers(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of integers") from None
 
 
+@contextlib.contextmanager
+def progress_bar() -> Iterator[Callable[[int, int], None] | None]:
+    """One bar of bytes written (rate, ETA) on stderr when it is a terminal; else nothing, so
+    that logs and pipes stay clean."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from tqdm import tqdm
+
+    bars: list[tqdm] = []  # started by the first write, so that its rate and ETA time the writing
+
+    def progress(done: int, total: int) -> None:
+        if not bars:
+            bars.append(tqdm(desc="writing", total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                             file=sys.stderr))
+        bars[0].update(done - bars[0].n)
+
+    try:
+        yield progress
+    finally:
+        for bar in bars:
+            bar.close()
+
+
 def run(args: argparse.Namespace) -> int:
-    from reference.converters.convert import convert
+    given = {dest: getattr(args, dest) for dest in LAYOUT if getattr(args, dest) is not None}
+    if given and args.to != "megatron":
+        raise ReferenceError(f"--{next(iter(given)).replace('_', '-')} applies only to --to megatron")
+    if args.max_shard_size is not None and args.to == "megatron":
+        raise ReferenceError("--max-shard-size applies only to HF targets, not --to megatron")
+    from reference.converters import convert
 
     layout = None
     if args.to == "megatron":
         from reference.converters.megatron import MegatronLayout
 
-        layout = MegatronLayout(tp=args.tp, pp=args.pp, vpp=args.vpp, layer_spec=args.layer_spec,
-                                vocab_divisor=args.make_vocab_size_divisible_by, pp_layers=args.pp_layers)
+        layout = MegatronLayout(**{LAYOUT[dest]: value for dest, value in given.items()})
     allow = [*args.allow_drop, *(["sliding_window"] if args.allow_window_drop else [])]
-    report = convert(args.src, args.dst, to=args.to, dtype=args.dtype, force=args.force,
-                     allow=allow, max_shard_bytes=args.max_shard_size, layout=layout)
+    with progress_bar() as progress:
+        report = convert(args.src, args.dst, to=args.to, dtype=args.dtype, force=args.force, allow=allow,
+                         max_shard_bytes=args.max_shard_size, layout=layout, progress=progress)
     print(f"{report.source} -> {report.target}: {report.tensors} tensors, "
           f"{report.bytes / 2**20:.1f} MiB written to {args.dst}")
     for fold in report.folds:

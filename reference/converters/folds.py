@@ -10,12 +10,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from reference.errors import ReferenceError
 from reference.families.spec import DEFAULT_FEATURES, ModelSpec
+
+if TYPE_CHECKING:  # imported where a fold is applied: `reference families` lists FOLDS only
+    import torch
 
 NORMS = ("layers.{}.attn_norm.weight", "layers.{}.mlp_norm.weight", "norm.weight",
          "layers.{}.attn.q_norm.weight", "layers.{}.attn.k_norm.weight",
@@ -47,6 +48,8 @@ class Fold:
         if self.op == "add":
             out = x.float() - a if inverse else x.float() + a
         else:
+            import torch
+
             # The multiplier is rounded to the tensor's dtype first, as the families apply it.
             m = torch.tensor(a, dtype=torch.float32).to(x.dtype).float()
             out = x.float() / m if inverse else x.float() * m
@@ -57,6 +60,8 @@ def _normalize_rows(x: torch.Tensor, inverse: bool) -> torch.Tensor:
     # NormHead is one-way: the original row norms are gone. Going back, a model that will
     # normalise its head at run time computes the same only if the rows are unit length.
     if not inverse:
+        import torch
+
         return torch.nn.functional.normalize(x.float(), dim=-1).to(x.dtype)
     norms = x.float().norm(dim=-1)
     worst = (norms - 1).abs().max().item() if norms.numel() else 0.0

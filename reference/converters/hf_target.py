@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from reference.converters.plan import Lazy, plan_target
-from reference.converters.safetensors_io import write_dir
+from reference.converters.safetensors_io import Progress, write_dir
 from reference.errors import ReferenceError
 from reference.families.family import Family
 from reference.families.spec import ModelSpec
@@ -37,7 +37,7 @@ class HFTarget:
     """An HF family as a conversion target."""
 
     family: Family
-    max_shard_bytes: int
+    max_shard_bytes: int | None  # None: one file
     # The source's own config.json when it is of this family (a unified directory keeps it):
     # written back whole when the weights still describe it, so nothing the spec omits is lost.
     source_config: Mapping[str, Any] | None = None
@@ -65,6 +65,7 @@ class HFTarget:
         extra: Mapping[str, Any],
         dtype: torch.dtype | None,
         out: Path,
+        progress: Progress | None = None,
     ) -> tuple[int, int]:
         """Write into `out`; returns (tensors, bytes) written."""
         planned = plan_target(tensors, self.family, held, dtype)
@@ -75,6 +76,6 @@ class HFTarget:
         if self.source_config is not None and self._describes(held):
             config = {**self.source_config, **({"dtype": extra["dtype"]} if dtype is not None else {})}
         validate_config(config, self.name)
-        write_dir(planned, out, self.max_shard_bytes)
+        write_dir(planned, out, self.max_shard_bytes, progress)
         (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         return len(planned), sum(t.nbytes for t in planned)

@@ -26,6 +26,8 @@ DTYPES: dict[str, torch.dtype] = {
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 NAMES = {v: k for k, v in DTYPES.items()}
+# Told (bytes written so far, bytes in all) as tensors are written; the CLI draws its bar with it.
+Progress = Callable[[int, int], None]
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 PAGE = 4096
@@ -155,7 +157,7 @@ def _phase(tensors: list[Planned]) -> int:
     return max(votes, key=lambda p: votes[p]) if votes else 8
 
 
-def _copy_range(path: Path, start: int, length: int, f) -> None:
+def _copy_range(path: Path, start: int, length: int, f, done: Callable[[int], None]) -> None:
     f.flush()
     with open(path, "rb") as s:
         offset, left = start, length
@@ -164,17 +166,18 @@ def _copy_range(path: Path, start: int, length: int, f) -> None:
             if n == 0:
                 raise ReferenceError(f"{path}: truncated while copying a tensor")
             offset, left = offset + n, left - n
+            done(n)
     f.seek(0, os.SEEK_END)
 
 
-def _write_tensors(group: list[Planned], f) -> None:
-    """The data of one shard, in order. Unchanged tensors that lie back to back in one source
-    file are copied by one kernel call."""
+def _write_tensors(group: list[Planned], f, done: Callable[[int], None]) -> None:
+    """The data of one shard, in order, telling `done` the bytes of each write. Unchanged
+    tensors that lie back to back in one source file are copied by one kernel call."""
     run: list[Entry] = []  # byte ranges waiting to be copied as one
 
     def flush() -> None:
         if run:
-            _copy_range(run[0].path, run[0].start, run[-1].start + run[-1].length - run[0].start, f)
+            _copy_range(run[0].path, run[0].start, run[-1].start + run[-1].length - run[0].start, f, done)
             run.clear()
 
     for t in group:
@@ -190,6 +193,7 @@ def _write_tensors(group: list[Planned], f) -> None:
             raise AssertionError(f"plan for '{t.name}' said {t.dtype}{list(t.shape)}, got {got}")
         if data.numel():
             f.write(data.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        done(t.nbytes)
     flush()
 
 
@@ -203,16 +207,17 @@ def source_order(tensors: list[Planned]) -> list[Planned]:
     return copies + [t for t in tensors if t.source is None]
 
 
-def shard(tensors: Iterable[Planned], max_bytes: int) -> list[list[Planned]]:
-    """Consecutive groups of at most max_bytes (a larger tensor gets a shard of its own); a
-    copy from another source file than the copy before it starts a new group, so that each
-    shard's copies share one offset within the page (see `source_order`)."""
+def shard(tensors: Iterable[Planned], max_bytes: int | None) -> list[list[Planned]]:
+    """Consecutive groups of at most max_bytes (None: no limit; a larger tensor gets a shard of
+    its own); a copy from another source file than the copy before it starts a new group, so
+    that each shard's copies share one offset within the page (see `source_order`)."""
     shards: list[list[Planned]] = [[]]
     size = 0
     last: Path | None = None
     for t in tensors:
         moved = t.source is not None and last is not None and t.source.path != last
-        if shards[-1] and (size + t.nbytes > max_bytes or moved):
+        full = max_bytes is not None and size + t.nbytes > max_bytes
+        if shards[-1] and (full or moved):
             shards.append([])
             size = 0
         shards[-1].append(t)
@@ -221,15 +226,27 @@ def shard(tensors: Iterable[Planned], max_bytes: int) -> list[list[Planned]]:
     return [s for s in shards if s]
 
 
-def write_dir(tensors: list[Planned], directory: Path, max_bytes: int) -> None:
-    """Sharded safetensors plus their index, one tensor in memory at a time."""
+def write_dir(tensors: list[Planned], directory: Path, max_bytes: int | None,
+              progress: Progress | None = None) -> None:
+    """Sharded safetensors plus their index, one tensor in memory at a time; a single shard is
+    written as model.safetensors without an index, as transformers' save_pretrained does."""
     groups = shard(source_order(tensors), max_bytes)
+    total, written = sum(t.nbytes for t in tensors), 0
+
+    def done(n: int) -> None:
+        nonlocal written
+        written += n
+        if progress is not None:
+            progress(written, total)
+
     weight_map: dict[str, str] = {}
     for i, group in enumerate(groups, 1):
-        name = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
+        name = SINGLE if len(groups) == 1 else f"model-{i:05d}-of-{len(groups):05d}.safetensors"
         with open(directory / name, "wb") as f:
             _write_header(f, group)
-            _write_tensors(group, f)
+            _write_tensors(group, f, done)
             weight_map.update(dict.fromkeys((t.name for t in group), name))
+    if len(groups) == 1:
+        return
     index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)}, "weight_map": weight_map}
     (directory / INDEX).write_text(json.dumps(index, indent=2) + "\n")

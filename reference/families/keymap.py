@@ -10,11 +10,13 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from reference.errors import ReferenceError
 from reference.families.spec import ModelSpec
+
+if TYPE_CHECKING:  # imported where tensors are cut: `reference families` reads rows only
+    import torch
 
 # (part index, rows) blocks, in the order the fused tensor stores them.
 Blocks = Sequence[tuple[int, int]]
@@ -30,6 +32,8 @@ class Fused:
     blocks: Callable[[ModelSpec], Blocks]
 
     def split(self, fused: torch.Tensor, spec: ModelSpec) -> list[torch.Tensor]:
+        import torch
+
         pieces: list[list[torch.Tensor]] = [[] for _ in self.parts]
         start = 0
         for part, rows in self.blocks(spec):
@@ -40,6 +44,8 @@ class Fused:
         return [torch.cat(p) for p in pieces]
 
     def merge(self, parts: Sequence[torch.Tensor], spec: ModelSpec) -> torch.Tensor:
+        import torch
+
         offsets = [0] * len(parts)
         out = []
         for part, rows in self.blocks(spec):

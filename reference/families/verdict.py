@@ -3,7 +3,10 @@ refused (naming why)."""
 
 from __future__ import annotations
 
-from typing import Protocol
+import functools
+import json
+from pathlib import Path
+from typing import Any, Protocol
 
 from reference.families.family import Family
 from reference.families.spec import BIAS_KEYS, DEFAULT_FEATURES, FEATURES, FOLDABLE, ModelSpec
@@ -54,12 +57,31 @@ def blocking(spec: ModelSpec, held: ModelSpec) -> list[str]:
     ]
 
 
+# What each family's transformers config class makes of the config above, stored: the classes
+# import torch and transformers (seconds, nearly all of `reference families`). Written by
+# `nox -s goldens` from the installed transformers and checked against it by the tests; a
+# family not in it yet is asked live.
+CLASS_DEFAULTS = Path(__file__).with_name("class_defaults.json")
+
+
+def typical_config(model_type: str) -> dict[str, Any]:
+    """A 7B-shaped config of the family as its transformers config class fills it in (as
+    written for a layout with no class in transformers)."""
+    from reference.families.resolve import as_loaded
+
+    return as_loaded({**_DIMS, "model_type": model_type}, model_type)
+
+
+@functools.cache
+def class_defaults() -> dict[str, dict[str, Any]]:
+    """`typical_config` of every family, as CLASS_DEFAULTS stores it."""
+    return json.loads(CLASS_DEFAULTS.read_text())["configs"]
+
+
 def typical(family: Family) -> ModelSpec:
     """The spec of a 7B-shaped config of the family with every optional field at its default
     (its config class's, where transformers has one)."""
-    from reference.families.resolve import as_loaded
-
-    cfg = as_loaded({**_DIMS, "model_type": family.model_type}, family.model_type)
+    cfg = class_defaults().get(family.model_type) or typical_config(family.model_type)
     return family.read(cfg, family.model_type)
 
 

@@ -6,6 +6,10 @@ import argparse
 import os
 from pathlib import Path
 
+from reference.errors import require
+
+TRAIN_EXTRA = ("tensorboard", "matplotlib", "accelerate")  # what `pip install 'reference[train]'` adds
+
 
 def _positive(text: str) -> int:
     value = int(text)
@@ -38,6 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the SFT exercise; under torchrun (WORLD_SIZE > 1) set up the process group first."""
+    require("train", *TRAIN_EXTRA)
     import torch
     import torch.distributed as dist
 

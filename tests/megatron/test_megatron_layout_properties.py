@@ -7,18 +7,20 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reference.converters.megatron.layout import (
-    MegatronLayout,
+from reference.converters.megatron.cut import (
     fc1_rank,
-    layout_string,
     merge_fc1,
     merge_qkv,
     merge_vocab,
+    qkv_rank,
+    vocab_rank,
+)
+from reference.converters.megatron.layout import (
+    MegatronLayout,
+    layout_string,
     padded_vocab,
     parse_layout_string,
-    qkv_rank,
     stage_layers,
-    vocab_rank,
 )
 
 PROPERTY = settings(max_examples=60, deadline=None)

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 from argparse import Namespace
 from collections.abc import Mapping, Sequence
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from reference.converters.megatron.layout import (
     MegatronLayout,
@@ -21,6 +19,9 @@ from reference.converters.megatron.layout import (
 )
 from reference.errors import Inexpressible, ReferenceError
 from reference.families.spec import ModelSpec
+
+if TYPE_CHECKING:  # imported where the args are built: `reference families` asks `refuses` only
+    import torch
 
 # Megatron-Core's Llama-3 rope scaling fixes these (RotaryEmbedding._apply_scaling).
 LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
@@ -66,6 +67,8 @@ def rope_args(rope: Mapping[str, Any]) -> dict[str, Any]:
 def build_args(spec: ModelSpec, layout: MegatronLayout, counts: Sequence[int],
                dtype: torch.dtype) -> Namespace:
     """The args of a checkpoint of `spec` laid out by `layout` (`counts`: layers per virtual stage)."""
+    import torch
+
     even = len(set(counts)) == 1
     return Namespace(
         num_layers=spec.num_layers,

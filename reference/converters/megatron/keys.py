@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-# How tensor parallelism cuts a tensor (reference/converters/megatron/layout.py):
+# How tensor parallelism cuts a tensor (reference/converters/megatron/cut.py):
 # "replicated" on every rank, "vocab" rows padded then split, "cols" (row-parallel input
 # columns), "qkv" grouped per query group, "fc1" as cat(gate_r, up_r).
 SPLITS = ("replicated", "vocab", "cols", "qkv", "fc1")

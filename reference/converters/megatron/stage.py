@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from reference.converters.megatron import layout as L
+from reference.converters.megatron import cut
 from reference.converters.megatron.keys import EMBEDDING, EXTRA_SUFFIX, OUTPUT, KeyTable, Rule, extra_states
 from reference.errors import ReferenceError
 from reference.families.spec import ModelSpec, bias_shape, canonical_names
@@ -123,12 +123,12 @@ def shard(split: str, parts: Sequence[torch.Tensor], spec: ModelSpec, tp: int, r
     if split == "replicated":
         return parts[0]
     if split == "vocab":
-        return L.vocab_rank(parts[0], padded, tp, rank)
+        return cut.vocab_rank(parts[0], padded, tp, rank)
     if split == "cols":
-        return L.cols_rank(parts[0], tp, rank)
+        return cut.cols_rank(parts[0], tp, rank)
     if split == "qkv":
-        return L.qkv_rank(*parts, spec.num_kv_heads, tp, rank)
-    return L.fc1_rank(*parts, tp, rank)
+        return cut.qkv_rank(*parts, spec.num_kv_heads, tp, rank)
+    return cut.fc1_rank(*parts, tp, rank)
 
 
 def unshard(split: str, pieces: Sequence[torch.Tensor], spec: ModelSpec, where: str) -> list[torch.Tensor]:
@@ -139,9 +139,9 @@ def unshard(split: str, pieces: Sequence[torch.Tensor], spec: ModelSpec, where: 
                 raise ReferenceError(f"{where}: replicated tensor differs between TP ranks 0 and {r}")
         return [pieces[0]]
     if split == "vocab":
-        return [L.merge_vocab(pieces, spec.vocab_size)]
+        return [cut.merge_vocab(pieces, spec.vocab_size)]
     if split == "cols":
         return [torch.cat(list(pieces), dim=1)]
     if split == "qkv":
-        return list(L.merge_qkv(pieces, spec.num_kv_heads, spec.num_heads))
-    return list(L.merge_fc1(pieces))
+        return list(cut.merge_qkv(pieces, spec.num_kv_heads, spec.num_heads))
+    return list(cut.merge_fc1(pieces))

@@ -5,15 +5,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
-
-import torch
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from reference.converters.megatron.args import refuses
 from reference.converters.megatron.layout import MegatronLayout
-from reference.converters.megatron.write import write_megatron
-from reference.converters.plan import Lazy
 from reference.families.spec import DEFAULT_FEATURES, ModelSpec
+
+if TYPE_CHECKING:  # the writer needs torch; `reference families` asks express and refuses only
+    import torch
+
+    from reference.converters.plan import Lazy
+    from reference.converters.safetensors_io import Progress
 
 # Features Megatron-Core computes exactly as the HF families do. Every other feature is held at
 # Llama's value, so a new feature in ModelSpec is refused by name until it is listed here.
@@ -39,6 +41,8 @@ class MegatronTarget:
         return refuses(spec)
 
     def write(self, tensors: Mapping[str, Lazy], held: ModelSpec, extra: Mapping[str, Any],
-              dtype: torch.dtype | None, out: Path) -> tuple[int, int]:
+              dtype: torch.dtype | None, out: Path, progress: Progress | None = None) -> tuple[int, int]:
         """Write into `out`; returns (tensors, bytes) written."""
-        return write_megatron(tensors, held, self.layout, self.family, extra, dtype, out)
+        from reference.converters.megatron.write import write_megatron
+
+        return write_megatron(tensors, held, self.layout, self.family, extra, dtype, out, progress)

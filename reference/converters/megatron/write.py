@@ -7,6 +7,7 @@ plus the full tensors of the one Megatron tensor being cut (q, k, v for `linear_
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from reference.converters.megatron.args import build_args, check_heads
 from reference.converters.megatron.keys import KeyTable, extra_state_value
 from reference.converters.megatron.layout import MegatronLayout, check_layout
 from reference.converters.plan import Lazy, materialize
+from reference.converters.safetensors_io import Progress
 from reference.errors import ReferenceError
 from reference.families.spec import ModelSpec, canonical_names
 
@@ -37,8 +39,10 @@ def write_megatron(
     extra: Mapping[str, Any],
     dtype: torch.dtype | None,
     out: Path,
+    progress: Progress | None = None,
 ) -> tuple[int, int]:
-    """Write the checkpoint into `out`; returns (tensors, bytes) written."""
+    """Write the checkpoint into `out`; returns (tensors, bytes) written. `progress` is told
+    (bytes so far, bytes in all) as each tensor is cut into its rank file."""
     counts = check_layout(spec, layout)
     check_heads(spec)
     expected = list(canonical_names(spec))
@@ -55,6 +59,14 @@ def write_megatron(
     used = {n for stages in ranks for _, slots in stages for slot in slots for n in slot.sources}
     if used != set(expected):
         raise ReferenceError(f"megatron: canonical tensor '{sorted(set(expected) - used)[0]}' has no place")
+
+    def piece_bytes(slot: S.Slot, tp_rank: int) -> int:  # cut from the data-free stand-ins
+        metas = [tensors[n].meta for n in slot.sources]
+        piece = S.shard(slot.rule.split, metas, spec, layout.tp, tp_rank, args.padded_vocab_size)
+        return math.prod(piece.shape) * dtype.itemsize
+
+    total = sum(piece_bytes(slot, tp_rank) for stages in ranks for tp_rank in range(layout.tp)
+                for _, slots in stages for slot in slots) if progress is not None else 0
     n_tensors = n_bytes = 0
     for pp_rank, stages in enumerate(ranks):
         for tp_rank in range(layout.tp):  # each rank reads its tensors anew: memory stays at one rank
@@ -69,6 +81,8 @@ def write_megatron(
                     n_tensors += 1
                     n_bytes += model[slot.key].nbytes
                     del parts, piece
+                    if progress is not None:
+                        progress(n_bytes, total)
                 for key, kind in S.extra_keys(spec, layout.layer_spec, st).items():
                     model[key] = extra_state_value(kind)
                 state[S.model_key(chunk, layout.vpp)] = model

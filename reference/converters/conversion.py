@@ -14,6 +14,7 @@ import torch
 from reference.converters.files import atomic_dir, side_files
 from reference.converters.hf_target import HFTarget
 from reference.converters.plan import Lazy, adapt, prune_zero_biases, retie
+from reference.converters.safetensors_io import INDEX, SINGLE, Progress
 from reference.converters.source import Source, open_source
 from reference.converters.unified_dir import UnifiedTarget
 from reference.errors import Inexpressible, ReferenceError
@@ -58,17 +59,20 @@ class Target(Protocol):
     def refuses(self, spec: ModelSpec) -> dict[str, str]: ...
 
     def write(self, tensors: Mapping[str, Lazy], held: ModelSpec, extra: Mapping[str, Any],
-              dtype: torch.dtype | None, out: Path) -> tuple[int, int]: ...
+              dtype: torch.dtype | None, out: Path, progress: Progress | None = None) -> tuple[int, int]: ...
 
 
-def source_shard_bytes(src: Path) -> int:
-    """The largest safetensors file of an HF source: the output is sharded as the source was
-    (users expect as many shards back, and one 100 GB file is slower to write and to copy)."""
+def source_shard_bytes(src: Path) -> int | None:
+    """The output is sharded as the source was: one file (None, no limit) from one file, else
+    shards of at most the source's largest (users expect as many shards back, and one 100 GB
+    file is slower to write and to copy)."""
+    if (src / SINGLE).is_file() and not (src / INDEX).exists():  # read_dir prefers the index
+        return None
     sizes = [p.stat().st_size for p in src.glob("*.safetensors")]
     return max(sizes) if sizes else DEFAULT_SHARD_BYTES
 
 
-def resolve_target(to: str, source: Source, max_shard_bytes: int, layout: Any) -> Target:
+def resolve_target(to: str, source: Source, max_shard_bytes: int | None, layout: Any) -> Target:
     """The writer for `--to`: `megatron`, `hf` (the family the source came from) or a family."""
     if to == "unified":
         return UnifiedTarget(source.config, max_shard_bytes)
@@ -124,6 +128,7 @@ def convert(
     allow: Collection[str] = (),
     max_shard_bytes: int | None = None,
     layout: Any = None,
+    progress: Progress | None = None,
 ) -> Report:
     """Convert the checkpoint at SRC (HF or Megatron) into `to` at DST; DST appears whole or
     not at all.
@@ -132,7 +137,8 @@ def convert(
     `unified` (the unified model's own format) or `megatron` (laid out by `layout`, a
     MegatronLayout). `allow` names features the user
     accepts dropping (e.g. `sliding_window`); each is recorded in DST/conversion.json.
-    HF output shards hold at most `max_shard_bytes` (default: the source's largest shard).
+    HF output shards hold at most `max_shard_bytes` (default: as `source_shard_bytes` says).
+    `progress`, if given, is told (bytes written, bytes in all) as the tensors are written.
     """
     src, dst = Path(src), Path(dst)
     cast = parse_dtype(dtype)
@@ -141,7 +147,7 @@ def convert(
     target = resolve_target(to, source, shard_bytes, layout)
     prepared = prepare(source, target, allow)
     with atomic_dir(dst, force) as out:
-        count, size = target.write(prepared.tensors, prepared.held, source.extra, cast, out)
+        count, size = target.write(prepared.tensors, prepared.held, source.extra, cast, out, progress)
         for path in side_files(src):
             shutil.copy2(path, out / path.name)
         report = Report(source.family.model_type, target.name, count, size, prepared.caveats,
