@@ -19,7 +19,7 @@ import torch
 
 from reference.converters.hf_dir import read_config
 from reference.converters.plan import Lazy
-from reference.converters.safetensors_io import Planned, read_dir, write_dir
+from reference.converters.safetensors_io import Planned, Progress, read_dir, write_dir
 from reference.errors import ReferenceError
 from reference.families.registry import family_named, family_of
 from reference.families.spec import ModelSpec, canonical_names
@@ -88,7 +88,7 @@ class UnifiedTarget:
     """The unified directory format as a conversion target."""
 
     source_config: Mapping[str, Any] | None
-    max_shard_bytes: int
+    max_shard_bytes: int | None  # None: one file
     name: str = "unified"
 
     def express(self, spec: ModelSpec) -> ModelSpec:
@@ -98,7 +98,7 @@ class UnifiedTarget:
         return Unified().refuses(spec)
 
     def write(self, tensors: Mapping[str, Lazy], held: ModelSpec, extra: Mapping[str, Any],
-              dtype: torch.dtype | None, out: Path) -> tuple[int, int]:
+              dtype: torch.dtype | None, out: Path, progress: Progress | None = None) -> tuple[int, int]:
         planned = []
         for name in canonical_names(held):
             lazy = tensors[name]
@@ -111,7 +111,7 @@ class UnifiedTarget:
         extra = dict(extra)
         if dtype is not None:
             extra["dtype"] = str(dtype).removeprefix("torch.")
-        write_dir(planned, out, self.max_shard_bytes)
+        write_dir(planned, out, self.max_shard_bytes, progress)
         config = unified_config(held, self.source_config, extra)
         (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         return len(planned), sum(t.nbytes for t in planned)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import textwrap
 
 WIDTH = 100  # columns the table fits in: long cells wrap
@@ -12,12 +13,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     del p  # no options
 
 
+def _wrap(cell: str, width: int) -> list[str]:
+    """Lines of at most `width`, broken at spaces or after an underscore (feature names are
+    long: sliding_window), never inside a word part."""
+    marked = cell.replace("-", "\x01").replace("_", "-")  # textwrap breaks after hyphens
+    lines = textwrap.wrap(marked, width, break_long_words=False, break_on_hyphens=True) or [""]
+    return [line.replace("-", "_").replace("\x01", "-") for line in lines]
+
+
 def table(rows: list[list[str]], width: int | None = None) -> str:
     """A markdown table, first row the header. Given a `width`, the widest columns are narrowed
     until the table fits (no narrower than their longest word), and their cells wrap onto
     continuation rows whose other cells are empty."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    floors = [max(len(word) for r in rows for word in r[i].split() or [""]) for i in range(len(widths))]
+    floors = [max(len(piece) for r in rows for piece in re.split(r"\s+|(?<=_)", r[i]))
+              for i in range(len(widths))]
     while width is not None and sum(widths) + 3 * len(widths) + 1 > width:
         narrowable = [i for i, w in enumerate(widths) if w > floors[i]]
         if not narrowable:
@@ -25,7 +35,7 @@ def table(rows: list[list[str]], width: int | None = None) -> str:
         widths[max(narrowable, key=lambda i: widths[i])] -= 1
     lines = []
     for r in rows:
-        cells = [textwrap.wrap(c, w, break_long_words=False) or [""] for c, w in zip(r, widths, strict=True)]
+        cells = [_wrap(c, w) for c, w in zip(r, widths, strict=True)]
         for k in range(max(map(len, cells))):
             parts = [(c[k] if k < len(c) else "").ljust(w) for c, w in zip(cells, widths, strict=True)]
             lines.append("| " + " | ".join(parts) + " |")
@@ -54,13 +64,7 @@ def rows() -> list[list[str]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = rows()
-    # A column that reads the same for every family (-> unified, until it is built) is one
-    # line under the table rather than a column the others must share the width with.
-    same = [i for i in range(1, len(out[0])) if len({r[i] for r in out[1:]}) == 1]
-    print(table([[c for i, c in enumerate(r) if i not in same] for r in out], width=WIDTH))
-    for i in same:
-        print(f"{out[0][i]}: {out[1][i]}, for every family")
+    print(table(rows(), width=WIDTH))
     print("\nFolds move a scalar feature into the weights (in fp32); what each costs:")
     from reference.converters.folds import FOLDS
 
