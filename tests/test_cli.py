@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from reference.cli import COMMANDS
+from reference.cli import COMMANDS, main
 from reference.tiny import save_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,3 +183,29 @@ def test_a_reader_that_has_gone_is_no_traceback() -> None:
     proc.stdout.close()
     err = proc.stderr.read()
     assert proc.wait() == 141 and err == b""
+
+
+@pytest.mark.parametrize("to", [["qwen2"], ["megatron", "--tp", "2"]])
+def test_output_reaches_the_disk_before_and_after_its_rename(llama, tmp_path, monkeypatch, to) -> None:
+    """Every file and directory of DST (Megatron's has subdirectories) is fsynced under its
+    temporary name before the rename, and the parent after it: DST survives a power cut whole."""
+    events: list[tuple[str, ...]] = []
+    fsync, rename = os.fsync, os.rename
+
+    def recorded_fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def recorded_rename(a, b) -> None:
+        events.append(("rename", str(a), str(b)))
+        rename(a, b)
+
+    monkeypatch.setattr(os, "fsync", recorded_fsync)
+    monkeypatch.setattr(os, "rename", recorded_rename)
+    dst = tmp_path / "dst"
+    assert main(["convert", str(llama), str(dst), "--to", *to]) == 0
+    (r, (_, tmp, _)), = [(i, e) for i, e in enumerate(events) if e[0] == "rename" and e[2] == str(dst)]
+    before = {e[1] for e in events[:r] if e[0] == "fsync"}
+    written = [dst, *dst.rglob("*")]
+    assert len(written) >= 5 and before == {tmp + str(p)[len(str(dst)):] for p in written}
+    assert ("fsync", str(tmp_path)) in events[r + 1:]
