@@ -1,7 +1,8 @@
 """The console script as a newcomer meets it: fast help, quiet output, one-line errors.
 
-Every test runs the script in a fresh interpreter, with this checkout first on PYTHONPATH (so
-that it is the one tested wherever the package is installed from).
+The tests run the script in a fresh interpreter, with this checkout first on PYTHONPATH (so
+that it is the one tested wherever the package is installed from); the fsync test runs main()
+in this process, to watch its system calls.
 """
 
 from __future__ import annotations
@@ -112,7 +113,8 @@ def test_an_option_for_another_target_is_refused_by_name(llama, tmp_path, flags,
 def on_a_terminal(*args: str) -> str:
     """What `reference ARGS` shows on stderr when stderr is a 100-column terminal."""
     master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 0 columns: no bar
+    # 24 x 100: a new pty has 0 columns, in which tqdm draws an empty bar
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
     proc = subprocess.Popen([sys.executable, "-m", "reference", *args], cwd=ROOT, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=slave)
     os.close(slave)
@@ -138,7 +140,6 @@ def test_a_terminal_gets_one_progress_bar_and_a_pipe_nothing(llama, tmp_path, to
     assert "100%" in redraws[-1] and "B/s" in redraws[-1]
     piped = reference("convert", str(llama), str(tmp_path / "b"), "--to", to)
     assert piped.returncode == 0 and piped.stderr == ""
-
 
 
 def cells(shown: str) -> list[list[str]]:
