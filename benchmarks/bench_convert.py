@@ -1,5 +1,6 @@
 """Converting a ~1 GB bf16 Llama-shaped checkpoint to qwen2 and back, side by side with `cp -r`
-(the I/O bound) and the usual from_pretrained + save_pretrained path, in one run.
+(the I/O bound), `cp -r` then `sync` of the copy (as durable as a conversion, which fsyncs its
+output) and the usual from_pretrained + save_pretrained path, in one run.
 
     python benchmarks/bench_convert.py [--layers 8 16] [--workdir DIR]
 
@@ -88,7 +89,7 @@ def measure_once(argv: list[str], out: Path) -> tuple[float, float, float, float
     if status != 0:
         raise SystemExit(f"{argv} failed: {proc.stderr.read().decode()[-500:]}")
     lines = proc.stdout.read().decode().strip().splitlines()
-    data, before = json.loads(lines[-1]) if argv[0] != "cp" else (wall, 0)
+    data, before = json.loads(lines[-1]) if "--timed" in argv else (wall, 0)
     return wall, data, usage.ru_maxrss / 1024, before / 1024
 
 
@@ -109,12 +110,16 @@ def run(layers: int, work: Path, repeat: int) -> list[list[str]]:
     def cp(a: Path, b: Path) -> list[str]:
         return ["cp", "-r", str(a), str(b)]
 
+    def cp_sync(a: Path, b: Path) -> list[str]:  # as durable as a conversion: every file and DST fsynced
+        return ["sh", "-c", f'cp -r "{a}" "{b}" && sync "{b}" "{b}"/*']
+
     # (name, output directory, command, the cp -r row it is compared with: the same source).
     # Each conversion is compared with copying its own source: how a file was written changes
     # how fast it reads back (cp -r of a directory written by copy_file_range, as the qwen2
     # one is, measured 1.5x slower than of one written by write()).
     cases = [
         ("cp -r (llama)", work / "cp", cp(src, work / "cp"), "cp -r (llama)"),
+        ("cp -r + sync (llama)", work / "cps", cp_sync(src, work / "cps"), "cp -r + sync (llama)"),
         ("reference: llama -> qwen2", work / "q", child("reference", src, work / "q", "qwen2"),
          "cp -r (llama)"),
         ("cp -r (that qwen2)", work / "cpq", cp(work / "q", work / "cpq"), "cp -r (that qwen2)"),

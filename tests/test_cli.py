@@ -1,7 +1,8 @@
 """The console script as a newcomer meets it: fast help, quiet output, one-line errors.
 
-Every test runs the script in a fresh interpreter, with this checkout first on PYTHONPATH (so
-that it is the one tested wherever the package is installed from).
+The tests run the script in a fresh interpreter, with this checkout first on PYTHONPATH (so
+that it is the one tested wherever the package is installed from); the fsync test runs main()
+in this process, to watch its system calls.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from reference.cli import COMMANDS
+from reference.cli import COMMANDS, main
 from reference.tiny import save_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,7 +113,8 @@ def test_an_option_for_another_target_is_refused_by_name(llama, tmp_path, flags,
 def on_a_terminal(*args: str) -> str:
     """What `reference ARGS` shows on stderr when stderr is a 100-column terminal."""
     master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 0 columns: no bar
+    # 24 x 100: a new pty has 0 columns, in which tqdm draws an empty bar
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
     proc = subprocess.Popen([sys.executable, "-m", "reference", *args], cwd=ROOT, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=slave)
     os.close(slave)
@@ -138,7 +140,6 @@ def test_a_terminal_gets_one_progress_bar_and_a_pipe_nothing(llama, tmp_path, to
     assert "100%" in redraws[-1] and "B/s" in redraws[-1]
     piped = reference("convert", str(llama), str(tmp_path / "b"), "--to", to)
     assert piped.returncode == 0 and piped.stderr == ""
-
 
 
 def cells(shown: str) -> list[list[str]]:
@@ -183,3 +184,29 @@ def test_a_reader_that_has_gone_is_no_traceback() -> None:
     proc.stdout.close()
     err = proc.stderr.read()
     assert proc.wait() == 141 and err == b""
+
+
+@pytest.mark.parametrize("to", [["qwen2"], ["megatron", "--tp", "2"]])
+def test_output_reaches_the_disk_before_and_after_its_rename(llama, tmp_path, monkeypatch, to) -> None:
+    """Every file and directory of DST (Megatron's has subdirectories) is fsynced under its
+    temporary name before the rename, and the parent after it: DST survives a power cut whole."""
+    events: list[tuple[str, ...]] = []
+    fsync, rename = os.fsync, os.rename
+
+    def recorded_fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def recorded_rename(a, b) -> None:
+        events.append(("rename", str(a), str(b)))
+        rename(a, b)
+
+    monkeypatch.setattr(os, "fsync", recorded_fsync)
+    monkeypatch.setattr(os, "rename", recorded_rename)
+    dst = tmp_path / "dst"
+    assert main(["convert", str(llama), str(dst), "--to", *to]) == 0
+    (r, (_, tmp, _)), = [(i, e) for i, e in enumerate(events) if e[0] == "rename" and e[2] == str(dst)]
+    before = {e[1] for e in events[:r] if e[0] == "fsync"}
+    written = [dst, *dst.rglob("*")]
+    assert len(written) >= 5 and before == {tmp + str(p)[len(str(dst)):] for p in written}
+    assert ("fsync", str(tmp_path)) in events[r + 1:]
