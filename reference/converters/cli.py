@@ -26,6 +26,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a family's model_type (llama, qwen2, ...), 'megatron', or 'hf' (back to the "
                         "family a Megatron checkpoint came from)")
     p.add_argument("--dtype", help="cast floating tensors (bfloat16, float16, float32); default: keep")
+    p.add_argument("--fold-precision", choices=("exact", "dtype"), default="exact",
+                   help="a folded tensor (Gemma's norms, Granite's multipliers) its dtype cannot hold "
+                        "exactly is written in float32 (exact, the default; the output grows and this "
+                        "says by how much), or kept in its dtype with the rounding measured (dtype)")
     p.add_argument("--force", action="store_true", help="replace DST if it exists")
     p.add_argument("--allow-window-drop", action="store_true",
                    help="convert a sliding-window model to a target without windows; exact only "
@@ -81,6 +85,34 @@ def progress_bar() -> Iterator[Callable[[int, int], None] | None]:
             bar.close()
 
 
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n / 2**10:.1f} KiB"
+
+
+def fold_lines(costs: list[dict]) -> list[str]:
+    """One line per folded feature, from the measured per-tensor costs."""
+    lines = []
+    for feature in dict.fromkeys(c["feature"] for c in costs):
+        mine = [c for c in costs if c["feature"] == feature]
+        written = sorted({f"{c['stored']} -> {c['written']}" for c in mine})
+        line = f"folded {feature} into {len(mine)} tensor{'s' * (len(mine) > 1)} ({', '.join(written)})"
+        grew = sum(c["grew_bytes"] for c in mine)
+        if grew:
+            line += f", output {'+' if grew > 0 else '-'}{_size(abs(grew))}"
+        if any(c["changed"] is None for c in mine):
+            line += "; one-way"
+        else:
+            changed, values = sum(c["changed"] for c in mine), sum(c["values"] for c in mine)
+            worst = max(c["max_error"] for c in mine)
+            line += (f"; back: {changed} of {values} values differ (max {worst:.3g})" if changed
+                     else "; back: bitwise")
+        lines.append(line)
+    return lines
+
+
 def run(args: argparse.Namespace) -> int:
     given = {dest: getattr(args, dest) for dest in LAYOUT if getattr(args, dest) is not None}
     if given and args.to != "megatron":
@@ -97,11 +129,12 @@ def run(args: argparse.Namespace) -> int:
     allow = [*args.allow_drop, *(["sliding_window"] if args.allow_window_drop else [])]
     with progress_bar() as progress:
         report = convert(args.src, args.dst, to=args.to, dtype=args.dtype, force=args.force, allow=allow,
-                         max_shard_bytes=args.max_shard_size, layout=layout, progress=progress)
+                         max_shard_bytes=args.max_shard_size, layout=layout, progress=progress,
+                         fold_precision=args.fold_precision)
     print(f"{report.source} -> {report.target}: {report.tensors} tensors, "
           f"{report.bytes / 2**20:.1f} MiB written to {args.dst}")
-    for fold in report.folds:
-        print(f"folded {fold}")
+    for line in fold_lines(report.fold_costs):
+        print(line)
     for caveat in report.caveats:
         print(f"caveat: {caveat}")
     return 0

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 import torch
 
 from reference.converters.files import atomic_dir, side_files
+from reference.converters.folds import PRECISIONS, FoldCost
 from reference.converters.hf_target import HFTarget
 from reference.converters.plan import Lazy, adapt, prune_zero_biases, retie
 from reference.converters.safetensors_io import INDEX, SINGLE, Progress
@@ -35,7 +36,8 @@ class Report:
     tensors: int = 0
     bytes: int = 0
     caveats: list[str] = field(default_factory=list)
-    folds: list[str] = field(default_factory=list)  # values moved into weights, and their cost
+    folds: list[str] = field(default_factory=list)  # features moved into the weights
+    fold_costs: list[dict[str, Any]] = field(default_factory=list)  # per folded tensor, measured
 
 
 def parse_dtype(name: str | None) -> torch.dtype | None:
@@ -93,9 +95,11 @@ class Prepared:
     held: ModelSpec
     caveats: list[str]
     folds: list[str]
+    costs: list[FoldCost]
 
 
-def prepare(source: Source, target: Target, allow: Collection[str] = ()) -> Prepared:
+def prepare(source: Source, target: Target, allow: Collection[str] = (),
+            fold_precision: str = "exact") -> Prepared:
     """Refuse what the target cannot express (before reading any tensor where the config
     decides), then drop zero biases, untie or retie, fill and fold: still lazy."""
     early = [f for f in blocking(source.spec, target.express(source.spec))
@@ -114,8 +118,11 @@ def prepare(source: Source, target: Target, allow: Collection[str] = ()) -> Prep
     tensors, spec = prune_zero_biases(source.tensors, source.spec)
     tensors, spec = retie(tensors, spec, target.express(spec))
     held = target.express(spec)
-    tensors, caveats, folds = adapt(tensors, spec, held, source.key_of, target.name, allow)
-    return Prepared(tensors, held, caveats, folds)
+    declared = source.extra.get("dtype")
+    declared = getattr(torch, declared, None) if isinstance(declared, str) else None
+    tensors, caveats, folds, costs = adapt(tensors, spec, held, source.key_of, target.name, allow,
+                                           fold_precision, declared)
+    return Prepared(tensors, held, caveats, folds, costs)
 
 
 def convert(
@@ -129,6 +136,7 @@ def convert(
     max_shard_bytes: int | None = None,
     layout: Any = None,
     progress: Progress | None = None,
+    fold_precision: str = "exact",
 ) -> Report:
     """Convert the checkpoint at SRC (HF or Megatron) into `to` at DST; DST appears whole or
     not at all.
@@ -139,18 +147,22 @@ def convert(
     accepts dropping (e.g. `sliding_window`); each is recorded in DST/conversion.json.
     HF output shards hold at most `max_shard_bytes` (default: as `source_shard_bytes` says).
     `progress`, if given, is told (bytes written, bytes in all) as the tensors are written.
+    `fold_precision` is `exact` (a folded tensor is written in float32 where its dtype cannot
+    hold the fold exactly) or `dtype` (keep every dtype, round the fold); see folds.py.
     """
     src, dst = Path(src), Path(dst)
     cast = parse_dtype(dtype)
     source = open_source(src)
     shard_bytes = max_shard_bytes or source_shard_bytes(src)
     target = resolve_target(to, source, shard_bytes, layout)
-    prepared = prepare(source, target, allow)
+    if fold_precision not in PRECISIONS:
+        raise ReferenceError(f"--fold-precision: '{fold_precision}' is not one of {', '.join(PRECISIONS)}")
+    prepared = prepare(source, target, allow, fold_precision)
     with atomic_dir(dst, force) as out:
         count, size = target.write(prepared.tensors, prepared.held, source.extra, cast, out, progress)
         for path in side_files(src):
             shutil.copy2(path, out / path.name)
         report = Report(source.family.model_type, target.name, count, size, prepared.caveats,
-                        prepared.folds)
+                        prepared.folds, [asdict(c) for c in prepared.costs])
         (out / RECORD).write_text(json.dumps(asdict(report), indent=2) + "\n")
     return report

@@ -1,8 +1,15 @@
 """Folds: a scalar feature moved into the weights, for targets that lack it.
 
-Each fold multiplies (or offsets) named canonical tensors, in fp32, then casts back. Folding
-changes values, so a roundtrip through a fold is exact in its logits but not always bitwise;
-`precision` says what each costs, and the tests measure it.
+Each fold multiplies (or offsets) named canonical tensors, computed in float32. What is then
+written depends on the precision asked for:
+- `exact` (the default): a folded tensor keeps its dtype only where that dtype holds the
+  float32 result exactly, else it is written in float32 (Gemma's bf16 norms become float32
+  1 + w), so the converted model computes in float32 what the original computes in float32;
+  unfolding narrows a tensor back to the model's dtype when nothing is lost by it, so
+  gemma -> llama -> gemma is bitwise for every value float32 can offset exactly;
+- `dtype`: every tensor keeps its dtype, rounding the fold.
+What each fold cost is measured per tensor (the tensor folded back against the original) and
+reported, never assumed.
 """
 
 from __future__ import annotations
@@ -40,20 +47,20 @@ class Fold:
         names = [t.format(i) for t in self.tensors for i in (layers if "{}" in t else [0])]
         return [n for n in dict.fromkeys(names) if n in have]
 
-    def apply(self, x: torch.Tensor, spec: ModelSpec, value: Any, inverse: bool) -> torch.Tensor:
-        """x with the feature folded in (inverse=False) or taken out again (inverse=True)."""
+    def apply(self, x: torch.Tensor, spec: ModelSpec, value: Any, inverse: bool,
+              like: torch.dtype | None = None) -> torch.Tensor:
+        """x with the feature folded in (inverse=False) or taken out again (inverse=True),
+        computed and returned in float32. A multiplier is first rounded to `like` (default x's
+        dtype), the dtype the model is run in."""
         if self.op == "normalize":
             return _normalize_rows(x, inverse)
         a = self.amount(spec, value)
         if self.op == "add":
-            out = x.float() - a if inverse else x.float() + a
-        else:
-            import torch
+            return x.float() - a if inverse else x.float() + a
+        import torch
 
-            # The multiplier is rounded to the tensor's dtype first, as the families apply it.
-            m = torch.tensor(a, dtype=torch.float32).to(x.dtype).float()
-            out = x.float() / m if inverse else x.float() * m
-        return out.to(x.dtype)
+        m = torch.tensor(a, dtype=torch.float32).to(like or x.dtype).float()
+        return x.float() / m if inverse else x.float() * m
 
 
 def _normalize_rows(x: torch.Tensor, inverse: bool) -> torch.Tensor:
@@ -62,13 +69,13 @@ def _normalize_rows(x: torch.Tensor, inverse: bool) -> torch.Tensor:
     if not inverse:
         import torch
 
-        return torch.nn.functional.normalize(x.float(), dim=-1).to(x.dtype)
+        return torch.nn.functional.normalize(x.float(), dim=-1)
     norms = x.float().norm(dim=-1)
     worst = (norms - 1).abs().max().item() if norms.numel() else 0.0
     if worst > 1e-3:
         raise ReferenceError(f"lm_head rows must be unit length for a normalised head (off by {worst:.2g}); "
                              "NormHead is one-way")
-    return x
+    return x.float()
 
 
 def _attention(spec: ModelSpec, value: float | None) -> float:
@@ -78,21 +85,18 @@ def _attention(spec: ModelSpec, value: float | None) -> float:
 
 FOLDS: dict[str, Fold] = {f.feature: f for f in (
     Fold("norm_offset", NORMS, "add", lambda spec, v: 1.0 if v else 0.0,
-         "w' = 1 + w in fp32: logits bitwise equal in fp32; in bf16 the norm multiply rounds "
-         "once more; back, (1 + w) - 1 can differ from w in the last bit"),
+         "w' = 1 + w in float32 (exact for |w| >= 2^-16 from bf16, 2^-13 from fp16)"),
     Fold("embedding_multiplier", ("embed.weight",), "mul", lambda spec, v: v,
-         "E' = E * dtype(m): bitwise-equal embeddings in fp32 and bf16 (the product of two values "
-         "of one dtype rounds once either way); the untied head keeps the original E"),
+         "E' = E * m, m rounded to the dtype the model runs in; the untied head keeps the original E"),
     Fold("attention_multiplier", ("layers.{}.attn.q.weight", "layers.{}.attn.q.bias"), "mul",
-         _attention, "q times m * sqrt(head_dim): logits within fp32 rounding, not bitwise"),
+         _attention, "q times m * sqrt(head_dim): one float32 rounding per value"),
     Fold("residual_multiplier", ("layers.{}.attn.o.weight", "layers.{}.attn.o.bias",
                                  "layers.{}.mlp.down.weight", "layers.{}.mlp.down.bias"), "mul",
-         lambda spec, v: v, "o_proj and down_proj times r: logits within fp32 rounding"),
+         lambda spec, v: v, "o_proj and down_proj times r: one float32 rounding per value"),
     Fold("logits_divisor", ("lm_head.weight",), "mul", lambda spec, v: 1.0 / v,
-         "lm_head / s: logits within fp32 rounding"),
+         "lm_head / s: one float32 rounding per value"),
     Fold("normalized_head", ("lm_head.weight",), "normalize", lambda spec, v: 0.0,
-         "lm_head rows normalised once in fp32: logits within fp32 rounding; one-way, the original "
-         "row norms are not recoverable"),
+         "lm_head rows normalised once in float32; one-way, the original row norms are gone"),
 )}
 
 # Folds that change the embedding or the head need them as two tensors.
@@ -101,3 +105,76 @@ UNTIES = ("embedding_multiplier", "logits_divisor", "normalized_head")
 
 def is_default(feature: str, value: Any) -> bool:
     return value == DEFAULT_FEATURES[feature]
+
+
+PRECISIONS = ("exact", "dtype")
+
+
+@dataclass(frozen=True)
+class Refold:
+    """One tensor's fold from one value of a feature (`have`) to another (`want`), in float32,
+    multipliers rounded to `like` (the dtype the model is run in)."""
+
+    fold: Fold
+    spec: ModelSpec
+    have: Any
+    want: Any
+
+    def forward(self, x: torch.Tensor, like: torch.dtype) -> torch.Tensor:
+        if not is_default(self.fold.feature, self.have):
+            x = self.fold.apply(x, self.spec, self.have, inverse=False, like=like)
+        if not is_default(self.fold.feature, self.want):
+            x = self.fold.apply(x, self.spec, self.want, inverse=True, like=like)
+        return x.float()
+
+    def back(self, y: torch.Tensor, like: torch.dtype) -> torch.Tensor:
+        return Refold(self.fold, self.spec, self.want, self.have).forward(y, like)
+
+    def unfolds(self) -> bool:
+        """The source held the feature in its values and the target applies it again."""
+        return is_default(self.fold.feature, self.have)
+
+
+def written_dtype(refold: Refold, x: torch.Tensor, y: torch.Tensor, precision: str,
+                  declared: torch.dtype | None, like: torch.dtype) -> torch.dtype:
+    """The dtype a folded tensor x -> y (float32) is written in: see the module docstring."""
+    import torch
+
+    if precision == "dtype":
+        return x.dtype
+    if refold.unfolds() and declared is not None and declared != x.dtype:
+        narrow = y.to(declared)
+        if torch.equal(refold.back(narrow.float(), like).to(x.dtype), x):  # nothing lost
+            return declared
+    for d in (x.dtype, torch.float32):
+        if torch.equal(y.to(d).float(), y):
+            return d
+    return max(x.dtype, torch.float32, key=lambda d: torch.finfo(d).bits)
+
+
+@dataclass(frozen=True)
+class FoldCost:
+    """One folded tensor, measured: its dtype stored and written, and how many of its values
+    do not come back bitwise when folded back (None: a one-way fold)."""
+
+    tensor: str
+    feature: str
+    stored: str
+    written: str
+    values: int
+    changed: int | None
+    max_error: float | None
+    grew_bytes: int
+
+
+def measure(name: str, refold: Refold, x: torch.Tensor, out: torch.Tensor, like: torch.dtype) -> FoldCost:
+    """Fold `out` back, round it to x's dtype and compare with x, value by value."""
+    changed: int | None = None
+    worst: float | None = None
+    if refold.fold.op != "normalize":
+        back = refold.back(out.float(), like).to(x.dtype)
+        changed = int((back != x).sum())
+        worst = float((back.float() - x.float()).abs().max()) if x.numel() else 0.0
+    return FoldCost(name, refold.fold.feature, str(x.dtype).removeprefix("torch."),
+                    str(out.dtype).removeprefix("torch."), x.numel(), changed, worst,
+                    out.numel() * (out.element_size() - x.element_size()))

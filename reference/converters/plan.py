@@ -6,11 +6,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from reference.converters.folds import FOLDS, UNTIES, Fold, is_default
+from reference.converters.folds import FOLDS, UNTIES, FoldCost, Refold, is_default, measure, written_dtype
 from reference.converters.safetensors_io import Entry, Planned
 from reference.errors import Inexpressible, ReferenceError
 from reference.families.family import Family
@@ -82,23 +81,28 @@ def adapt(
     key_of: Callable[[str], str],
     target: str,
     allow: Collection[str] = (),
-) -> tuple[dict[str, Lazy], list[str], list[str]]:
+    precision: str = "exact",
+    declared: torch.dtype | None = None,
+) -> tuple[dict[str, Lazy], list[str], list[str], list[FoldCost]]:
     """Canonical tensors of `spec` re-laid for `held` (what the target holds): biases the
-    target always has are filled with zeros, foldable scalars moved into the weights. Returns
-    the tensors, the caveats accepted by `allow` and the folds done; any other difference
-    raises, naming the feature."""
+    target always has are filled with zeros, foldable scalars moved into the weights (in the
+    dtype `precision` chooses, reference/converters/folds.py; `declared` is the model's dtype).
+    Returns the tensors, the caveats accepted by `allow`, the folds done and what each folded
+    tensor cost, measured; any other difference raises, naming the feature."""
     tensors = dict(tensors)
     caveats: list[str] = []
     folds: list[str] = []
+    costs: list[FoldCost] = []
     for feature in FEATURES:
         have, want = getattr(spec, feature), getattr(held, feature)
         if have == want:
             continue
         if feature in FOLDS:
-            fold = FOLDS[feature]
-            for name in fold.names(spec, set(tensors)):
-                tensors[name] = Lazy(tensors[name].meta, _refold(tensors[name], fold, spec, have, want))
-            folds.append(f"{feature}: {have!r} -> {want!r} ({fold.precision})")
+            refold = Refold(FOLDS[feature], spec, have, want)
+            for name in refold.fold.names(spec, set(tensors)):
+                tensors[name], cost = _refold(name, tensors[name], refold, precision, declared)
+                costs.append(cost)
+            folds.append(f"{feature}: {have!r} -> {want!r}")
         elif feature in BIAS_KEYS and want:  # a zero bias computes the same as none
             for name in _bias_names(spec, feature):
                 like = tensors[name.replace("bias", "weight")].meta
@@ -114,19 +118,21 @@ def adapt(
         else:
             detail = f"the model has {feature}={have!r}, {target} holds only {want!r}"
             raise Inexpressible(target, feature, detail, unified_holds(feature))
-    return tensors, caveats, folds
+    return tensors, caveats, folds, costs
 
 
-def _refold(lazy: Lazy, fold: Fold, spec: ModelSpec, have: Any, want: Any) -> Callable[[], torch.Tensor]:
-    def load() -> torch.Tensor:
-        x = materialize(lazy.load())
-        if not is_default(fold.feature, have):
-            x = fold.apply(x, spec, have, inverse=False)
-        if not is_default(fold.feature, want):
-            x = fold.apply(x, spec, want, inverse=True)
-        return x
-
-    return load
+def _refold(name: str, lazy: Lazy, refold: Refold, precision: str,
+            declared: torch.dtype | None) -> tuple[Lazy, FoldCost]:
+    """The folded tensor, lazy again, and its measured cost. The dtype it is written in depends
+    on its values, and a safetensors header is written before any data: so the fold runs once
+    here to choose and measure, and again when the writer pulls it (memory stays one tensor)."""
+    like = torch.float32 if precision == "exact" else lazy.meta.dtype
+    x = materialize(lazy.load())
+    y = refold.forward(x, like)
+    dtype = written_dtype(refold, x, y, precision, declared, like)
+    cost = measure(name, refold, x, y.to(dtype), like)
+    load = lambda: refold.forward(materialize(lazy.load()), like).to(dtype)  # noqa: E731
+    return Lazy(torch.empty(lazy.meta.shape, dtype=dtype, device="meta"), load), cost
 
 
 def retie(tensors: dict[str, Lazy], spec: ModelSpec, held: ModelSpec) -> tuple[dict[str, Lazy], ModelSpec]:
@@ -140,8 +146,11 @@ def retie(tensors: dict[str, Lazy], spec: ModelSpec, held: ModelSpec) -> tuple[d
     if (not spec.tie_word_embeddings and is_default("embedding_multiplier", spec.embedding_multiplier)
             and not is_default("embedding_multiplier", m) and held.logits_divisor == spec.logits_divisor):
         head = materialize(tensors["lm_head.weight"].load())
+        embed = materialize(tensors["embed.weight"].load())
         fold = FOLDS["embedding_multiplier"]
-        if torch.equal(fold.apply(head, spec, m, inverse=False), materialize(tensors["embed.weight"].load())):
+        # folded with the multiplier rounded to float32 (--fold-precision exact) or to the dtype
+        if any(torch.equal(fold.apply(head, spec, m, inverse=False, like=like).to(embed.dtype), embed)
+               for like in (torch.float32, head.dtype)):
             rest = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
             rest["embed.weight"] = tensors["lm_head.weight"]
             return rest, spec.replace(tie_word_embeddings=True, embedding_multiplier=m)
