@@ -8,6 +8,8 @@ goldens guard against upstream drift only, never a conversion.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from harness import (
@@ -54,6 +56,18 @@ def test_converted_logits_equal_original(source: str, target: str, tie: bool, tm
         torch.testing.assert_close(logits(again), want)
     else:  # only rearranged: bitwise
         assert_bitwise(read_tensors(src), read_tensors(tmp_path / "back"))
+    # every field of the source's config.json comes back; what the target lacked was recorded.
+    # A tied model whose embedding and head are folded differently (a multiplier on one, a
+    # divisor on the other) has two tensors from then on, and says so; it is tied again on the
+    # way back only where the folds allow it (Gemma's embedding scale).
+    config = [json.loads((d / "config.json").read_text()) for d in (src, tmp_path / "back")]
+    held = json.loads((tmp_path / "dst" / "config.json").read_text())
+    if tie and not held["tie_word_embeddings"]:
+        assert any("untied" in c for c in there.caveats)
+        config[1]["tie_word_embeddings"] = True
+    assert config[0] == config[1]
+    kept_apart = {"architectures", "transformers_version"}
+    assert there.dropped_fields == sorted(set(config[0]) - set(held) - kept_apart)
 
 
 @pytest.mark.parametrize(("source", "target", "tie"), refusal_cases())

@@ -16,7 +16,7 @@ from reference.converters.folds import PRECISIONS, FoldCost
 from reference.converters.hf_target import HFTarget
 from reference.converters.plan import Lazy, adapt, prune_zero_biases, retie
 from reference.converters.safetensors_io import INDEX, SINGLE, Progress
-from reference.converters.source import Source, open_source
+from reference.converters.source import RECORD, Source, open_source
 from reference.converters.unified_dir import UnifiedTarget
 from reference.errors import Inexpressible, ReferenceError
 from reference.families.registry import family_named
@@ -24,7 +24,6 @@ from reference.families.spec import BIAS_KEYS, ModelSpec
 from reference.families.verdict import blocking, unified_holds
 
 DEFAULT_SHARD_BYTES = 5 * 2**30  # when the source has no safetensors shards to follow
-RECORD = "conversion.json"  # what was done, beside the weights: source, caveats, folds
 
 
 @dataclass
@@ -38,6 +37,10 @@ class Report:
     caveats: list[str] = field(default_factory=list)
     folds: list[str] = field(default_factory=list)  # features moved into the weights
     fold_costs: list[dict[str, Any]] = field(default_factory=list)  # per folded tensor, measured
+    # The first source's config.json, carried so that converting back restores it, and its
+    # fields the written config.json does not hold.
+    source_config: dict[str, Any] | None = None
+    dropped_fields: list[str] = field(default_factory=list)
 
 
 def parse_dtype(name: str | None) -> torch.dtype | None:
@@ -122,7 +125,22 @@ def prepare(source: Source, target: Target, allow: Collection[str] = (),
     declared = getattr(torch, declared, None) if isinstance(declared, str) else None
     tensors, caveats, folds, costs = adapt(tensors, spec, held, source.key_of, target.name, allow,
                                            fold_precision, declared)
+    if source.spec.tie_word_embeddings and not held.tie_word_embeddings:
+        caveats.append(f"untied: {target.name} folds the embedding and the head differently, so they are "
+                       "two tensors from here on")
     return Prepared(tensors, held, caveats, folds, costs)
+
+
+def dropped_fields(origin: Mapping[str, Any] | None, out: Path) -> list[str]:
+    """Fields of the first source's config.json that the written config.json does not hold
+    (a unified directory keeps that config whole; a Megatron checkpoint has no config.json)."""
+    written = out / "config.json"
+    if origin is None or not written.is_file():
+        return []
+    held = json.loads(written.read_text())
+    if held.get("source_config") == origin:
+        return []
+    return sorted(k for k in origin if k not in held and k not in ("architectures", "transformers_version"))
 
 
 def convert(
@@ -163,6 +181,7 @@ def convert(
         for path in side_files(src):
             shutil.copy2(path, out / path.name)
         report = Report(source.family.model_type, target.name, count, size, prepared.caveats,
-                        prepared.folds, [asdict(c) for c in prepared.costs])
+                        prepared.folds, [asdict(c) for c in prepared.costs], source.config,
+                        dropped_fields(source.config, out))
         (out / RECORD).write_text(json.dumps(asdict(report), indent=2) + "\n")
     return report

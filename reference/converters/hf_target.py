@@ -14,7 +14,7 @@ from reference.converters.plan import Lazy, plan_target
 from reference.converters.safetensors_io import Progress, write_dir
 from reference.errors import ReferenceError
 from reference.families.family import Family
-from reference.families.spec import ModelSpec
+from reference.families.spec import FOLDABLE, ModelSpec
 
 
 def validate_config(config: dict[str, Any], target: str) -> None:
@@ -38,8 +38,10 @@ class HFTarget:
 
     family: Family
     max_shard_bytes: int | None  # None: one file
-    # The source's own config.json when it is of this family (a unified directory keeps it):
-    # written back whole when the weights still describe it, so nothing the spec omits is lost.
+    # The config.json the weights first came with, when it is of this family (a unified
+    # directory or a conversion record carries it): its scalar features are folded back out of
+    # the weights, and it is written back whole while the weights still describe it, so that
+    # family -> llama -> family returns every field of the config, not only the tensors.
     source_config: Mapping[str, Any] | None = None
 
     @property
@@ -47,16 +49,25 @@ class HFTarget:
         return self.family.model_type
 
     def express(self, spec: ModelSpec) -> ModelSpec:
-        return self.family.express(spec)
+        held = self.family.express(spec)
+        if self.source_config is None:
+            return held
+        origin = self.family.express(self._origin())
+        return held.replace(**{f: getattr(origin, f) for f in FOLDABLE})
 
     def refuses(self, spec: ModelSpec) -> dict[str, str]:
         return self.family.refuses(spec)
 
-    def _describes(self, held: ModelSpec) -> bool:
+    def _origin(self) -> ModelSpec:
         from reference.families.resolve import as_loaded
 
         where = f"{self.name} source config"
-        return self.family.read(as_loaded(self.source_config, where), where) == held
+        return self.family.read(as_loaded(self.source_config, where), where)
+
+    def _describes(self, held: ModelSpec) -> bool:
+        """Whether the weights still compute what the first config says; tying aside, which a
+        fold may have had to undo (written as it is now)."""
+        return self._origin().replace(tie_word_embeddings=held.tie_word_embeddings) == held
 
     def write(
         self,
@@ -74,7 +85,10 @@ class HFTarget:
             extra["dtype"] = str(dtype).removeprefix("torch.")
         config = self.family.config(held, extra)
         if self.source_config is not None and self._describes(held):
-            config = {**self.source_config, **({"dtype": extra["dtype"]} if dtype is not None else {})}
+            # the fields every family shares (token ids, dtype) are as the last hop left them
+            config = {**self.source_config, **extra}
+            if self._origin().tie_word_embeddings != held.tie_word_embeddings:
+                config["tie_word_embeddings"] = held.tie_word_embeddings
         validate_config(config, self.name)
         write_dir(planned, out, self.max_shard_bytes, progress)
         (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +29,10 @@ class Source:
     extra: dict[str, Any]
     tensors: dict[str, Lazy]
     key_of: Callable[[str], str]
-    config: dict[str, Any] | None = None  # the family's own config.json, where there is one
+    # The config.json of the family the weights were first converted from (a conversion
+    # record carries it along), else the source's own: written back whole by a target of that
+    # family while the weights still describe it, so no field the spec omits is lost.
+    config: dict[str, Any] | None = None
 
 
 def passthrough(config: dict[str, Any]) -> dict[str, Any]:
@@ -38,8 +43,27 @@ def passthrough(config: dict[str, Any]) -> dict[str, Any]:
     return extra
 
 
+RECORD = "conversion.json"  # what a conversion did, beside the weights it wrote
+
+
+def carried_config(path: Path) -> dict[str, Any] | None:
+    """The source_config a conversion record in `path` carries, if any (a record that cannot
+    be read carries nothing: it is an account of the past, not an input)."""
+    try:
+        carried = json.loads((path / RECORD).read_text()).get("source_config")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return carried if isinstance(carried, dict) and "model_type" in carried else None
+
+
 def open_source(path: Path) -> Source:
-    """An HF model directory or a Megatron checkpoint, by what the directory holds."""
+    """An HF model directory, a unified one or a Megatron checkpoint, by what it holds."""
+    source = _open(path)
+    carried = carried_config(path)
+    return dataclasses.replace(source, config=carried) if carried else source
+
+
+def _open(path: Path) -> Source:
     from reference.converters import megatron
 
     if megatron.is_megatron_dir(path):
