@@ -116,11 +116,16 @@ def test_rope_scaling_types_match_transformers_beyond_the_trained_length(rope: s
         torch.testing.assert_close(logits(model, ids), logits(fresh, ids))
 
 
+HALF_ROTARY = {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                   "partial_rotary_factor": 0.5}}
+
+
 @pytest.mark.parametrize(("family", "overrides"), [
     ("mistral", {"sliding_window": 5}),
     ("qwen2", {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 0}),
-    ("phi3", {"sliding_window": 5, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
-                                                       "partial_rotary_factor": 0.5}}),
+    ("phi3", {"sliding_window": 5, **HALF_ROTARY}),
+    ("glm", HALF_ROTARY),  # interleaved pairs on half of each head, as the published GLM-4
+    ("glm4", HALF_ROTARY),
 ])
 def test_windows_and_partial_rotary_act_beyond_the_window(family: str, overrides: dict, tmp_path) -> None:
     original = tiny_model(family, **overrides)
@@ -164,8 +169,10 @@ def test_greedy_generate_equals_transformers_with_left_padding(family: str, over
 
 
 # Features the tiny rows hold at one value only: Gemma2's tiny row scales by head_dim
-# (query_pre_attn_scalar 16) and windows layer 0; OLMo2's has no bias.
+# (query_pre_attn_scalar 16) and windows layer 0; OLMo2's has no bias; GLM's rotates whole heads.
 VARIANTS = {
+    "glm-half-rotary": ("glm", HALF_ROTARY),
+    "glm4-half-rotary": ("glm4", HALF_ROTARY),
     "gemma2-query-scalar": ("gemma2", {"query_pre_attn_scalar": 24}),
     "gemma2-window-on-layer-1": ("gemma2", {"layer_types": ["full_attention", "sliding_attention"]}),
     "gemma2-no-softcaps": ("gemma2", {"attn_logit_softcapping": None, "final_logit_softcapping": None}),
@@ -188,7 +195,7 @@ def test_variants_of_held_families_load_exactly_and_convert_back_bitwise(variant
     assert config[0] == config[1]
 
 
-@pytest.mark.parametrize("family", ["gemma2", "olmo2"])
+@pytest.mark.parametrize("family", ["gemma2", "olmo2", "glm", "glm4"])
 def test_a_held_family_config_written_from_the_spec_reads_back_the_same(family: str) -> None:
     """Without the source's config.json to copy (a unified directory from elsewhere), the
     family's config is written from the spec alone: its class must read the same spec from it."""

@@ -256,7 +256,10 @@ class Derived(Codec):
 
 @dataclass(frozen=True)
 class RotaryFraction(Codec):
-    """Partial rotary, stored as `partial_rotary_factor` inside rope_parameters (Phi3, GLM)."""
+    """Partial rotary, stored as `partial_rotary_factor` inside rope_parameters (Phi3, GLM);
+    `default` is what the family's config class assumes when it is absent (GLM's: 0.5)."""
+
+    default: float = 1.0
 
     def read(self, cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
         return {}  # read_rope takes it out of the rope parameters for every family
@@ -269,7 +272,7 @@ class RotaryFraction(Codec):
 
     def write(self, spec: ModelSpec) -> dict[str, Any]:
         rope = dict(spec.rope_parameters)
-        if spec.rotary_fraction != 1.0:
+        if spec.rotary_fraction != self.default:
             rope["partial_rotary_factor"] = spec.rotary_fraction
         return {"rope_parameters": rope}
 

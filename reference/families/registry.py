@@ -29,6 +29,8 @@ from reference.families.config import (
 from reference.families.family import Family
 from reference.families.keymap import (
     BAICHUAN_KEYS,
+    GLM4_KEYS,
+    GLM_KEYS,
     INTERNLM2_KEYS,
     LLAMA_KEYS,
     PHI3_KEYS,
@@ -82,10 +84,10 @@ ROWS = (
     Family(model_type="gemma3_text", architecture="Gemma3ForCausalLM", keys=None,
            fields=GEMMA2_FIELDS, tie_default=True,
            codecs=(*GEMMA2_CODECS, Fixed("qk_norm", True), LayerTypeRope())),
-    Family(model_type="glm", architecture="GlmForCausalLM", keys=None,
-           codecs=(Fixed("qkv_bias", True), RotaryFraction(), Fixed("interleaved_rope", True))),
-    Family(model_type="glm4", architecture="Glm4ForCausalLM", keys=None,
-           codecs=(Fixed("qkv_bias", True), RotaryFraction(), Fixed("interleaved_rope", True),
+    Family(model_type="glm", architecture="GlmForCausalLM", keys=GLM_KEYS,
+           codecs=(Fixed("qkv_bias", True), RotaryFraction(0.5), Fixed("interleaved_rope", True))),
+    Family(model_type="glm4", architecture="Glm4ForCausalLM", keys=GLM4_KEYS,
+           codecs=(Fixed("qkv_bias", True), RotaryFraction(0.5), Fixed("interleaved_rope", True),
                    Fixed("post_norms", True))),
     Family(model_type="cohere", architecture="CohereForCausalLM", keys=None, tie_default=True,
            fields={**LLAMA_FIELDS, "norm_eps": "layer_norm_eps"},
