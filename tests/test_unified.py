@@ -83,9 +83,7 @@ def test_what_the_unified_model_lacks_is_refused_by_name(family: str, tmp_path) 
 def test_spec_owns_the_canonical_shapes(family: str) -> None:
     from reference.families.verdict import typical
 
-    # Rope does not shape any tensor; gemma3's per-layer-type rope is not held yet.
-    rope = {"rope_type": "default", "rope_theta": 1e4}
-    spec = held(typical(FAMILIES[family])).replace(rope_parameters=rope)
+    spec = held(typical(FAMILIES[family]))
     with torch.device("meta"):
         model = UnifiedForCausalLM(UnifiedConfig.from_spec(spec))
     built = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -126,6 +124,8 @@ HALF_ROTARY = {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0
     ("phi3", {"sliding_window": 5, **HALF_ROTARY}),
     ("glm", HALF_ROTARY),  # interleaved pairs on half of each head, as the published GLM-4
     ("glm4", HALF_ROTARY),
+    # Gemma3's two rope bases, 1e6 on full layers and 1e4 on windowed ones, each where it belongs
+    ("gemma3_text", {"sliding_window": 5, "layer_types": ["full_attention", "sliding_attention"]}),
 ])
 def test_windows_and_partial_rotary_act_beyond_the_window(family: str, overrides: dict, tmp_path) -> None:
     original = tiny_model(family, **overrides)
@@ -173,6 +173,14 @@ def test_greedy_generate_equals_transformers_with_left_padding(family: str, over
 VARIANTS = {
     "glm-half-rotary": ("glm", HALF_ROTARY),
     "glm4-half-rotary": ("glm4", HALF_ROTARY),
+    "gemma3-window-on-layer-1": ("gemma3_text", {"layer_types": ["full_attention", "sliding_attention"]}),
+    "gemma3-linear-rope-on-full-layers": ("gemma3_text", {  # as Gemma-3-4B
+        "layer_types": ["sliding_attention", "full_attention"],
+        "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}),
+    "gemma3-query-scalar-softcaps-bias": ("gemma3_text", {"query_pre_attn_scalar": 24, "attention_bias": True,
+                                                          "attn_logit_softcapping": 50.0,
+                                                          "final_logit_softcapping": 30.0}),
     "gemma2-query-scalar": ("gemma2", {"query_pre_attn_scalar": 24}),
     "gemma2-window-on-layer-1": ("gemma2", {"layer_types": ["full_attention", "sliding_attention"]}),
     "gemma2-no-softcaps": ("gemma2", {"attn_logit_softcapping": None, "final_logit_softcapping": None}),
@@ -195,7 +203,7 @@ def test_variants_of_held_families_load_exactly_and_convert_back_bitwise(variant
     assert config[0] == config[1]
 
 
-@pytest.mark.parametrize("family", ["gemma2", "olmo2", "glm", "glm4"])
+@pytest.mark.parametrize("family", ["gemma2", "olmo2", "glm", "glm4", "gemma3_text"])
 def test_a_held_family_config_written_from_the_spec_reads_back_the_same(family: str) -> None:
     """Without the source's config.json to copy (a unified directory from elsewhere), the
     family's config is written from the spec alone: its class must read the same spec from it."""

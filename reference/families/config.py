@@ -214,6 +214,12 @@ class LayerTypeRope(Codec):
             return {}
         full, fraction = read_rope({"rope_parameters": rope["full_attention"]})
         sliding, _ = read_rope({"rope_parameters": rope.get("sliding_attention", full)})
+        window = cfg.get("sliding_window")
+        unplaced = window is None or window >= cfg.get("max_position_embeddings", window + 1)
+        if sliding != full and unplaced and "sliding_attention" in (cfg.get("layer_types") or ()):
+            # the spec places the windowed layers' rope by their window, which this config lacks
+            raise ReferenceError(f"{where}: rope_parameters differ per layer type, but sliding_window "
+                                 f"{window} does not mark the 'sliding_attention' layers; not supported")
         return {"rope_parameters": full, "rotary_fraction": fraction,
                 "sliding_rope_parameters": None if sliding == full else sliding}
 
