@@ -2,11 +2,13 @@
 random checkpoints written key by key from the published layouts, and a reference forward
 written from the published modeling code. It reads the fused tensors the way those files do
 (W_pack unflattened into thirds, wqkv regrouped per KV head, c_attn split in thirds), so it
-shares nothing with the converter it checks."""
+shares nothing with the converter it checks. The same forward follows the config where the
+published code does: Baichuan-13B's ALiBi (a config without max_position_embeddings)."""
 
 from __future__ import annotations
 
 import json
+import math
 import zlib
 from pathlib import Path
 
@@ -128,22 +130,39 @@ def _names(model_type: str, i: int) -> dict[str, str]:
             "gate": p + "mlp.w2.weight", "up": p + "mlp.w1.weight", "down": p + "mlp.c_proj.weight", "p": p}
 
 
+def _alibi_mask(heads: int, s: int) -> torch.Tensor:
+    """(heads, s, s): Baichuan-13B's mask in eval mode, slope * key position on and below the
+    diagonal, -inf above. Slopes 2 ** (-8 k / n), k = 1..n, for n a power of two; otherwise the
+    nearest lower power's, then the odd-numbered ones of the next power's (2 ** (-4 (2j + 1) / n'))."""
+    low = 2 ** math.floor(math.log2(heads))
+    slopes = [2 ** (-8 * k / low) for k in range(1, low + 1)]
+    slopes += [2 ** (-4 * (2 * j + 1) / low) for j in range(heads - low)]
+    bias = torch.tensor(slopes)[:, None, None] * torch.arange(s)[None, None, :]
+    return torch.full((s, s), float("-inf")).triu(1)[None] + bias
+
+
 @torch.no_grad()
 def forward(model_type: str, path: Path, ids: torch.Tensor) -> torch.Tensor:
     """fp32 logits of a layout checkpoint, computed as its published modeling code does."""
     w: dict[str, torch.Tensor] = {}
     for shard in sorted(path.glob("*.safetensors")):
         w.update(safetensors.torch.load_file(shard))
+    cfg = json.loads((path / "config.json").read_text())
     top = {"baichuan": ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"),
            "internlm2": ("model.tok_embeddings.weight", "model.norm.weight", "output.weight"),
            "qwen": ("transformer.wte.weight", "transformer.ln_f.weight", "lm_head.weight")}[model_type]
     h = w[top[0]][ids]
     s = ids.shape[1]
     mask = torch.full((s, s), float("-inf")).triu(1)
+    alibi = model_type == "baichuan" and "max_position_embeddings" not in cfg  # the 13B modeling file
+    if alibi:
+        mask = _alibi_mask(HEADS, s)
     for i in range(L):
         n = _names(model_type, i)
         q, k, v = _qkv(model_type, w, n["p"], _rms(h, w[n["n1"]]))
-        q, k = _rope(q).transpose(1, 2), _rope(k).transpose(1, 2)
+        if not alibi:
+            q, k = _rope(q), _rope(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)  # each KV head serves its group
         v = v.transpose(1, 2)
         v = v.repeat_interleave(q.shape[1] // v.shape[1], 1)

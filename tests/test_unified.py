@@ -225,3 +225,27 @@ def test_attention_softcap_runs_eager_under_sdpa_and_says_so_once(tmp_path, capl
             torch.testing.assert_close(logits(sdpa), logits(eager))
     said = [r for r in caplog.records if "attn_softcap" in r.getMessage()]
     assert len(said) == 1 and "eager" in said[0].getMessage()
+
+
+def _layout_with(layout: str, path, **changes) -> object:
+    """A tiny remote-code layout whose config.json has `changes` (None removes a field)."""
+    src = tiny_layout(layout, path)
+    cfg = {**json.loads((src / "config.json").read_text()), **changes}
+    (src / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}))
+    return src
+
+
+def test_baichuan_13b_alibi_loads_exactly_and_converts_back_bitwise(tmp_path) -> None:
+    """Baichuan-13B's configs carry no max_position_embeddings (model_max_length instead): its
+    modeling file uses ALiBi, which the unified model serves as an additive mask in every backend."""
+    src = _layout_with("baichuan", tmp_path / "src", max_position_embeddings=None, model_max_length=64)
+    ids = torch.randint(0, 250, (2, 40), generator=torch.Generator().manual_seed(13))
+    want = forward("baichuan", src, ids)
+    for backend in BACKENDS:
+        model = UnifiedForCausalLM.from_pretrained(src, attn_implementation=backend)
+        assert model.spec.alibi
+        torch.testing.assert_close(logits(model, ids), want)
+    convert(src, tmp_path / "unified", to="unified")
+    convert(tmp_path / "unified", tmp_path / "back", to="baichuan")
+    assert_bitwise(read_tensors(src), read_tensors(tmp_path / "back"))
+

@@ -13,7 +13,7 @@ from reference.families.spec import BIAS_KEYS, DEFAULT_FEATURES, FEATURES, FOLDA
 
 # Features of ModelSpec the unified model does not compute yet: refused by name until it does.
 UNIFIED_NOT_BUILT = ("parallel_block", "layernorm", "gated_mlp", "num_experts", "latent_attention",
-                     "alibi", "long_context_scaling")
+                     "long_context_scaling")
 
 
 def unified_holds(feature: str) -> bool:
