@@ -249,3 +249,23 @@ def test_baichuan_13b_alibi_loads_exactly_and_converts_back_bitwise(tmp_path) ->
     convert(tmp_path / "unified", tmp_path / "back", to="baichuan")
     assert_bitwise(read_tensors(src), read_tensors(tmp_path / "back"))
 
+
+def test_qwen_dynamic_ntk_and_log_n_attention_match_beyond_the_trained_length(tmp_path) -> None:
+    """Qwen v1 with use_dynamic_ntk and use_logn_attn, trained on 16 tokens: beyond 16 both act
+    (40 tokens: NTK alpha 7, queries scaled by log_16(p + 1)); within 16 neither does."""
+    src = _layout_with("qwen", tmp_path / "src", seq_length=16, use_dynamic_ntk=True, use_logn_attn=True)
+    plain = _layout_with("qwen", tmp_path / "plain", seq_length=16)
+    for length in (40, 12):
+        ids = torch.randint(0, 250, (2, length), generator=torch.Generator().manual_seed(length))
+        want = forward("qwen", src, ids)
+        for backend in BACKENDS:
+            model = UnifiedForCausalLM.from_pretrained(src, attn_implementation=backend)
+            assert model.spec.long_context_scaling == 16
+            torch.testing.assert_close(logits(model, ids), want)
+        if length <= 16:
+            torch.testing.assert_close(want, forward("qwen", plain, ids), rtol=0, atol=0)
+        else:
+            assert not torch.allclose(want, forward("qwen", plain, ids))  # the scaling acts
+    one = _layout_with("qwen", tmp_path / "one", seq_length=16, use_dynamic_ntk=True)
+    with pytest.raises(ReferenceError, match="use_logn_attn=False"):  # the spec holds both or neither
+        UnifiedForCausalLM.from_pretrained(one)

@@ -338,8 +338,11 @@ class LongContext(Codec):
     """Qwen v1's `use_dynamic_ntk` / `use_logn_attn`, which act beyond `seq_length` only."""
 
     def read(self, cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
-        on = cfg.get("use_dynamic_ntk") or cfg.get("use_logn_attn")
-        return {"long_context_scaling": cfg.get("seq_length", 2048) if on else None}
+        ntk, logn = bool(cfg.get("use_dynamic_ntk")), bool(cfg.get("use_logn_attn"))
+        if ntk != logn:  # every published Qwen config turns both on, or neither
+            raise ReferenceError(f"{where}: use_dynamic_ntk={ntk} but use_logn_attn={logn}; "
+                                 "only both on or both off is supported")
+        return {"long_context_scaling": cfg.get("seq_length", 2048) if ntk else None}
 
     def variants(self) -> list[dict[str, Any]]:
         return [{"long_context_scaling": 8192}]
