@@ -2,11 +2,14 @@
 random checkpoints written key by key from the published layouts, and a reference forward
 written from the published modeling code. It reads the fused tensors the way those files do
 (W_pack unflattened into thirds, wqkv regrouped per KV head, c_attn split in thirds), so it
-shares nothing with the converter it checks."""
+shares nothing with the converter it checks. The same forward follows the config where the
+published code does: Baichuan-13B's ALiBi (a config without max_position_embeddings) and
+Qwen's dynamic NTK and log-n attention (`use_dynamic_ntk`, `use_logn_attn`)."""
 
 from __future__ import annotations
 
 import json
+import math
 import zlib
 from pathlib import Path
 
@@ -89,9 +92,9 @@ def _rms(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS))
 
 
-def _rope(x: torch.Tensor) -> torch.Tensor:  # x: (b, s, heads, d), rotate-half style
+def _rope(x: torch.Tensor, base: float = THETA) -> torch.Tensor:  # x: (b, s, heads, d), rotate-half style
     s, d = x.shape[1], x.shape[-1]
-    inv = 1.0 / (THETA ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    inv = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
     freqs = torch.outer(torch.arange(s, dtype=torch.float32), inv)
     emb = torch.cat((freqs, freqs), -1)[None, :, None, :]
     x1, x2 = x[..., : d // 2], x[..., d // 2:]
@@ -128,22 +131,57 @@ def _names(model_type: str, i: int) -> dict[str, str]:
             "gate": p + "mlp.w2.weight", "up": p + "mlp.w1.weight", "down": p + "mlp.c_proj.weight", "p": p}
 
 
+def _alibi_mask(heads: int, s: int) -> torch.Tensor:
+    """(heads, s, s): Baichuan-13B's mask in eval mode, slope * key position on and below the
+    diagonal, -inf above. Slopes 2 ** (-8 k / n), k = 1..n, for n a power of two; otherwise the
+    nearest lower power's, then the odd-numbered ones of the next power's (2 ** (-4 (2j + 1) / n'))."""
+    low = 2 ** math.floor(math.log2(heads))
+    slopes = [2 ** (-8 * k / low) for k in range(1, low + 1)]
+    slopes += [2 ** (-4 * (2 * j + 1) / low) for j in range(heads - low)]
+    bias = torch.tensor(slopes)[:, None, None] * torch.arange(s)[None, None, :]
+    return torch.full((s, s), float("-inf")).triu(1)[None] + bias
+
+
+def _ntk_base(s: int, seq_length: int) -> float:
+    """Qwen's dynamic NTK: the rope base for a sequence of s tokens."""
+    alpha = max(2 ** math.ceil(math.log2(s / seq_length) + 1) - 1, 1)
+    return THETA * alpha ** (D / (D - 2))
+
+
+def _logn(s: int, seq_length: int) -> torch.Tensor:
+    """(1, s, 1, 1): Qwen's log-n factor of each query position, log_{seq_length}(p + 1) beyond it."""
+    p = torch.arange(1, s + 1, dtype=torch.float64)
+    scale = torch.where(p > seq_length, torch.log(p) / math.log(seq_length), torch.ones_like(p))
+    return scale.float()[None, :, None, None]
+
+
 @torch.no_grad()
 def forward(model_type: str, path: Path, ids: torch.Tensor) -> torch.Tensor:
     """fp32 logits of a layout checkpoint, computed as its published modeling code does."""
     w: dict[str, torch.Tensor] = {}
     for shard in sorted(path.glob("*.safetensors")):
         w.update(safetensors.torch.load_file(shard))
+    cfg = json.loads((path / "config.json").read_text())
     top = {"baichuan": ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"),
            "internlm2": ("model.tok_embeddings.weight", "model.norm.weight", "output.weight"),
            "qwen": ("transformer.wte.weight", "transformer.ln_f.weight", "lm_head.weight")}[model_type]
     h = w[top[0]][ids]
     s = ids.shape[1]
     mask = torch.full((s, s), float("-inf")).triu(1)
+    alibi = model_type == "baichuan" and "max_position_embeddings" not in cfg  # the 13B modeling file
+    if alibi:
+        mask = _alibi_mask(HEADS, s)
+    base, seq_length = THETA, cfg.get("seq_length")
+    if model_type == "qwen" and cfg.get("use_dynamic_ntk"):
+        base = _ntk_base(s, seq_length)
     for i in range(L):
         n = _names(model_type, i)
         q, k, v = _qkv(model_type, w, n["p"], _rms(h, w[n["n1"]]))
-        q, k = _rope(q).transpose(1, 2), _rope(k).transpose(1, 2)
+        if not alibi:
+            q, k = _rope(q, base), _rope(k, base)
+        if model_type == "qwen" and cfg.get("use_logn_attn"):
+            q = q * _logn(s, seq_length)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)  # each KV head serves its group
         v = v.transpose(1, 2)
         v = v.repeat_interleave(q.shape[1] // v.shape[1], 1)

@@ -83,9 +83,7 @@ def test_what_the_unified_model_lacks_is_refused_by_name(family: str, tmp_path) 
 def test_spec_owns_the_canonical_shapes(family: str) -> None:
     from reference.families.verdict import typical
 
-    # Rope does not shape any tensor; gemma3's per-layer-type rope is not held yet.
-    rope = {"rope_type": "default", "rope_theta": 1e4}
-    spec = held(typical(FAMILIES[family])).replace(rope_parameters=rope)
+    spec = held(typical(FAMILIES[family]))
     with torch.device("meta"):
         model = UnifiedForCausalLM(UnifiedConfig.from_spec(spec))
     built = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -116,11 +114,18 @@ def test_rope_scaling_types_match_transformers_beyond_the_trained_length(rope: s
         torch.testing.assert_close(logits(model, ids), logits(fresh, ids))
 
 
+HALF_ROTARY = {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                   "partial_rotary_factor": 0.5}}
+
+
 @pytest.mark.parametrize(("family", "overrides"), [
     ("mistral", {"sliding_window": 5}),
     ("qwen2", {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 0}),
-    ("phi3", {"sliding_window": 5, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
-                                                       "partial_rotary_factor": 0.5}}),
+    ("phi3", {"sliding_window": 5, **HALF_ROTARY}),
+    ("glm", HALF_ROTARY),  # interleaved pairs on half of each head, as the published GLM-4
+    ("glm4", HALF_ROTARY),
+    # Gemma3's two rope bases, 1e6 on full layers and 1e4 on windowed ones, each where it belongs
+    ("gemma3_text", {"sliding_window": 5, "layer_types": ["full_attention", "sliding_attention"]}),
 ])
 def test_windows_and_partial_rotary_act_beyond_the_window(family: str, overrides: dict, tmp_path) -> None:
     original = tiny_model(family, **overrides)
@@ -164,8 +169,18 @@ def test_greedy_generate_equals_transformers_with_left_padding(family: str, over
 
 
 # Features the tiny rows hold at one value only: Gemma2's tiny row scales by head_dim
-# (query_pre_attn_scalar 16) and windows layer 0; OLMo2's has no bias.
+# (query_pre_attn_scalar 16) and windows layer 0; OLMo2's has no bias; GLM's rotates whole heads.
 VARIANTS = {
+    "glm-half-rotary": ("glm", HALF_ROTARY),
+    "glm4-half-rotary": ("glm4", HALF_ROTARY),
+    "gemma3-window-on-layer-1": ("gemma3_text", {"layer_types": ["full_attention", "sliding_attention"]}),
+    "gemma3-linear-rope-on-full-layers": ("gemma3_text", {  # as Gemma-3-4B
+        "layer_types": ["sliding_attention", "full_attention"],
+        "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}),
+    "gemma3-query-scalar-softcaps-bias": ("gemma3_text", {"query_pre_attn_scalar": 24, "attention_bias": True,
+                                                          "attn_logit_softcapping": 50.0,
+                                                          "final_logit_softcapping": 30.0}),
     "gemma2-query-scalar": ("gemma2", {"query_pre_attn_scalar": 24}),
     "gemma2-window-on-layer-1": ("gemma2", {"layer_types": ["full_attention", "sliding_attention"]}),
     "gemma2-no-softcaps": ("gemma2", {"attn_logit_softcapping": None, "final_logit_softcapping": None}),
@@ -188,7 +203,7 @@ def test_variants_of_held_families_load_exactly_and_convert_back_bitwise(variant
     assert config[0] == config[1]
 
 
-@pytest.mark.parametrize("family", ["gemma2", "olmo2"])
+@pytest.mark.parametrize("family", ["gemma2", "olmo2", "glm", "glm4", "gemma3_text"])
 def test_a_held_family_config_written_from_the_spec_reads_back_the_same(family: str) -> None:
     """Without the source's config.json to copy (a unified directory from elsewhere), the
     family's config is written from the spec alone: its class must read the same spec from it."""
@@ -210,3 +225,47 @@ def test_attention_softcap_runs_eager_under_sdpa_and_says_so_once(tmp_path, capl
             torch.testing.assert_close(logits(sdpa), logits(eager))
     said = [r for r in caplog.records if "attn_softcap" in r.getMessage()]
     assert len(said) == 1 and "eager" in said[0].getMessage()
+
+
+def _layout_with(layout: str, path, **changes) -> object:
+    """A tiny remote-code layout whose config.json has `changes` (None removes a field)."""
+    src = tiny_layout(layout, path)
+    cfg = {**json.loads((src / "config.json").read_text()), **changes}
+    (src / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}))
+    return src
+
+
+def test_baichuan_13b_alibi_loads_exactly_and_converts_back_bitwise(tmp_path) -> None:
+    """Baichuan-13B's configs carry no max_position_embeddings (model_max_length instead): its
+    modeling file uses ALiBi, which the unified model serves as an additive mask in every backend."""
+    src = _layout_with("baichuan", tmp_path / "src", max_position_embeddings=None, model_max_length=64)
+    ids = torch.randint(0, 250, (2, 40), generator=torch.Generator().manual_seed(13))
+    want = forward("baichuan", src, ids)
+    for backend in BACKENDS:
+        model = UnifiedForCausalLM.from_pretrained(src, attn_implementation=backend)
+        assert model.spec.alibi
+        torch.testing.assert_close(logits(model, ids), want)
+    convert(src, tmp_path / "unified", to="unified")
+    convert(tmp_path / "unified", tmp_path / "back", to="baichuan")
+    assert_bitwise(read_tensors(src), read_tensors(tmp_path / "back"))
+
+
+def test_qwen_dynamic_ntk_and_log_n_attention_match_beyond_the_trained_length(tmp_path) -> None:
+    """Qwen v1 with use_dynamic_ntk and use_logn_attn, trained on 16 tokens: beyond 16 both act
+    (40 tokens: NTK alpha 7, queries scaled by log_16(p + 1)); within 16 neither does."""
+    src = _layout_with("qwen", tmp_path / "src", seq_length=16, use_dynamic_ntk=True, use_logn_attn=True)
+    plain = _layout_with("qwen", tmp_path / "plain", seq_length=16)
+    for length in (40, 12):
+        ids = torch.randint(0, 250, (2, length), generator=torch.Generator().manual_seed(length))
+        want = forward("qwen", src, ids)
+        for backend in BACKENDS:
+            model = UnifiedForCausalLM.from_pretrained(src, attn_implementation=backend)
+            assert model.spec.long_context_scaling == 16
+            torch.testing.assert_close(logits(model, ids), want)
+        if length <= 16:
+            torch.testing.assert_close(want, forward("qwen", plain, ids), rtol=0, atol=0)
+        else:
+            assert not torch.allclose(want, forward("qwen", plain, ids))  # the scaling acts
+    one = _layout_with("qwen", tmp_path / "one", seq_length=16, use_dynamic_ntk=True)
+    with pytest.raises(ReferenceError, match="use_logn_attn=False"):  # the spec holds both or neither
+        UnifiedForCausalLM.from_pretrained(one)

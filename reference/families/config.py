@@ -214,6 +214,12 @@ class LayerTypeRope(Codec):
             return {}
         full, fraction = read_rope({"rope_parameters": rope["full_attention"]})
         sliding, _ = read_rope({"rope_parameters": rope.get("sliding_attention", full)})
+        window = cfg.get("sliding_window")
+        unplaced = window is None or window >= cfg.get("max_position_embeddings", window + 1)
+        if sliding != full and unplaced and "sliding_attention" in (cfg.get("layer_types") or ()):
+            # the spec places the windowed layers' rope by their window, which this config lacks
+            raise ReferenceError(f"{where}: rope_parameters differ per layer type, but sliding_window "
+                                 f"{window} does not mark the 'sliding_attention' layers; not supported")
         return {"rope_parameters": full, "rotary_fraction": fraction,
                 "sliding_rope_parameters": None if sliding == full else sliding}
 
@@ -256,7 +262,10 @@ class Derived(Codec):
 
 @dataclass(frozen=True)
 class RotaryFraction(Codec):
-    """Partial rotary, stored as `partial_rotary_factor` inside rope_parameters (Phi3, GLM)."""
+    """Partial rotary, stored as `partial_rotary_factor` inside rope_parameters (Phi3, GLM);
+    `default` is what the family's config class assumes when it is absent (GLM's: 0.5)."""
+
+    default: float = 1.0
 
     def read(self, cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
         return {}  # read_rope takes it out of the rope parameters for every family
@@ -269,7 +278,7 @@ class RotaryFraction(Codec):
 
     def write(self, spec: ModelSpec) -> dict[str, Any]:
         rope = dict(spec.rope_parameters)
-        if spec.rotary_fraction != 1.0:
+        if spec.rotary_fraction != self.default:
             rope["partial_rotary_factor"] = spec.rotary_fraction
         return {"rope_parameters": rope}
 
@@ -329,8 +338,11 @@ class LongContext(Codec):
     """Qwen v1's `use_dynamic_ntk` / `use_logn_attn`, which act beyond `seq_length` only."""
 
     def read(self, cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
-        on = cfg.get("use_dynamic_ntk") or cfg.get("use_logn_attn")
-        return {"long_context_scaling": cfg.get("seq_length", 2048) if on else None}
+        ntk, logn = bool(cfg.get("use_dynamic_ntk")), bool(cfg.get("use_logn_attn"))
+        if ntk != logn:  # every published Qwen config turns both on, or neither
+            raise ReferenceError(f"{where}: use_dynamic_ntk={ntk} but use_logn_attn={logn}; "
+                                 "only both on or both off is supported")
+        return {"long_context_scaling": cfg.get("seq_length", 2048) if ntk else None}
 
     def variants(self) -> list[dict[str, Any]]:
         return [{"long_context_scaling": 8192}]

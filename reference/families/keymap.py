@@ -163,6 +163,20 @@ PHI3_KEYS = KeyMap(_llama_rules(
      "down_proj.weight": "layers.{}.mlp.down.weight"},
 ))
 
+# GLM: Llama's attention (q, k, v with bias) and Phi3's fused gate_up_proj. GLM4 adds a norm on
+# the output of attention and of the MLP; its post_attention_layernorm stays the norm before
+# the MLP, as in Llama (Gemma2 uses that name for the norm on attention's output).
+_GLM_RULES = _llama_rules(_LLAMA_ATTN, {
+    "gate_up_proj.weight": Fused(("layers.{}.mlp.gate.weight", "layers.{}.mlp.up.weight"), GATE_UP),
+    "down_proj.weight": "layers.{}.mlp.down.weight",
+})
+GLM_KEYS = KeyMap(_GLM_RULES)
+GLM4_KEYS = KeyMap({
+    **_GLM_RULES,
+    "model.layers.{}.post_self_attn_layernorm.weight": "layers.{}.attn_post_norm.weight",
+    "model.layers.{}.post_mlp_layernorm.weight": "layers.{}.mlp_post_norm.weight",
+})
+
 BAICHUAN_KEYS = KeyMap(_llama_rules(
     {"W_pack.weight": Fused(tuple(f"layers.{{}}.attn.{p}.weight" for p in "qkv"), QKV),
      "o_proj.weight": "layers.{}.attn.o.weight"},

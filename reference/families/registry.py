@@ -29,6 +29,8 @@ from reference.families.config import (
 from reference.families.family import Family
 from reference.families.keymap import (
     BAICHUAN_KEYS,
+    GLM4_KEYS,
+    GLM_KEYS,
     INTERNLM2_KEYS,
     LLAMA_KEYS,
     PHI3_KEYS,
@@ -38,9 +40,12 @@ from reference.families.keymap import (
 
 LLAMA_BIAS = (Flag("attention_bias", ("qkv_bias", "o_bias")), Flag("mlp_bias", ("mlp_bias",)))
 GEMMA2_FIELDS = {**LLAMA_FIELDS, "hidden_act": "hidden_activation"}
-GEMMA2_CODECS = (Fixed("norm_offset", True), Derived("embedding_multiplier", "hidden_size", 0.5),
-                 QueryScalar(), Fixed("post_norms", True), Value("attn_softcap", "attn_logit_softcapping"),
-                 Value("final_softcap", "final_logit_softcapping"), Window(mixed_layers=True))
+_GEMMA_CODECS = (Fixed("norm_offset", True), Derived("embedding_multiplier", "hidden_size", 0.5),
+                 QueryScalar(), Fixed("post_norms", True), Value("final_softcap", "final_logit_softcapping"),
+                 Window(mixed_layers=True))
+GEMMA2_CODECS = (*_GEMMA_CODECS, Value("attn_softcap", "attn_logit_softcapping"))
+# Gemma3's attention never applies its config's attn_logit_softcapping, so it is not read.
+GEMMA3_CODECS = (*_GEMMA_CODECS, Fixed("qk_norm", True), LayerTypeRope())
 
 ROWS = (
     Family(model_type="llama", architecture="LlamaForCausalLM", keys=LLAMA_KEYS, codecs=LLAMA_BIAS),
@@ -78,15 +83,15 @@ ROWS = (
     Family(model_type="olmo2", architecture="Olmo2ForCausalLM", keys=POST_NORM_KEYS,
            codecs=(LLAMA_BIAS[0], Fixed("pre_norms", False), Fixed("post_norms", True),
                    Fixed("qk_norm", True), Fixed("qk_norm_scope", "all"))),
-    # Recognised and refused by feature until the unified model holds them.
-    Family(model_type="gemma3_text", architecture="Gemma3ForCausalLM", keys=None,
+    Family(model_type="gemma3_text", architecture="Gemma3ForCausalLM", keys=POST_NORM_KEYS,
            fields=GEMMA2_FIELDS, tie_default=True,
-           codecs=(*GEMMA2_CODECS, Fixed("qk_norm", True), LayerTypeRope())),
-    Family(model_type="glm", architecture="GlmForCausalLM", keys=None,
-           codecs=(Fixed("qkv_bias", True), RotaryFraction(), Fixed("interleaved_rope", True))),
-    Family(model_type="glm4", architecture="Glm4ForCausalLM", keys=None,
-           codecs=(Fixed("qkv_bias", True), RotaryFraction(), Fixed("interleaved_rope", True),
+           codecs=(LLAMA_BIAS[0], *GEMMA3_CODECS)),
+    Family(model_type="glm", architecture="GlmForCausalLM", keys=GLM_KEYS,
+           codecs=(Fixed("qkv_bias", True), RotaryFraction(0.5), Fixed("interleaved_rope", True))),
+    Family(model_type="glm4", architecture="Glm4ForCausalLM", keys=GLM4_KEYS,
+           codecs=(Fixed("qkv_bias", True), RotaryFraction(0.5), Fixed("interleaved_rope", True),
                    Fixed("post_norms", True))),
+    # Recognised and refused by feature until the unified model holds them.
     Family(model_type="cohere", architecture="CohereForCausalLM", keys=None, tie_default=True,
            fields={**LLAMA_FIELDS, "norm_eps": "layer_norm_eps"},
            codecs=(Fixed("layernorm", True), Fixed("parallel_block", True),

@@ -1,8 +1,11 @@
 """Attention kernels and masks. Masks are built once per forward from positions (causal,
-sliding window, padding) and handed to the chosen backend; what the spec adds to the scores
-is applied the same way in every backend that can serve it (a softcap: eager only)."""
+sliding window, padding, ALiBi's per-head bias) and handed to the chosen backend; what the
+spec adds to the scores is applied the same way in every backend that can serve it (a softcap:
+eager only; ALiBi: every backend, as an additive mask)."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +31,31 @@ def additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A bool mask as the additive one transformers uses (dtype's min where masked): a row with
     no allowed key (a padding query) then gets uniform weights rather than NaN."""
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+
+def alibi_slopes(heads: int) -> list[float]:
+    """ALiBi's slope of each head (Press et al., as Baichuan2-13B and BLOOM compute them): for n
+    a power of two, the geometric sequence start, start ** 2, ... with start = 2 ** (-8 / n);
+    otherwise those of the power of two below n, then every other slope of the one above."""
+    if math.log2(heads).is_integer():
+        start = 2 ** (-(2 ** -(math.log2(heads) - 3)))
+        return [start * start**i for i in range(heads)]
+    below = 2 ** math.floor(math.log2(heads))
+    return alibi_slopes(below) + alibi_slopes(2 * below)[0::2][: heads - below]
+
+
+def alibi(heads: int, query_pos: torch.Tensor, key_pos: torch.Tensor) -> torch.Tensor:
+    """(1, H, T, S) fp32: ALiBi's bias, slope times the distance (key - query, <= 0 for the keys
+    a query may attend to). Baichuan adds slope * key; softmax cancels the per-query difference."""
+    slopes = torch.tensor(alibi_slopes(heads), device=query_pos.device)
+    return (slopes[:, None, None] * (key_pos[None, None, :] - query_pos[None, :, None]))[None]
+
+
+def log_n(trained: int, start: int, end: int, device: torch.device) -> torch.Tensor:
+    """(T, 1): Qwen v1's log-n attention factor of the queries at cache positions start..end-1:
+    log(p + 1) / log(trained) for position p beyond the trained length, 1 within it."""
+    scale = [math.log(p + 1, trained) if p + 1 > trained else 1.0 for p in range(start, end)]
+    return torch.tensor(scale, device=device)[:, None]
 
 
 def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:

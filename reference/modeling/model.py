@@ -71,6 +71,8 @@ class Attention(nn.Module):
         self.layer, self.head_dim = layer, d
         self.scale = spec.head_dim ** -0.5 if spec.attention_multiplier is None else spec.attention_multiplier
         self.softcap = spec.attn_softcap
+        self.rotate, self.interleaved = not spec.alibi, spec.interleaved_rope  # ALiBi: no rope
+        self.long_context = spec.long_context_scaling
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
                 cache: Cache | None, backend: str) -> torch.Tensor:
@@ -83,9 +85,12 @@ class Attention(nn.Module):
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if self.rotate:
+            q, k = apply_rotary(q, *rope, self.interleaved), apply_rotary(k, *rope, self.interleaved)
         if cache is not None:
             k, v = cache.update(k, v, self.layer)  # (B, KV, S, D), S = past + T
+        if self.long_context is not None and not self.training:  # Qwen v1's log-n attention (eval only)
+            q = q * attention.log_n(self.long_context, k.shape[2] - t, k.shape[2], q.device).to(q.dtype)
         out, _ = attention.KERNELS[backend](q, k, v, mask, self.scale, self.softcap)  # (B, H, T, D)
         return self.o(out.transpose(1, 2).reshape(b, t, -1))
 
@@ -210,16 +215,27 @@ class UnifiedForCausalLM(PreTrainedModel, GenerationMixin):
         if position_ids is None:
             position_ids = query_pos[None].expand(b, -1)
         backend = self._backend()
-        # One mask per window size; None is plain causal attention, which the kernels serve with
-        # no mask tensor at all.
         padded = attention_mask is not None and not bool(attention_mask.all())
         key_pos = torch.arange(past + t, device=x.device)
+
+        def mask(window: int | None) -> torch.Tensor | None:
+            """The additive mask of layers with this window (B or 1, 1 or H, T, S); None is plain
+            causal attention, which the kernels serve with no mask tensor at all."""
+            if not (padded or self.spec.alibi or (window is not None and past + t > window)):
+                return None
+            m = attention.additive(attention.allowed(query_pos, key_pos, attention_mask, window), x.dtype)
+            if self.spec.alibi:
+                m = m + attention.alibi(self.spec.num_heads, query_pos, key_pos).to(x.dtype)
+            return m
+
         windows = [self.spec.window_of(i) for i in range(len(self.layers))]
-        masks = {w: attention.additive(attention.allowed(query_pos, key_pos, attention_mask, w), x.dtype)
-                 if padded or (w is not None and past + t > w) else None for w in set(windows)}
-        rope = self.rotary(position_ids, x.dtype)
+        masks = {w: mask(w) for w in set(windows)}
+        lengths = None  # Qwen v1's dynamic NTK (eval only) scales rope by each row's length
+        if self.spec.long_context_scaling is not None and not self.training:
+            lengths = attention_mask.sum(-1) if attention_mask is not None else key_pos[-1:] + 1
+        ropes = self.rotary(position_ids, x.dtype, lengths)  # [full layers', windowed layers']
         for layer, window in zip(self.layers, windows, strict=True):
-            x = layer(x, rope, masks[window], cache, backend)
+            x = layer(x, ropes[window is not None], masks[window], cache, backend)
         x = self.norm(x)
         logits = self._head(x[:, -logits_to_keep:] if logits_to_keep else x)
         loss = None
