@@ -51,6 +51,7 @@ class Rotary(torch.nn.Module):
         super().__init__()
         self.config = config
         self.kind = config.model_spec().rope_parameters.get("rope_type", "default")
+        self.interleaved = config.model_spec().interleaved_rope
         inv_freq, self.scaling = inverse_frequencies(config)
         self.inv_freq = torch.nn.Buffer(inv_freq, persistent=False)
 
@@ -61,7 +62,9 @@ class Rotary(torch.nn.Module):
             inv_freq = inv_freq.to(positions.device)
         with torch.autocast(device_type=positions.device.type, enabled=False):
             freqs = positions[..., None].float() * inv_freq.float()  # (B, T, rotary_dim / 2)
-            emb = torch.cat((freqs, freqs), dim=-1)
+            # each frequency on a half's pair (i, i + n/2), or on an adjacent pair (2i, 2i + 1)
+            pairs = freqs.repeat_interleave(2, dim=-1) if self.interleaved else None
+            emb = torch.cat((freqs, freqs), dim=-1) if pairs is None else pairs
             return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
 
 
@@ -70,9 +73,16 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first cos.shape[-1] dims of each head of x (B, H, T, D); the rest pass."""
+def _rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 interleaved: bool = False) -> torch.Tensor:
+    """Rotate the first cos.shape[-1] dims of each head of x (B, H, T, D); the rest pass.
+    `interleaved` rotates adjacent pairs (Cohere) instead of halves."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, rotary_dim)
     n = cos.shape[-1]
     rot, rest = x[..., :n], x[..., n:]
-    return torch.cat((rot * cos + _rotate_half(rot) * sin, rest), dim=-1)
+    turned = _rotate_pairs(rot) if interleaved else _rotate_half(rot)
+    return torch.cat((rot * cos + turned * sin, rest), dim=-1)
