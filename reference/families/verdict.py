@@ -12,9 +12,8 @@ from reference.families.family import Family
 from reference.families.spec import BIAS_KEYS, DEFAULT_FEATURES, FEATURES, FOLDABLE, ModelSpec
 
 # Features of ModelSpec the unified model does not compute yet: refused by name until it does.
-UNIFIED_NOT_BUILT = ("parallel_block", "layernorm", "gated_mlp", "interleaved_rope",
-                     "sliding_rope_parameters", "num_experts", "latent_attention", "alibi",
-                     "long_context_scaling")
+UNIFIED_NOT_BUILT = ("sliding_rope_parameters", "num_experts", "latent_attention",
+                     "alibi", "long_context_scaling")
 
 
 def unified_holds(feature: str) -> bool:
