@@ -47,6 +47,13 @@ TINY: dict[str, dict[str, Any]] = {
                  "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
                                      "partial_rotary_factor": 0.5}},
     "starcoder2": {"norm_epsilon": 1e-5, "bos_token_id": 1, "eos_token_id": 2},
+    # Phi and GPT-NeoX fix head_dim at hidden / heads; GPT-NeoX has no GQA either.
+    "phi": {"layer_norm_eps": 1e-5, "head_dim": None,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}},
+    "gpt_neox": {"layer_norm_eps": 1e-5, "head_dim": None, "num_key_value_heads": None,
+                 "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                     "partial_rotary_factor": 0.5}},
+    "olmo": {"pad_token_id": 0, "eos_token_id": 2},
     "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
     "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
                   "shared_expert_intermediate_size": 48},

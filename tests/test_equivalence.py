@@ -20,6 +20,7 @@ from harness import (
     conversion_cases,
     read_tensors,
     refusal_cases,
+    refused_by,
     tiny_spec,
 )
 from transformers import AutoModelForCausalLM
@@ -27,7 +28,7 @@ from transformers import AutoModelForCausalLM
 from reference.converters import convert
 from reference.errors import Inexpressible
 from reference.families.registry import FAMILIES
-from reference.families.verdict import blocking, unified_holds
+from reference.families.verdict import unified_holds
 from reference.tiny import logits, save_tiny, tiny_model
 
 
@@ -73,7 +74,7 @@ def test_converted_logits_equal_original(source: str, target: str, tie: bool, tm
 @pytest.mark.parametrize(("source", "target", "tie"), refusal_cases())
 def test_refusal_names_the_feature(source: str, target: str, tie: bool, tmp_path) -> None:
     spec = tiny_spec(source, tie)
-    features = blocking(spec, FAMILIES[target].express(spec))
+    features = refused_by(spec, target)
     src = save_tiny(source, tmp_path / "src", tie=tie)
     with pytest.raises(Inexpressible) as e:
         convert(src, tmp_path / "dst", to=target)

@@ -13,7 +13,7 @@ from reference.converters.folds import FOLDS, UNTIES, FoldCost, Refold, is_defau
 from reference.converters.safetensors_io import Entry, Planned
 from reference.errors import Inexpressible, ReferenceError
 from reference.families.family import Family
-from reference.families.keymap import Fused
+from reference.families.keymap import Fused, Stacked
 from reference.families.spec import BIAS_KEYS, FEATURES, ModelSpec, bias_shape, canonical_names
 from reference.families.verdict import unified_holds
 
@@ -37,8 +37,12 @@ def read_canonical(
 ) -> dict[str, Lazy]:
     """The canonical tensors of a checkpoint, checked against what its spec must hold."""
     out: dict[str, Lazy] = {}
+    stacks: dict[str, dict[int, Entry]] = {}
     for key, entry in entries.items():
         names, fused = family.keys.canonical(key, where)
+        if isinstance(fused, Stacked):
+            stacks.setdefault(names[0], {})[family.keys.row(key)] = entry
+            continue
         if fused is None:
             for name in names:
                 out[name] = Lazy(entry.meta(), lambda e=entry: e, entry)
@@ -46,6 +50,13 @@ def read_canonical(
         metas = fused.split(entry.meta(), spec)
         for i, name in enumerate(names):
             out[name] = Lazy(metas[i], lambda e=entry, i=i, f=fused: f.split(e.load(), spec)[i])
+    for name, rows in stacks.items():
+        if sorted(rows) != list(range(len(rows))):
+            raise ReferenceError(f"{where}: the rows of '{family.keys.hf(name, family.model_type)[0]}' "
+                                 f"are numbered {sorted(rows)}, not 0..{len(rows) - 1}")
+        stacked = [rows[i] for i in range(len(rows))]
+        out[name] = Lazy(torch.stack([e.meta() for e in stacked]),
+                         lambda es=stacked: torch.stack([e.load() for e in es]))
     if spec.tie_word_embeddings:
         out.pop("lm_head.weight", None)  # a tied head is the embedding; transformers ignores a saved copy
     expected = list(canonical_names(spec))
@@ -60,7 +71,10 @@ def read_canonical(
 
 
 def _bias_names(spec: ModelSpec, feature: str) -> list[str]:
-    return [t.format(i) for i in range(spec.num_layers) for t in BIAS_KEYS[feature]]
+    """The feature's biases a model of this spec has when the feature is on (a non-gated MLP
+    has no gate bias)."""
+    has = set(canonical_names(spec.replace(**{feature: True})))
+    return [n for i in range(spec.num_layers) for t in BIAS_KEYS[feature] if (n := t.format(i)) in has]
 
 
 def prune_zero_biases(tensors: dict[str, Lazy], spec: ModelSpec) -> tuple[dict[str, Lazy], ModelSpec]:
@@ -167,7 +181,13 @@ def plan_target(
         homes.setdefault(hf, {})[part] = name
     planned = []
     for hf, parts in homes.items():
-        rule = family.keys.rule(hf)
+        rule = family.keys.rule(hf.format(0))  # a Stacked home names its rows with {}
+        if isinstance(rule, Stacked):
+            whole = tensors[parts[0]]
+            for i in range(whole.meta.shape[0]):
+                row = Lazy(whole.meta[i], lambda w=whole, i=i: materialize(w.load())[i].clone())
+                planned.append(_planned(hf.format(i), row, dtype))
+            continue
         if isinstance(rule, Fused):
             names = [parts[i] for i in range(len(rule.parts))]
             meta = rule.merge([tensors[n].meta for n in names], held)
@@ -176,8 +196,13 @@ def plan_target(
             lazy = Lazy(meta, load)
         else:
             lazy = tensors[parts[0]]
-        cast = dtype is not None and lazy.meta.is_floating_point() and lazy.meta.dtype != dtype
-        out_dtype = dtype if cast else lazy.meta.dtype
-        produce = (lambda lz=lazy, d=out_dtype: materialize(lz.load()).to(d)) if cast else lazy.load
-        planned.append(Planned(hf, out_dtype, tuple(lazy.meta.shape), produce, None if cast else lazy.entry))
+        planned.append(_planned(hf, lazy, dtype))
     return planned
+
+
+def _planned(name: str, lazy: Lazy, dtype: torch.dtype | None) -> Planned:
+    """One target tensor, cast to `dtype` if given and floating."""
+    cast = dtype is not None and lazy.meta.is_floating_point() and lazy.meta.dtype != dtype
+    out_dtype = dtype if cast else lazy.meta.dtype
+    produce = (lambda: materialize(lazy.load()).to(out_dtype)) if cast else lazy.load
+    return Planned(name, out_dtype, tuple(lazy.meta.shape), produce, None if cast else lazy.entry)

@@ -170,6 +170,42 @@ class Value(Codec):
 
 
 @dataclass(frozen=True)
+class Implied(Codec):
+    """A dimension the family's config has no field for: its class always uses `value` (OLMo's
+    norm eps), or with `value` None what read_spec derives from the others when the field is
+    absent (GPT-NeoX's head_dim is hidden / heads, its KV heads are the heads). A spec with
+    another value cannot be written: refused naming the dimension."""
+
+    dimension: str
+    value: Any = None
+
+    def _implied(self, spec: ModelSpec) -> Any:
+        if self.value is not None:
+            return self.value
+        derived = {"head_dim": spec.hidden_size // spec.num_heads, "num_kv_heads": spec.num_heads}
+        return derived[self.dimension]
+
+    def read(self, cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
+        return {} if self.value is None else {self.dimension: self.value}
+
+    def variants(self) -> list[dict[str, Any]]:
+        return []
+
+    def express(self, spec: ModelSpec) -> dict[str, Any]:
+        return {}
+
+    def write(self, spec: ModelSpec) -> dict[str, Any]:
+        return {}
+
+    def refuses(self, spec: ModelSpec) -> dict[str, str]:
+        have, want = getattr(spec, self.dimension), self._implied(spec)
+        if have == want:
+            return {}
+        return {self.dimension: f"{self.dimension}={have!r}: the family's config has no field for it, "
+                                f"so it is always {want!r}"}
+
+
+@dataclass(frozen=True)
 class AttentionScale(Value):
     """Granite's `attention_multiplier`: the q.k scale itself, so Llama's None is 1/sqrt(d)."""
 

@@ -54,6 +54,15 @@ class Fused:
         return torch.cat(out)
 
 
+@dataclass(frozen=True)
+class Stacked:
+    """One canonical tensor whose rows the family stores as tensors of their own, numbered in
+    the last `{}` of the HF template (StableLM's per-head q/k LayerNorms: `q_layernorm.norms.{h}`
+    is row h of the canonical q_norm, (heads, head_dim)). Stacking and indexing are lossless."""
+
+    part: str
+
+
 def concat(*sizes: Callable[[ModelSpec], int]) -> Callable[[ModelSpec], Blocks]:
     """Blocks of a plain concatenation [part0; part1; ...] (Phi3's qkv_proj, gate_up_proj)."""
     return lambda spec: [(i, size(spec)) for i, size in enumerate(sizes)]
@@ -79,7 +88,7 @@ def _pattern(template: str) -> re.Pattern[str]:
     return re.compile("^" + re.escape(template).replace(r"\{\}", r"(\d+)") + "$")
 
 
-Rule = str | Fused | None
+Rule = str | Fused | Stacked | None
 
 
 class KeyMap:
@@ -90,15 +99,17 @@ class KeyMap:
         self._hf = [(_pattern(h), rule) for h, rule in self.rules.items()]
         homes: dict[str, tuple[str, int]] = {}
         for hf, rule in self.rules.items():
-            parts = (rule,) if isinstance(rule, str) else rule.parts if rule else ()
+            parts = ((rule,) if isinstance(rule, str) else (rule.part,) if isinstance(rule, Stacked)
+                     else rule.parts if rule else ())
             for i, c in enumerate(parts):
                 if c in homes:
                     raise ValueError(f"canonical '{c}' has two HF homes")
                 homes[c] = (hf, i)
         self._canonical = [(_pattern(c), home) for c, home in homes.items()]
 
-    def canonical(self, hf_key: str, where: str) -> tuple[list[str], Fused | None]:
-        """Canonical names an HF tensor holds ([] if dropped), and how they are fused."""
+    def canonical(self, hf_key: str, where: str) -> tuple[list[str], Fused | Stacked | None]:
+        """Canonical names an HF tensor holds ([] if dropped), and how they are fused or
+        stacked (`row` says which row of a Stacked one it is)."""
         for pattern, rule in self._hf:
             match = pattern.match(hf_key)
             if match:
@@ -106,15 +117,26 @@ class KeyMap:
                     return [], None
                 if isinstance(rule, str):
                     return [rule.format(*match.groups())], None
+                if isinstance(rule, Stacked):
+                    return [rule.part.format(*match.groups()[:-1])], rule
                 return [p.format(*match.groups()) for p in rule.parts], rule
         raise ReferenceError(f"{where}: unknown tensor '{hf_key}' for this family")
 
+    def row(self, hf_key: str) -> int:
+        """The row of a Stacked canonical tensor an HF tensor holds: its last number."""
+        for pattern, _ in self._hf:
+            match = pattern.match(hf_key)
+            if match:
+                return int(match.groups()[-1])
+        raise KeyError(hf_key)
+
     def hf(self, canonical_key: str, family: str) -> tuple[str, int]:
-        """The HF name that holds a canonical tensor, and its part index there."""
+        """The HF name that holds a canonical tensor, and its part index there. A Stacked home
+        keeps `{}` where the row number goes."""
         for pattern, (hf, part) in self._canonical:
             match = pattern.match(canonical_key)
             if match:
-                return hf.format(*match.groups()), part
+                return hf.format(*match.groups(), "{}"), part
         raise ReferenceError(f"{family} has no tensor for canonical '{canonical_key}'")
 
     def rule(self, hf_key: str) -> Rule:
@@ -223,4 +245,67 @@ QWEN_KEYS = KeyMap({
     "transformer.h.{}.mlp.c_proj.weight": "layers.{}.mlp.down.weight",
     "transformer.ln_f.weight": "norm.weight",
     "lm_head.weight": "lm_head.weight",
+})
+
+
+def _with_bias(rules: Mapping[str, Rule]) -> dict[str, Rule]:
+    """Each `.weight` rule and its `.bias` twin (families whose norms or linears have biases)."""
+    out: dict[str, Rule] = {}
+    for hf, rule in rules.items():
+        out[hf] = rule
+        if isinstance(rule, str) and hf.endswith(".weight"):
+            out[hf.removesuffix("weight") + "bias"] = rule.removesuffix("weight") + "bias"
+    return out
+
+
+_NORMS = {"model.layers.{}.input_layernorm.weight": "layers.{}.attn_norm.weight",
+          "model.layers.{}.post_attention_layernorm.weight": "layers.{}.mlp_norm.weight",
+          "model.norm.weight": "norm.weight"}
+# StableLM: LayerNorm with a bias, Llama's names otherwise, and a LayerNorm of its own per head
+# for q and k.
+STABLELM_KEYS = KeyMap({
+    **{h: c for h, c in _llama_rules(_LLAMA_ATTN, _LLAMA_MLP).items() if "_norm." not in h},
+    **_with_bias(_NORMS),
+    "model.layers.{}.self_attn.q_layernorm.norms.{}.weight": Stacked("layers.{}.attn.q_norm.weight"),
+    "model.layers.{}.self_attn.k_layernorm.norms.{}.weight": Stacked("layers.{}.attn.k_norm.weight"),
+})
+
+STARCODER2_KEYS = KeyMap({
+    **_llama_rules(_LLAMA_ATTN, _with_bias({"c_fc.weight": "layers.{}.mlp.up.weight",
+                                             "c_proj.weight": "layers.{}.mlp.down.weight"})),
+    **_with_bias(_NORMS),
+})
+
+PHI_KEYS = KeyMap(_with_bias({
+    "model.embed_tokens.weight": "embed.weight",
+    "model.layers.{}.input_layernorm.weight": "layers.{}.attn_norm.weight",
+    **{f"model.layers.{{}}.self_attn.{p}_proj.weight": f"layers.{{}}.attn.{p}.weight" for p in "qkv"},
+    "model.layers.{}.self_attn.dense.weight": "layers.{}.attn.o.weight",
+    "model.layers.{}.self_attn.q_layernorm.weight": "layers.{}.attn.q_norm.weight",
+    "model.layers.{}.self_attn.k_layernorm.weight": "layers.{}.attn.k_norm.weight",
+    "model.layers.{}.mlp.fc1.weight": "layers.{}.mlp.up.weight",
+    "model.layers.{}.mlp.fc2.weight": "layers.{}.mlp.down.weight",
+    "model.final_layernorm.weight": "norm.weight",
+    "lm_head.weight": "lm_head.weight",
+}))
+
+# GPT-NeoX's query_key_value holds, for each head, its q, k and v rows: InternLM2's grouping
+# with one query head per group (GPT-NeoX has no GQA).
+GPT_NEOX_KEYS = KeyMap({
+    **_with_bias({
+        "gpt_neox.embed_in.weight": "embed.weight",
+        "gpt_neox.layers.{}.input_layernorm.weight": "layers.{}.attn_norm.weight",
+        "gpt_neox.layers.{}.attention.dense.weight": "layers.{}.attn.o.weight",
+        "gpt_neox.layers.{}.post_attention_layernorm.weight": "layers.{}.mlp_norm.weight",
+        "gpt_neox.layers.{}.mlp.dense_h_to_4h.weight": "layers.{}.mlp.up.weight",
+        "gpt_neox.layers.{}.mlp.dense_4h_to_h.weight": "layers.{}.mlp.down.weight",
+        "gpt_neox.final_layer_norm.weight": "norm.weight",
+    }),
+    "gpt_neox.layers.{}.attention.query_key_value.weight": Fused(_parts("weight"), grouped_qkv),
+    "gpt_neox.layers.{}.attention.query_key_value.bias": Fused(_parts("bias"), grouped_qkv),
+    "embed_out.weight": "lm_head.weight",
+    # Older checkpoints saved the causal mask and rotary caches as buffers; they are recomputed.
+    "gpt_neox.layers.{}.attention.bias": None,
+    "gpt_neox.layers.{}.attention.masked_bias": None,
+    "gpt_neox.layers.{}.attention.rotary_emb.inv_freq": None,
 })

@@ -34,9 +34,11 @@ class ModelSpec:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
-    qk_norm: bool = False  # RMSNorm on q and on k, before rope (Qwen3, OLMo2)
-    qk_norm_scope: str = "head"  # "head": over head_dim, each head alone (Qwen3); "all": over
+    qk_norm: bool = False  # a norm (the model's kind) on q and on k, before rope (Qwen3, OLMo2)
+    qk_norm_scope: str = "head"  # "head": over head_dim, one weight shared by the heads (Qwen3,
+    # Phi); "each_head": over head_dim, each head its own weight (Cohere, StableLM); "all": over
     # all heads of q (and of k) at once, before splitting into heads (OLMo2)
+    qk_norm_bias: bool = False  # the q/k norms add a bias (Phi's q/k LayerNorm)
     rotary_fraction: float = 1.0  # rope on the first fraction of each head only (GLM, StableLM)
     # Scalars some families apply and Llama does not; each can be folded into weights.
     norm_offset: bool = False  # norms compute x * (1 + w) in fp32 (Gemma)
@@ -50,9 +52,20 @@ class ModelSpec:
     # residual add (Gemma2: both placements; OLMo2: post only)
     attn_softcap: float | None = None  # tanh soft-capping of attention logits (Gemma2)
     final_softcap: float | None = None  # tanh soft-capping of the output logits (Gemma2)
-    parallel_block: bool = False  # attention and MLP from one norm, summed (Cohere)
-    layernorm: bool = False  # mean-centred LayerNorm (with bias) instead of RMSNorm
-    gated_mlp: bool = True  # SwiGLU-style gate * up; False is a plain fc1 -> act -> fc2
+    parallel_block: bool = False  # x + attn(attn_norm(x)) + mlp(mlp_norm(x)): both read the
+    # block's input, summed (GPT-NeoX, StableLM's parallel residual, Cohere, Phi)
+    shared_norm: bool = False  # a parallel block's MLP reads attention's norm: one norm per
+    # block, no mlp_norm (Cohere, Phi, StableLM); GPT-NeoX has two
+    branches_first: bool = False  # a parallel block sums (attn + mlp) + x (Phi, GPT-NeoX), not
+    # (x + attn) + mlp (Cohere, StableLM): the same in exact arithmetic, not in bf16
+    layernorm: bool = False  # every norm is mean-centred LayerNorm instead of RMSNorm
+    norm_bias: bool = False  # the block and final norms add a bias (LayerNorm's; StableLM, Phi)
+    norm_params: bool = True  # False: the norms have no weight and no bias at all (OLMo)
+    gated_mlp: bool = True  # down(act(gate(x)) * up(x)); False: down(act(up(x))), no gate
+    lm_head_bias: bool = False  # the output projection adds a bias (Phi)
+    logit_scale: float = 1.0  # logits * this (Cohere); not logits_divisor: x * s and x / (1 / s)
+    # round differently, and the model computes what the family does
+    clip_qkv: float | None = None  # q, k and v clamped to [-c, c] after projection (OLMo)
     interleaved_rope: bool = False  # rope on (even, odd) pairs instead of halves (GLM, Cohere)
     sliding_rope_parameters: Mapping[str, Any] | None = None  # the windowed layers' own rope (Gemma3)
     num_experts: int = 0  # a mixture of experts in place of the MLP
@@ -66,8 +79,19 @@ class ModelSpec:
     window_layers: tuple[int, ...] | None = None  # the layers the window is on; None is all (Gemma2)
 
     def __post_init__(self) -> None:
-        if self.qk_norm_scope not in ("head", "all"):
-            raise ValueError(f"qk_norm_scope must be 'head' or 'all', not {self.qk_norm_scope!r}")
+        if self.qk_norm_scope not in ("head", "each_head", "all"):
+            raise ValueError(f"qk_norm_scope must be 'head', 'each_head' or 'all', "
+                             f"not {self.qk_norm_scope!r}")
+        # Sub-features of a feature that is off compute nothing: held at the default, so that a
+        # family that fixes them (StableLM's q/k norm scope) compares equal when it is off.
+        if not self.qk_norm:
+            object.__setattr__(self, "qk_norm_scope", "head")
+            object.__setattr__(self, "qk_norm_bias", False)
+        if not self.parallel_block:
+            object.__setattr__(self, "shared_norm", False)
+            object.__setattr__(self, "branches_first", False)
+        if not self.norm_params and self.norm_bias:
+            raise ValueError("norm_bias needs norm_params: a norm without parameters has no bias")
         if self.window_layers is not None:  # a list from JSON compares unequal to the tuple
             object.__setattr__(self, "window_layers", tuple(self.window_layers))
 
@@ -117,13 +141,16 @@ def canonical_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     rows = {"q": (q, h), "k": (kv, h), "v": (kv, h), "o": (h, q),
             "gate": (ff, h), "up": (ff, h), "down": (h, ff)}
     out: dict[str, tuple[int, ...]] = {}
+    heads = {"q_norm": (spec.num_heads, q), "k_norm": (spec.num_kv_heads, kv)}
     for name in canonical_names(spec):
         parts = name.split(".")
         if name in ("embed.weight", "lm_head.weight"):
             out[name] = (spec.vocab_size, h)
-        elif parts[-2] in ("q_norm", "k_norm"):
-            whole = spec.qk_norm_scope == "all"  # one norm over all heads: q's rows, or k's
-            out[name] = ((q if parts[-2] == "q_norm" else kv) if whole else d,)
+        elif name == "lm_head.bias":
+            out[name] = (spec.vocab_size,)
+        elif parts[-2] in heads:
+            n, whole = heads[parts[-2]]
+            out[name] = {"head": (d,), "each_head": (n, d), "all": (whole,)}[spec.qk_norm_scope]
         elif parts[-2].endswith("norm"):
             out[name] = (h,)
         elif parts[-1] == "bias":
@@ -142,27 +169,30 @@ def bias_shape(spec: ModelSpec, name: str) -> tuple[int]:
 
 def canonical_names(spec: ModelSpec) -> Iterator[str]:
     """Every canonical parameter name a model of this spec has, in a stable order."""
+    def norm(name: str, on: bool = True, bias: bool = spec.norm_bias) -> Iterator[str]:
+        if on and spec.norm_params:
+            yield f"{name}.weight"
+            if bias:
+                yield f"{name}.bias"
+
     yield "embed.weight"
     for i in range(spec.num_layers):
-        if spec.pre_norms:
-            yield f"layers.{i}.attn_norm.weight"
+        yield from norm(f"layers.{i}.attn_norm", spec.pre_norms)
         for p in ("q", "k", "v", "o"):
             yield f"layers.{i}.attn.{p}.weight"
             if (spec.o_bias if p == "o" else spec.qkv_bias):
                 yield f"layers.{i}.attn.{p}.bias"
-        if spec.qk_norm:
-            yield f"layers.{i}.attn.q_norm.weight"
-            yield f"layers.{i}.attn.k_norm.weight"
-        if spec.post_norms:
-            yield f"layers.{i}.attn_post_norm.weight"
-        if spec.pre_norms:
-            yield f"layers.{i}.mlp_norm.weight"
-        for p in ("gate", "up", "down"):
+        for p in ("q_norm", "k_norm"):
+            yield from norm(f"layers.{i}.attn.{p}", spec.qk_norm, spec.qk_norm_bias)
+        yield from norm(f"layers.{i}.attn_post_norm", spec.post_norms)
+        yield from norm(f"layers.{i}.mlp_norm", spec.pre_norms and not spec.shared_norm)
+        for p in ("gate", "up", "down") if spec.gated_mlp else ("up", "down"):
             yield f"layers.{i}.mlp.{p}.weight"
             if spec.mlp_bias:
                 yield f"layers.{i}.mlp.{p}.bias"
-        if spec.post_norms:
-            yield f"layers.{i}.mlp_post_norm.weight"
-    yield "norm.weight"
+        yield from norm(f"layers.{i}.mlp_post_norm", spec.post_norms)
+    yield from norm("norm")
     if not spec.tie_word_embeddings:
         yield "lm_head.weight"
+    if spec.lm_head_bias:
+        yield "lm_head.bias"

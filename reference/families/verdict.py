@@ -12,7 +12,7 @@ from reference.families.family import Family
 from reference.families.spec import BIAS_KEYS, DEFAULT_FEATURES, FEATURES, FOLDABLE, ModelSpec
 
 # Features of ModelSpec the unified model does not compute yet: refused by name until it does.
-UNIFIED_NOT_BUILT = ("parallel_block", "layernorm", "gated_mlp", "num_experts", "latent_attention")
+UNIFIED_NOT_BUILT = ("num_experts", "latent_attention")
 
 
 def unified_holds(feature: str) -> bool:

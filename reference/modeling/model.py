@@ -4,7 +4,13 @@
     for each block:                                      # residual stream, (B, T, hidden)
         x = x + r * attn_post_norm(attn(attn_norm(x)))   # r: residual_multiplier; a norm the
         x = x + r * mlp_post_norm(mlp(mlp_norm(x)))      # spec lacks (pre_norms, post_norms)
-    logits = softcap(lm_head(norm(x)) / logits_divisor)  # is the identity
+                                                         # is the identity
+        # parallel_block: x + attn(attn_norm(x)) + mlp(mlp_norm(x)), both off the block's input
+        # x (shared_norm: mlp_norm is attn_norm; branches_first: x + (attn + mlp))
+    logits = softcap(lm_head(norm(x)) * logit_scale / logits_divisor)
+
+Norms are RMSNorm, or LayerNorm (`layernorm`), with a bias (`norm_bias`) or no parameters at
+all (`norm_params`).
 
 Attribute names are the canonical names of reference.families.spec (embed, layers.N.attn.q,
 ...), so a checkpoint in canonical names loads with no key map. Nothing here knows a family.
@@ -37,9 +43,9 @@ class RMSNorm(nn.Module):
     """x / rms(x) in fp32, times w (cast back first, as Llama) or times (1 + w) in fp32 (Gemma's
     offset form, cast back last)."""
 
-    def __init__(self, dim: int, eps: float, offset: bool) -> None:
+    def __init__(self, shape: tuple[int, ...], eps: float, offset: bool) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
+        self.weight = nn.Parameter(torch.zeros(shape) if offset else torch.ones(shape))
         self.eps, self.offset = eps, offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -50,8 +56,30 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-def _norm(spec: ModelSpec, dim: int) -> RMSNorm:
-    return RMSNorm(dim, spec.norm_eps, spec.norm_offset)
+class LayerNorm(nn.Module):
+    """(x - mean) / std over the last dim, times w plus b where the spec has them: torch's
+    layer_norm, as nn.LayerNorm (StableLM, Phi, GPT-NeoX) and OLMo's parameter-free one compute
+    it. A weight per head, (heads, head_dim), multiplies in fp32 after the norm (Cohere's q/k)."""
+
+    def __init__(self, shape: tuple[int, ...], eps: float, params: bool, bias: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(shape)) if params else None
+        self.bias = nn.Parameter(torch.zeros(shape)) if bias else None
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is None or self.weight.ndim == 1:
+            return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
+        h = F.layer_norm(x.float(), x.shape[-1:], None, None, self.eps)  # (B, T, H, D)
+        h = h * self.weight.float() + (0.0 if self.bias is None else self.bias.float())
+        return h.to(x.dtype)
+
+
+def _norm(spec: ModelSpec, *shape: int, bias: bool | None = None) -> nn.Module:
+    """The spec's kind of norm over the last dim of `shape`; `bias` None is the spec's own."""
+    if spec.layernorm:
+        return LayerNorm(shape, spec.norm_eps, spec.norm_params, spec.norm_bias if bias is None else bias)
+    return RMSNorm(shape, spec.norm_eps, spec.norm_offset)
 
 
 class Attention(nn.Module):
@@ -62,12 +90,15 @@ class Attention(nn.Module):
         self.k = nn.Linear(spec.hidden_size, kv * d, bias=spec.qkv_bias)
         self.v = nn.Linear(spec.hidden_size, kv * d, bias=spec.qkv_bias)
         self.o = nn.Linear(h * d, spec.hidden_size, bias=spec.o_bias)
-        # q/k norm, before rope: over head_dim on each head, or over all heads at once
+        # q/k norm, before rope: over head_dim on each head (one weight, or one per head), or
+        # over all heads at once
         self.qk_norm = spec.qk_norm_scope if spec.qk_norm else None
-        if self.qk_norm == "head":
-            self.q_norm, self.k_norm = _norm(spec, d), _norm(spec, d)
-        elif self.qk_norm == "all":
-            self.q_norm, self.k_norm = _norm(spec, h * d), _norm(spec, kv * d)
+        shapes = {"head": ((d,), (d,)), "each_head": ((h, d), (kv, d)), "all": ((h * d,), (kv * d,))}
+        if self.qk_norm is not None:
+            q_shape, k_shape = shapes[self.qk_norm]
+            self.q_norm = _norm(spec, *q_shape, bias=spec.qk_norm_bias)
+            self.k_norm = _norm(spec, *k_shape, bias=spec.qk_norm_bias)
+        self.clip, self.interleaved = spec.clip_qkv, spec.interleaved_rope
         self.layer, self.head_dim = layer, d
         self.scale = spec.head_dim ** -0.5 if spec.attention_multiplier is None else spec.attention_multiplier
         self.softcap = spec.attn_softcap
@@ -79,10 +110,12 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         shape = (b, t, -1, self.head_dim)
         q, k, v = self.q(x), self.k(x), self.v(x)  # (B, T, H * D)
+        if self.clip is not None:
+            q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
         if self.qk_norm == "all":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.view(shape), k.view(shape), v.view(shape)  # (B, T, H, D)
-        if self.qk_norm == "head":
+        if self.qk_norm in ("head", "each_head"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         if self.rotate:
@@ -96,15 +129,21 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """down(act(gate(x)) * up(x)), or without a gate down(act(up(x))) (GPT-NeoX's fc1 -> fc2)."""
+
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
-        self.gate = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias)
+        if spec.gated_mlp:
+            self.gate = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias)
         self.up = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias)
         self.down = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=spec.mlp_bias)
         self.act = ACT2FN[spec.hidden_act]
+        self.gated = spec.gated_mlp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(self.act(self.gate(x)) * self.up(x))
+        if self.gated:
+            return self.down(self.act(self.gate(x)) * self.up(x))
+        return self.down(self.act(self.up(x)))
 
 
 class Block(GradientCheckpointingLayer):
@@ -116,17 +155,27 @@ class Block(GradientCheckpointingLayer):
 
         self.attn_norm, self.attn = norm(spec.pre_norms), Attention(spec, layer)
         self.attn_post_norm = norm(spec.post_norms)
-        self.mlp_norm, self.mlp = norm(spec.pre_norms), MLP(spec)
+        self.mlp_norm, self.mlp = norm(spec.pre_norms and not spec.shared_norm), MLP(spec)
         self.mlp_post_norm = norm(spec.post_norms)
         self.residual = spec.residual_multiplier
+        self.parallel, self.shared_norm = spec.parallel_block, spec.shared_norm
+        self.branches_first = spec.branches_first
 
     def _add(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         return x + (out if self.residual == 1.0 else out * self.residual)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
                 cache: Cache | None, backend: str) -> torch.Tensor:
-        x = self._add(x, self.attn_post_norm(self.attn(self.attn_norm(x), rope, mask, cache, backend)))
-        return self._add(x, self.mlp_post_norm(self.mlp(self.mlp_norm(x))))
+        h = self.attn_norm(x)
+        a = self.attn_post_norm(self.attn(h, rope, mask, cache, backend))
+        if not self.parallel:
+            x = self._add(x, a)
+            return self._add(x, self.mlp_post_norm(self.mlp(self.mlp_norm(x))))
+        # parallel: both branches read the block's input x (through one norm, or two)
+        m = self.mlp_post_norm(self.mlp(h if self.shared_norm else self.mlp_norm(x)))
+        if self.branches_first:
+            return self._add(x, a + m)  # (attn + mlp) + x, rounded as Phi and GPT-NeoX do
+        return self._add(self._add(x, a), m)
 
 
 class UnifiedForCausalLM(PreTrainedModel, GenerationMixin):
@@ -145,7 +194,7 @@ class UnifiedForCausalLM(PreTrainedModel, GenerationMixin):
         self.embed = nn.Embedding(spec.vocab_size, spec.hidden_size)
         self.layers = nn.ModuleList(Block(spec, i) for i in range(spec.num_layers))
         self.norm = _norm(spec, spec.hidden_size)
-        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=spec.lm_head_bias)
         self.rotary = Rotary(config)
         self._said_fallback = False
         self.post_init()
@@ -158,6 +207,10 @@ class UnifiedForCausalLM(PreTrainedModel, GenerationMixin):
             nn.init.zeros_(module.bias)
         if isinstance(module, RMSNorm):
             nn.init.zeros_(module.weight) if module.offset else nn.init.ones_(module.weight)
+        if isinstance(module, LayerNorm) and module.weight is not None:
+            nn.init.ones_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embed
@@ -187,7 +240,9 @@ class UnifiedForCausalLM(PreTrainedModel, GenerationMixin):
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         w = self.lm_head.weight
-        logits = F.linear(x, F.normalize(w, dim=-1) if self.spec.normalized_head else w)
+        logits = F.linear(x, F.normalize(w, dim=-1) if self.spec.normalized_head else w, self.lm_head.bias)
+        if self.spec.logit_scale != 1.0:
+            logits = logits * self.spec.logit_scale
         if self.spec.logits_divisor != 1.0:
             logits = logits / self.spec.logits_divisor
         return attention.tanh_softcap(logits, self.spec.final_softcap)
