@@ -288,3 +288,21 @@ def test_qwen_dynamic_ntk_and_log_n_attention_match_beyond_the_trained_length(tm
     one = _layout_with("qwen", tmp_path / "one", seq_length=16, use_dynamic_ntk=True)
     with pytest.raises(ReferenceError, match="use_logn_attn=False"):  # the spec holds both or neither
         UnifiedForCausalLM.from_pretrained(one)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("family", HELD)
+def test_decoding_with_a_cache_equals_the_whole_forward(family: str, backend: str, tmp_path) -> None:
+    """Prefill, then one token at a time through the KV cache (the decode path: one query per
+    head, windows sliding past the prompt): each step's logits equal the whole sequence's."""
+    from transformers import DynamicCache
+
+    tiny_model(family).save_pretrained(tmp_path / "src")
+    model = UnifiedForCausalLM.from_pretrained(tmp_path / "src", attn_implementation=backend)
+    ids = torch.randint(0, 250, (2, 14), generator=torch.Generator().manual_seed(5))
+    whole = logits(model, ids)
+    cache = DynamicCache()
+    with torch.no_grad():
+        steps = [model(input_ids=ids[:, :8], cache=cache, use_cache=True).logits]
+        steps += [model(input_ids=ids[:, i:i + 1], cache=cache, use_cache=True).logits for i in range(8, 14)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), whole)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import struct
 from collections.abc import Callable, Iterable
@@ -57,6 +58,25 @@ class Entry:
         if self.length == 0:
             return torch.empty(self.shape, dtype=self.dtype)
         return torch.frombuffer(buf, dtype=self.dtype).reshape(self.shape)
+
+
+class Mapped:
+    """Tensors as views of their files' pages: nothing is read until a value is used, and
+    pages are shared with the page cache (copy-on-write, so a tensor changed in place changes
+    only this process's copy). Loading a model this way costs no time and no memory up front."""
+
+    def __init__(self) -> None:
+        self._maps: dict[Path, mmap.mmap] = {}
+
+    def tensor(self, entry: Entry) -> torch.Tensor:
+        if entry.length == 0:
+            return torch.empty(entry.shape, dtype=entry.dtype)
+        if entry.path not in self._maps:
+            with open(entry.path, "rb") as f:
+                self._maps[entry.path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        count = entry.length // entry.dtype.itemsize
+        flat = torch.frombuffer(self._maps[entry.path], dtype=entry.dtype, count=count, offset=entry.start)
+        return flat.reshape(entry.shape)  # the tensor keeps its map alive
 
 
 def read_header(path: Path) -> dict[str, Entry]:

@@ -94,16 +94,28 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
          softcap: float | None = None, training: bool = False,
          dropout: float = 0.0) -> tuple[torch.Tensor, None]:
     """torch's fused kernel; plain causal attention (mask None) takes its is_causal path, with no
-    mask tensor at all, and KV heads are shared by the kernel, not copied."""
+    mask tensor at all. KV heads are shared without copies where the kernel is fast at it:
+    with no mask, by the kernel; for one query per head (decoding), by packing each group's
+    queries as rows over their KV head; with a mask, they are repeated (the kernel's shared-KV
+    path is several times slower on the CPU then)."""
     if softcap is not None:  # the model serves a softcap with eager (UnifiedForCausalLM._backend)
         raise ValueError("sdpa cannot apply an attention softcap; use the eager backend")
-    t, s = q.shape[2], k.shape[2]
+    b, h, t, d = q.shape
+    kv, s = k.shape[1], k.shape[2]
+    groups, drop = h // kv, dropout if training else 0.0
     if mask is None and t not in (1, s):  # a chunk after a cache: is_causal would align it wrongly
         mask = causal(t, s, q.dtype, q.device)
+    if groups > 1 and t == 1:
+        if mask is not None and mask.shape[1] != 1:  # per-head (ALiBi): rows follow the queries
+            mask = mask.reshape(b, kv, groups, s)
+        out = F.scaled_dot_product_attention(q.reshape(b, kv, groups, d), k, v, attn_mask=mask, scale=scale,
+                                             dropout_p=drop)
+        return out.reshape(b, h, 1, d), None
+    if groups > 1 and mask is not None:
+        k, v = repeat_kv(k, groups), repeat_kv(v, groups)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
-                                         is_causal=mask is None and t > 1,
-                                         dropout_p=dropout if training else 0.0,
-                                         enable_gqa=k.shape[1] != q.shape[1])
+                                         is_causal=mask is None and t > 1, dropout_p=drop,
+                                         enable_gqa=k.shape[1] != h)
     return out, None
 
 

@@ -2,8 +2,9 @@
 families and the remote-code layouts), a unified one, or a Megatron checkpoint.
 
 The converters' readers turn the directory into canonical tensors (one key map, theirs); the
-model is built on the meta device and the tensors are assigned as read: no random
-initialisation, and each tensor keeps its stored dtype unless one is asked for.
+model is built on the meta device and the tensors are assigned as views of the files' pages
+(mmap): no random initialisation, nothing read before it is used, and each tensor keeps its
+stored dtype unless one is asked for.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ def load(path: str | Path, dtype: torch.dtype | None = None,
          attn_implementation: str | None = None) -> UnifiedForCausalLM:
     """The model in `path`, in eval mode, on the CPU."""
     from reference.converters.plan import materialize
+    from reference.converters.safetensors_io import Mapped
     from reference.converters.source import open_source
     from reference.converters.unified_dir import held
     from reference.errors import Inexpressible, ReferenceError
@@ -38,9 +40,11 @@ def load(path: str | Path, dtype: torch.dtype | None = None,
     config._attn_implementation = attn_implementation or "sdpa"
     with torch.device("meta"):
         model = UnifiedForCausalLM(config)
-    state = {}
+    state, files = {}, Mapped()
     for name, lazy in source.tensors.items():
-        t = materialize(lazy.load())
+        # a tensor stored as it is used is a view of its file; one that is split, merged or
+        # cast is computed from it
+        t = files.tensor(lazy.entry) if lazy.entry is not None else materialize(lazy.load())
         state[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
     model.load_state_dict(state, strict=not source.spec.tie_word_embeddings, assign=True)
     if source.spec.tie_word_embeddings:
