@@ -2,9 +2,10 @@
 
     python benchmarks/bench_unified.py [--layers 8] [--repeat 5] [--workdir DIR]
 
-- load: wall and peak RSS over the import of `from_pretrained` on the ~1 GB synthetic bf16
-  Llama checkpoint of bench_convert (each in its own process, after a warm-up load of a tiny
-  model so that imports are not timed; the checkpoint is in the page cache);
+- load: wall of `from_pretrained` on the ~1 GB synthetic bf16 Llama checkpoint of
+  bench_convert, and of it plus a one-token forward (which touches every weight: both loaders
+  map the files lazily), with peak RSS over the import (each in its own process, after a
+  warm-up on a tiny model so that imports are not timed; the checkpoint is in the page cache);
 - forward: fp32, batch 4 x 256 tokens, sdpa (each library's default), median of --repeat;
 - greedy: `generate()` of 128 new tokens at batch 1 and 8 (the unified model inherits
   transformers' GenerationMixin; stream_generate is separate work), tokens/s, median.
@@ -42,14 +43,18 @@ def load_child(kind: str, tiny: str, src: str) -> None:
 
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
 
-    load(tiny)
+    with torch.no_grad():
+        load(tiny)(input_ids=torch.tensor([[1]]))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     model = load(src)
-    seconds = time.perf_counter() - start
+    loaded = time.perf_counter() - start
     assert next(model.parameters()).dtype == torch.bfloat16
+    with torch.no_grad():  # touches every weight: what a lazy load left for later is paid here
+        model(input_ids=torch.tensor([[1]]))
+    first = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps([seconds, (after - before) / 1024]))
+    print(json.dumps([loaded, first, (after - before) / 1024]))
 
 
 def load_rows(work: Path, layers: int, repeat: int) -> list[list[str]]:
@@ -61,7 +66,7 @@ def load_rows(work: Path, layers: int, repeat: int) -> list[list[str]]:
     if not tiny.exists():
         tiny_model("llama").to(__import__("torch").bfloat16).save_pretrained(tiny)
     size = sum(p.stat().st_size for p in src.glob("*.safetensors")) / 2**20
-    runs: dict[str, list[tuple[float, float]]] = {"unified": [], "transformers": []}
+    runs: dict[str, list[tuple[float, float, float]]] = {"unified": [], "transformers": []}
     for _ in range(repeat):
         for kind in runs:
             out = subprocess.run([sys.executable, __file__, "--child", kind, str(tiny), str(src)],
@@ -70,7 +75,9 @@ def load_rows(work: Path, layers: int, repeat: int) -> list[list[str]]:
     rows = []
     for kind, values in runs.items():
         rows.append([f"load {size:.0f} MiB bf16 ({layers} layers)", kind,
-                     f"{median([v[0] for v in values]):.2f} s", f"{median([v[1] for v in values]):.0f} MiB"])
+                     f"{median([v[0] for v in values]):.2f} s", "-"])
+        rows.append(["load + first token", kind, f"{median([v[1] for v in values]):.2f} s",
+                     f"{median([v[2] for v in values]):.0f} MiB"])
     return rows
 
 

@@ -98,7 +98,7 @@ class Attention(nn.Module):
             q_shape, k_shape = shapes[self.qk_norm]
             self.q_norm = _norm(spec, *q_shape, bias=spec.qk_norm_bias)
             self.k_norm = _norm(spec, *k_shape, bias=spec.qk_norm_bias)
-        self.clip, self.interleaved = spec.clip_qkv, spec.interleaved_rope
+        self.clip = spec.clip_qkv
         self.layer, self.head_dim = layer, d
         self.scale = spec.head_dim ** -0.5 if spec.attention_multiplier is None else spec.attention_multiplier
         self.softcap = spec.attn_softcap
@@ -111,7 +111,7 @@ class Attention(nn.Module):
         shape = (b, t, -1, self.head_dim)
         q, k, v = self.q(x), self.k(x), self.v(x)  # (B, T, H * D)
         if self.clip is not None:
-            q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
+            q, k, v = (y.clamp(-self.clip, self.clip) for y in (q, k, v))
         if self.qk_norm == "all":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.view(shape), k.view(shape), v.view(shape)  # (B, T, H, D)
