@@ -50,4 +50,8 @@ def load(path: str | Path, dtype: torch.dtype | None = None,
     if source.spec.tie_word_embeddings:
         model.lm_head.weight = model.embed.weight
     model.rotary = Rotary(config)  # buffers computed, not stored: rebuilt off the meta device
+    if (Path(path) / "generation_config.json").is_file():  # eos ids and sampling defaults
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(path)
     return model.eval()

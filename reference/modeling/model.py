@@ -298,6 +298,13 @@ class UnifiedForCausalLM(PreTrainedModel, GenerationMixin):
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.spec.vocab_size, **kwargs)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
 
+    def stream_generate(self, input_ids: torch.Tensor | None = None, **kwargs: Any):  # noqa: ANN201
+        """A plain generator of new tokens (or text, given a tokenizer), step by step:
+        reference.modeling.generate.stream_generate."""
+        from reference.modeling.generate import stream_generate
+
+        return stream_generate(self, input_ids, **kwargs)
+
     @classmethod
     def from_pretrained(cls, path: str | Path, *args: Any, dtype: Any = None, torch_dtype: Any = None,
                         attn_implementation: str | None = None, **kwargs: Any) -> UnifiedForCausalLM:
