@@ -24,7 +24,8 @@ Blocks = Sequence[tuple[int, int]]
 
 @dataclass(frozen=True)
 class Fused:
-    """Canonical parts stored as row blocks of one HF tensor. `blocks(spec)` says which part
+    """Canonical parts stored as row blocks of one tensor (an HF family's, or Megatron's
+    linear_qkv and linear_fc1 on each TP rank). `blocks(spec)` says which part
     each consecutive block of rows belongs to; split and merge are its two directions, pure
     slicing and concatenation, so they are lossless."""
 

@@ -12,6 +12,7 @@ import torch
 from reference.converters.megatron import cut
 from reference.converters.megatron.keys import EMBEDDING, EXTRA_SUFFIX, OUTPUT, KeyTable, Rule, extra_states
 from reference.errors import ReferenceError
+from reference.families.keymap import Fused
 from reference.families.spec import ModelSpec, bias_shape, canonical_names
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -117,22 +118,29 @@ def canonical_shape(name: str, spec: ModelSpec) -> tuple[int, ...]:
     return shapes[name.split(".")[-2]]
 
 
-def shard(split: str, parts: Sequence[torch.Tensor], spec: ModelSpec, tp: int, rank: int,
+def _unknown(split: object) -> ReferenceError:
+    return ReferenceError(f"unknown Megatron split {split!r}: want replicated, vocab, cols or a Fused layout")
+
+
+def shard(split: str | Fused, parts: Sequence[torch.Tensor], spec: ModelSpec, tp: int, rank: int,
           padded: int) -> torch.Tensor:
     """TP rank's piece of the Megatron tensor made of `parts` (full canonical tensors)."""
+    if isinstance(split, Fused):
+        return cut.fused_rank(split, parts, spec, tp, rank)
     if split == "replicated":
         return parts[0]
     if split == "vocab":
         return cut.vocab_rank(parts[0], padded, tp, rank)
     if split == "cols":
         return cut.cols_rank(parts[0], tp, rank)
-    if split == "qkv":
-        return cut.qkv_rank(*parts, spec.num_kv_heads, tp, rank)
-    return cut.fc1_rank(*parts, tp, rank)
+    raise _unknown(split)
 
 
-def unshard(split: str, pieces: Sequence[torch.Tensor], spec: ModelSpec, where: str) -> list[torch.Tensor]:
+def unshard(split: str | Fused, pieces: Sequence[torch.Tensor], spec: ModelSpec,
+            where: str) -> list[torch.Tensor]:
     """The full canonical tensors from every TP rank's piece."""
+    if isinstance(split, Fused):
+        return cut.merge_fused(split, pieces, spec)
     if split == "replicated":
         for r, p in enumerate(pieces[1:], 1):
             if not torch.equal(p, pieces[0]):
@@ -142,6 +150,4 @@ def unshard(split: str, pieces: Sequence[torch.Tensor], spec: ModelSpec, where: 
         return [cut.merge_vocab(pieces, spec.vocab_size)]
     if split == "cols":
         return [torch.cat(list(pieces), dim=1)]
-    if split == "qkv":
-        return list(cut.merge_qkv(pieces, spec.num_kv_heads, spec.num_heads))
-    return list(cut.merge_fc1(pieces))
+    raise _unknown(split)
