@@ -122,8 +122,8 @@ class Planned:
     name: str
     dtype: torch.dtype
     shape: tuple[int, ...]
-    produce: Callable[[], torch.Tensor | Entry]  # an Entry is copied byte for byte
-    source: Entry | None = None  # known before writing when the bytes are a source range
+    produce: Callable[[], torch.Tensor]
+    source: Entry | None = None  # the bytes are this source range: copied byte for byte, not produced
 
     @property
     def nbytes(self) -> int:
@@ -181,13 +181,13 @@ def _write_tensors(group: list[Planned], f, done: Callable[[int], None]) -> None
             run.clear()
 
     for t in group:
-        data = t.produce()
-        if isinstance(data, Entry):
-            if run and (data.path != run[-1].path or data.start != run[-1].start + run[-1].length):
+        if t.source is not None:
+            if run and (t.source.path != run[-1].path or t.source.start != run[-1].start + run[-1].length):
                 flush()
-            run.append(data)
+            run.append(t.source)
             continue
         flush()
+        data = t.produce()
         if data.dtype != t.dtype or tuple(data.shape) != t.shape:
             got = f"{data.dtype}{list(data.shape)}"
             raise AssertionError(f"plan for '{t.name}' said {t.dtype}{list(t.shape)}, got {got}")

@@ -20,7 +20,6 @@ from reference.modeling.rope import Rotary
 def load(path: str | Path, dtype: torch.dtype | None = None,
          attn_implementation: str | None = None) -> UnifiedForCausalLM:
     """The model in `path`, in eval mode, on the CPU."""
-    from reference.converters.plan import materialize
     from reference.converters.source import open_source
     from reference.converters.unified_dir import held
     from reference.errors import Inexpressible, ReferenceError
@@ -40,7 +39,7 @@ def load(path: str | Path, dtype: torch.dtype | None = None,
         model = UnifiedForCausalLM(config)
     state = {}
     for name, lazy in source.tensors.items():
-        t = materialize(lazy.load())
+        t = lazy.load()
         state[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
     model.load_state_dict(state, strict=not source.spec.tie_word_embeddings, assign=True)
     if source.spec.tie_word_embeddings:

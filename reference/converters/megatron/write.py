@@ -18,7 +18,7 @@ from reference.converters.megatron import stage as S
 from reference.converters.megatron.args import build_args, check_heads
 from reference.converters.megatron.keys import KeyTable, extra_state_value
 from reference.converters.megatron.layout import MegatronLayout, check_layout
-from reference.converters.plan import Lazy, materialize
+from reference.converters.plan import Lazy
 from reference.converters.safetensors_io import Progress
 from reference.errors import ReferenceError
 from reference.families.spec import ModelSpec, canonical_names
@@ -75,7 +75,7 @@ def write_megatron(
             for chunk, (st, slots) in enumerate(stages):
                 model: dict[str, Any] = {}
                 for slot in slots:
-                    parts = [materialize(tensors[n].load()) for n in slot.sources]
+                    parts = [tensors[n].load() for n in slot.sources]
                     piece = S.shard(slot.rule.split, parts, spec, layout.tp, tp_rank, args.padded_vocab_size)
                     model[slot.key] = _owned(piece, dtype)
                     n_tensors += 1
