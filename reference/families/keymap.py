@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from reference.errors import ReferenceError
-from reference.families.spec import ModelSpec
+from reference.families.spec import ModelSpec, linear_shapes
 
 if TYPE_CHECKING:  # imported where tensors are cut: `reference families` reads rows only
     import torch
@@ -64,25 +64,14 @@ class Stacked:
     part: str
 
 
-def concat(*sizes: Callable[[ModelSpec], int]) -> Callable[[ModelSpec], Blocks]:
-    """Blocks of a plain concatenation [part0; part1; ...] (Phi3's qkv_proj, gate_up_proj)."""
-    return lambda spec: [(i, size(spec)) for i, size in enumerate(sizes)]
+def concat(*linears: str) -> Callable[[ModelSpec], Blocks]:
+    """Blocks of a plain concatenation of linears' rows, named as in `linear_shapes`
+    (Phi3's qkv_proj: q, k, v; gate_up_proj: gate, up)."""
+    return lambda spec: [(i, linear_shapes(spec)[p][0]) for i, p in enumerate(linears)]
 
 
-def q_rows(spec: ModelSpec) -> int:
-    return spec.num_heads * spec.head_dim
-
-
-def kv_rows(spec: ModelSpec) -> int:
-    return spec.num_kv_heads * spec.head_dim
-
-
-def ffn_rows(spec: ModelSpec) -> int:
-    return spec.intermediate_size
-
-
-QKV = concat(q_rows, kv_rows, kv_rows)
-GATE_UP = concat(ffn_rows, ffn_rows)
+QKV = concat("q", "k", "v")
+GATE_UP = concat("gate", "up")
 
 
 def _pattern(template: str) -> re.Pattern[str]:

@@ -28,7 +28,7 @@ from reference.converters.source import Source
 from reference.errors import ReferenceError
 from reference.families.family import Family
 from reference.families.registry import FAMILIES, family_named
-from reference.families.spec import BIAS_KEYS, FEATURES, ModelSpec
+from reference.families.spec import BIAS_KEYS, FEATURES, ModelSpec, canonical_shapes
 from reference.families.verdict import blocking
 
 # Unpickled without running arbitrary code: tensors, plain values and the args Namespace.
@@ -153,11 +153,12 @@ def _check_file(ck: Checkpoint, tp_rank: int, pp_rank: int) -> None:
         if not isinstance(model, dict):
             raise ReferenceError(f"{path}: no '{name}' state dict (args say vpp {ck.layout.vpp})")
         slots = S.slots(ck.spec, ck.table, st)
+        shapes = canonical_shapes(ck.spec)
         for slot in slots:
             where = f"{path}: {name} '{slot.key}'"
             if slot.key not in model:
                 raise ReferenceError(f"{where} is missing; the args imply it")
-            metas = [torch.empty(S.canonical_shape(n, ck.spec), device="meta") for n in slot.sources]
+            metas = [torch.empty(shapes[n], device="meta") for n in slot.sources]
             want = list(S.shard(slot.rule.split, metas, ck.spec, ck.layout.tp, tp_rank, padded).shape)
             got = model[slot.key]
             if list(got.shape) != want:
@@ -203,6 +204,7 @@ def _merger(files: _Files, slot: S.Slot, pp_rank: int, model: str,
 def _lazy_tensors(ck: Checkpoint) -> tuple[dict[str, Lazy], dict[str, str]]:
     """Canonical name -> Lazy merge from the rank files; and -> its Megatron key, for messages."""
     files = _Files(ck)
+    shapes = canonical_shapes(ck.spec)
     tensors: dict[str, Lazy] = {}
     homes: dict[str, str] = {}
     for pp_rank in range(ck.layout.pp):
@@ -215,7 +217,7 @@ def _lazy_tensors(ck: Checkpoint) -> tuple[dict[str, Lazy], dict[str, str]]:
                 where = f"{ranks} {model} '{slot.key}'"
                 load = _merger(files, slot, pp_rank, model, where)
                 for part, name in enumerate(slot.sources):
-                    meta = torch.empty(S.canonical_shape(name, ck.spec), dtype=ck.dtype, device="meta")
+                    meta = torch.empty(shapes[name], dtype=ck.dtype, device="meta")
                     tensors[name] = Lazy(meta, lambda f=load, i=part: f()[i])
                     homes[name] = where
     return tensors, homes

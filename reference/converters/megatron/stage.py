@@ -13,7 +13,7 @@ from reference.converters.megatron import cut
 from reference.converters.megatron.keys import EMBEDDING, EXTRA_SUFFIX, OUTPUT, KeyTable, Rule, extra_states
 from reference.errors import ReferenceError
 from reference.families.keymap import Fused
-from reference.families.spec import ModelSpec, bias_shape, canonical_names
+from reference.families.spec import ModelSpec, canonical_names
 
 TRACKER = "latest_checkpointed_iteration.txt"
 # Megatron-LM refuses iteration 0 ("assert iteration > 0 or release"); its own HF converters
@@ -104,18 +104,6 @@ def extra_keys(spec: ModelSpec, layer_spec: str, stage: Stage) -> dict[str, str]
         elif stage.last:
             out[module + EXTRA_SUFFIX] = kind
     return out
-
-
-def canonical_shape(name: str, spec: ModelSpec) -> tuple[int, ...]:
-    """The shape of a canonical tensor of `spec`."""
-    if name.endswith(".bias"):
-        return bias_shape(spec, name)
-    h, d, f, v = spec.hidden_size, spec.head_dim, spec.intermediate_size, spec.vocab_size
-    q, kv = spec.num_heads * d, spec.num_kv_heads * d
-    shapes = {"embed": (v, h), "lm_head": (v, h), "norm": (h,), "attn_norm": (h,), "mlp_norm": (h,),
-              "q_norm": (d,), "k_norm": (d,), "q": (q, h), "k": (kv, h), "v": (kv, h), "o": (h, q),
-              "gate": (f, h), "up": (f, h), "down": (h, f)}
-    return shapes[name.split(".")[-2]]
 
 
 def _unknown(split: object) -> ReferenceError:
