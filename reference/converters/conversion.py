@@ -21,7 +21,7 @@ from reference.converters.unified_dir import UnifiedTarget
 from reference.errors import Inexpressible, ReferenceError
 from reference.families.registry import family_named
 from reference.families.spec import BIAS_KEYS, ModelSpec
-from reference.families.verdict import blocking, unified_holds
+from reference.families.verdict import Holder, blocking, unified_holds
 
 DEFAULT_SHARD_BYTES = 5 * 2**30  # when the source has no safetensors shards to follow
 
@@ -54,14 +54,8 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
     return dtype
 
 
-class Target(Protocol):
-    """A layout canonical tensors can be written in (an HF family, Megatron)."""
-
-    name: str
-
-    def express(self, spec: ModelSpec) -> ModelSpec: ...
-
-    def refuses(self, spec: ModelSpec) -> dict[str, str]: ...
+class Target(Holder, Protocol):
+    """A layout canonical tensors can be written in (an HF family, Megatron, unified)."""
 
     def write(self, tensors: Mapping[str, Lazy], held: ModelSpec, extra: Mapping[str, Any],
               dtype: torch.dtype | None, out: Path, progress: Progress | None = None) -> tuple[int, int]: ...
