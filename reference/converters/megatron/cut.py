@@ -12,11 +12,6 @@ from reference.families.keymap import Fused
 from reference.families.spec import ModelSpec
 
 
-def rows_rank(x: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
-    """Rows of a column-parallel linear's weight (or bias) held by `rank`."""
-    return x.chunk(tp, dim=0)[rank]
-
-
 def cols_rank(x: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
     """Input columns of a row-parallel linear's weight held by `rank`."""
     return x.chunk(tp, dim=1)[rank]
