@@ -1,4 +1,4 @@
-"""`reference convert SRC DST --to FAMILY`."""
+"""`reference convert SRC DST --to TARGET`."""
 
 from __future__ import annotations
 
@@ -19,12 +19,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from reference.converters.megatron.layout import LAYER_SPECS, MegatronLayout
 
     d = MegatronLayout()
-    p.add_argument("src", help="an HF model directory (family from config.json) or a Megatron-LM "
-                               "checkpoint (family from its hf_source.json, else guessed from its args)")
+    p.add_argument("src", help="an HF model directory (family from config.json), a unified one "
+                               "(written by --to unified), or a Megatron-LM checkpoint (family from "
+                               "its hf_source.json, else guessed from its args)")
     p.add_argument("dst", help="output directory; appears whole or not at all")
     p.add_argument("--to", required=True,
-                   help="a family's model_type (llama, qwen2, ...), 'megatron', or 'hf' (back to the "
-                        "family a Megatron checkpoint came from)")
+                   help="a family's model_type (llama, qwen2, ...), 'unified', 'megatron', or 'hf' "
+                        "(back to the family a unified or Megatron checkpoint came from)")
     p.add_argument("--dtype", help="cast floating tensors (bfloat16, float16, float32); default: keep")
     p.add_argument("--fold-precision", choices=("exact", "dtype"), default="exact",
                    help="a folded tensor (Gemma's norms, Granite's multipliers) its dtype cannot hold "

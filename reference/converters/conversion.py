@@ -1,4 +1,5 @@
-"""HF family -> HF family through the canonical description, streamed and atomic."""
+"""Any checkpoint this package reads (an HF family's, a unified or a Megatron one) -> any target
+(an HF family, unified, Megatron) through the canonical description, streamed and atomic."""
 
 from __future__ import annotations
 
@@ -72,7 +73,7 @@ def source_shard_bytes(src: Path) -> int | None:
 
 
 def resolve_target(to: str, source: Source, max_shard_bytes: int | None, layout: Any) -> Target:
-    """The writer for `--to`: `megatron`, `hf` (the family the source came from) or a family."""
+    """The writer for `--to`: `unified`, `megatron`, `hf` (the family the source came from) or a family."""
     if to == "unified":
         return UnifiedTarget(source.config, max_shard_bytes)
     if to == "megatron":
@@ -150,8 +151,8 @@ def convert(
     progress: Progress | None = None,
     fold_precision: str = "exact",
 ) -> Report:
-    """Convert the checkpoint at SRC (HF or Megatron) into `to` at DST; DST appears whole or
-    not at all.
+    """Convert the checkpoint at SRC (an HF family's, a unified or a Megatron directory) into
+    `to` at DST; DST appears whole or not at all.
 
     `to` is a family's model_type, `hf` (back to the family the checkpoint came from),
     `unified` (the unified model's own format) or `megatron` (laid out by `layout`, a
