@@ -14,7 +14,7 @@ import importlib
 import os
 import sys
 
-from reference.errors import ReferenceError
+from reference.errors import InputError
 
 # subcommand -> (module with add_arguments(parser) and run(args) -> int, one-line help)
 COMMANDS = {
@@ -65,6 +65,6 @@ def dispatch(argv: list[str]) -> int:
     args = build_parser(chosen(argv)).parse_args(argv)
     try:
         return importlib.import_module(args.module).run(args)
-    except ReferenceError as e:
+    except InputError as e:
         print(f"reference {args.command}: error: {e}", file=sys.stderr)
         return 2

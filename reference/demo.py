@@ -43,7 +43,7 @@ def _pair(source: str, target: str, tie: bool, workdir: Path) -> list[str]:
     from transformers import AutoModelForCausalLM
 
     from reference.converters import convert
-    from reference.errors import Inexpressible, ReferenceError
+    from reference.errors import Inexpressible, InputError
     from reference.tiny import logits, tiny_model
 
     model = tiny_model(source, tie=tie)
@@ -52,7 +52,7 @@ def _pair(source: str, target: str, tie: bool, workdir: Path) -> list[str]:
     dst, back = workdir / f"{src.name}-to-{target}", workdir / f"{src.name}-to-{target}-back"
     try:
         there = convert(src, dst, to=target, force=True)
-    except ReferenceError as e:  # the feature names it; `reference convert` says the rest
+    except InputError as e:  # the feature names it; `reference convert` says the rest
         why = e.feature if isinstance(e, Inexpressible) else str(e)
         return [source, target, str(tie), "-", "-", f"refused: {why}"]
     got = logits(AutoModelForCausalLM.from_pretrained(dst, attn_implementation="eager"))

@@ -7,7 +7,7 @@ import contextlib
 import sys
 from collections.abc import Callable, Iterator
 
-from reference.errors import ReferenceError
+from reference.errors import InputError
 
 # Flags that only shape a Megatron checkpoint (dest -> MegatronLayout field). They default to
 # None, so that one given with another target is refused by name rather than ignored.
@@ -117,9 +117,9 @@ def fold_lines(costs: list[dict]) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     given = {dest: getattr(args, dest) for dest in LAYOUT if getattr(args, dest) is not None}
     if given and args.to != "megatron":
-        raise ReferenceError(f"--{next(iter(given)).replace('_', '-')} applies only to --to megatron")
+        raise InputError(f"--{next(iter(given)).replace('_', '-')} applies only to --to megatron")
     if args.max_shard_size is not None and args.to == "megatron":
-        raise ReferenceError("--max-shard-size applies only to HF targets, not --to megatron")
+        raise InputError("--max-shard-size applies only to HF targets, not --to megatron")
     from reference.converters import convert
 
     layout = None

@@ -19,7 +19,7 @@ from reference.converters.plan import Lazy, adapt, prune_zero_biases, retie
 from reference.converters.safetensors_io import INDEX, SINGLE, Progress
 from reference.converters.source import RECORD, Source, open_source
 from reference.converters.unified_dir import UnifiedTarget
-from reference.errors import Inexpressible, ReferenceError
+from reference.errors import Inexpressible, InputError
 from reference.families.registry import family_named
 from reference.families.spec import BIAS_KEYS, ModelSpec
 from reference.families.verdict import Holder, blocking, unified_holds
@@ -51,7 +51,7 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
     aliases = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16"}
     dtype = getattr(torch, aliases.get(name, name), None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ReferenceError(f"--dtype: '{name}' is not a floating dtype (try bfloat16, float16, float32)")
+        raise InputError(f"--dtype: '{name}' is not a floating dtype (try bfloat16, float16, float32)")
     return dtype
 
 
@@ -111,7 +111,7 @@ def prepare(source: Source, target: Target, allow: Collection[str] = (),
     if refused:
         raise Inexpressible(target.name, *next(iter(refused.items())), unified_holds=True)
     if source.family.keys is None:
-        raise ReferenceError(f"{source.path}: the tensor layout of {source.family.model_type} "
+        raise InputError(f"{source.path}: the tensor layout of {source.family.model_type} "
                              "is not mapped yet")
     tensors, spec = prune_zero_biases(source.tensors, source.spec)
     tensors, spec = retie(tensors, spec, target.express(spec))
@@ -169,7 +169,7 @@ def convert(
     shard_bytes = max_shard_bytes or source_shard_bytes(src)
     target = resolve_target(to, source, shard_bytes, layout)
     if fold_precision not in PRECISIONS:
-        raise ReferenceError(f"--fold-precision: '{fold_precision}' is not one of {', '.join(PRECISIONS)}")
+        raise InputError(f"--fold-precision: '{fold_precision}' is not one of {', '.join(PRECISIONS)}")
     prepared = prepare(source, target, allow, fold_precision)
     with atomic_dir(dst, force) as out:
         count, size = target.write(prepared.tensors, prepared.held, source.extra, cast, out, progress)

@@ -11,7 +11,7 @@ import torch
 
 from reference.converters.folds import FOLDS, UNTIES, FoldCost, Refold, is_default, measure, written_dtype
 from reference.converters.safetensors_io import Entry, Planned
-from reference.errors import Inexpressible, ReferenceError
+from reference.errors import Inexpressible, InputError
 from reference.families.family import Family
 from reference.families.keymap import Fused, Stacked
 from reference.families.spec import BIAS_KEYS, FEATURES, ModelSpec, bias_shape, canonical_names
@@ -49,7 +49,7 @@ def read_canonical(
             out[name] = Lazy(metas[i], lambda e=entry, i=i, f=fused: f.split(e.load(), spec)[i])
     for name, rows in stacks.items():
         if sorted(rows) != list(range(len(rows))):
-            raise ReferenceError(f"{where}: the rows of '{family.keys.hf(name, family.model_type)[0]}' "
+            raise InputError(f"{where}: the rows of '{family.keys.hf(name, family.model_type)[0]}' "
                                  f"are numbered {sorted(rows)}, not 0..{len(rows) - 1}")
         stacked = [rows[i] for i in range(len(rows))]
         out[name] = Lazy(torch.stack([e.meta() for e in stacked]),
@@ -59,11 +59,11 @@ def read_canonical(
     expected = list(canonical_names(spec))
     for name in expected:
         if name not in out:
-            raise ReferenceError(f"{where}: missing tensor '{family.keys.hf(name, family.model_type)[0]}'")
+            raise InputError(f"{where}: missing tensor '{family.keys.hf(name, family.model_type)[0]}'")
     extra = sorted(set(out) - set(expected))
     if extra:
         hf = family.keys.hf(extra[0], family.model_type)[0]
-        raise ReferenceError(f"{where}: tensor '{hf}' does not fit config.json (unexpected)")
+        raise InputError(f"{where}: tensor '{hf}' does not fit config.json (unexpected)")
     return {name: out[name] for name in expected}
 
 

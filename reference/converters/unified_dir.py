@@ -20,7 +20,7 @@ import torch
 from reference.converters.hf_dir import read_config
 from reference.converters.plan import Lazy
 from reference.converters.safetensors_io import Planned, Progress, read_dir, write_dir
-from reference.errors import ReferenceError
+from reference.errors import InputError
 from reference.families.registry import family_named, family_of
 from reference.families.spec import ModelSpec, canonical_names
 from reference.families.verdict import Unified
@@ -52,7 +52,7 @@ def spec_of(cfg: Mapping[str, Any], where: str) -> ModelSpec:
     try:
         return ModelSpec(**cfg["spec"])
     except (KeyError, TypeError) as e:
-        raise ReferenceError(f"{where}: not a unified config ({e})") from None
+        raise InputError(f"{where}: not a unified config ({e})") from None
 
 
 def read_unified(path: Path) -> Source:
@@ -68,10 +68,10 @@ def read_unified(path: Path) -> Source:
     expected = list(canonical_names(spec))
     missing = [n for n in expected if n not in entries]
     if missing:
-        raise ReferenceError(f"{path}: missing tensor '{missing[0]}'")
+        raise InputError(f"{path}: missing tensor '{missing[0]}'")
     extra = sorted(set(entries) - set(expected))
     if extra:
-        raise ReferenceError(f"{path}: tensor '{extra[0]}' does not fit config.json (unexpected)")
+        raise InputError(f"{path}: tensor '{extra[0]}' does not fit config.json (unexpected)")
     tensors = {n: Lazy(entries[n].meta(), entries[n].load, entries[n]) for n in expected}
     return Source(path, family, spec, passthrough(cfg), tensors, str, source_config)
 

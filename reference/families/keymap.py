@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from reference.errors import ReferenceError
+from reference.errors import InputError
 from reference.families.spec import ModelSpec, linear_shapes
 
 if TYPE_CHECKING:  # imported where tensors are cut: `reference families` reads rows only
@@ -41,7 +41,7 @@ class Fused:
             pieces[part].append(fused[start:start + rows])
             start += rows
         if start != fused.shape[0]:
-            raise ReferenceError(f"fused tensor of {fused.shape[0]} rows does not fit {self.parts}")
+            raise InputError(f"fused tensor of {fused.shape[0]} rows does not fit {self.parts}")
         return [torch.cat(p) for p in pieces]
 
     def merge(self, parts: Sequence[torch.Tensor], spec: ModelSpec) -> torch.Tensor:
@@ -110,7 +110,7 @@ class KeyMap:
                 if isinstance(rule, Stacked):
                     return [rule.part.format(*match.groups()[:-1])], rule
                 return [p.format(*match.groups()) for p in rule.parts], rule
-        raise ReferenceError(f"{where}: unknown tensor '{hf_key}' for this family")
+        raise InputError(f"{where}: unknown tensor '{hf_key}' for this family")
 
     def row(self, hf_key: str) -> int:
         """The row of a Stacked canonical tensor an HF tensor holds: its last number."""
@@ -127,7 +127,7 @@ class KeyMap:
             match = pattern.match(canonical_key)
             if match:
                 return hf.format(*match.groups(), "{}"), part
-        raise ReferenceError(f"{family} has no tensor for canonical '{canonical_key}'")
+        raise InputError(f"{family} has no tensor for canonical '{canonical_key}'")
 
     def rule(self, hf_key: str) -> Rule:
         """The rule of an HF name this map produced."""

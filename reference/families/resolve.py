@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from reference.errors import ReferenceError
+from reference.errors import InputError
 
 
 def as_loaded(cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -33,5 +33,5 @@ def as_loaded(cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
     except Exception as e:  # transformers raises several types; its message names the field
         reason = str(e).strip().splitlines()[-1].strip()
         rejects = f"transformers' {model_type} config class rejects it"
-        raise ReferenceError(f"{where}: {rejects}: {reason}") from None
+        raise InputError(f"{where}: {rejects}: {reason}") from None
     return {**loaded, "model_type": model_type}

@@ -22,7 +22,7 @@ def load(path: str | Path, dtype: torch.dtype | None = None,
     """The model in `path`, in eval mode, on the CPU."""
     from reference.converters.source import open_source
     from reference.converters.unified_dir import held
-    from reference.errors import Inexpressible, ReferenceError
+    from reference.errors import Inexpressible, InputError
     from reference.families.verdict import blocking
 
     source = open_source(Path(path))
@@ -32,7 +32,7 @@ def load(path: str | Path, dtype: torch.dtype | None = None,
         raise Inexpressible("unified", f, f"the model has {f}={getattr(source.spec, f)!r}; "
                                           "the unified model does not compute it yet")
     if not source.tensors:
-        raise ReferenceError(f"{path}: the tensor layout of {source.family.model_type} is not mapped yet")
+        raise InputError(f"{path}: the tensor layout of {source.family.model_type} is not mapped yet")
     config = UnifiedConfig.from_spec(source.spec, source.config, **source.extra)
     config._attn_implementation = attn_implementation or "sdpa"
     with torch.device("meta"):

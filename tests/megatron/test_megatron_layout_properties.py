@@ -18,7 +18,7 @@ from reference.converters.megatron.layout import (
     stage_layers,
 )
 from reference.converters.megatron.stage import shard, unshard
-from reference.errors import ReferenceError
+from reference.errors import InputError
 from reference.families.keymap import Fused
 from reference.families.spec import ModelSpec
 
@@ -124,7 +124,7 @@ def test_even_split_gives_every_virtual_stage_the_same_layers(pp, vpp, per_stage
 @pytest.mark.parametrize("split", ["qkv", "rows", ""])
 def test_an_unknown_split_raises_naming_it(split) -> None:
     spec, x = _spec(2, 2, 2, 4), torch.zeros(4, 4)
-    with pytest.raises(ReferenceError, match=f"unknown Megatron split '{split}'"):
+    with pytest.raises(InputError, match=f"unknown Megatron split '{split}'"):
         shard(split, [x], spec, 2, 0, 8)
-    with pytest.raises(ReferenceError, match=f"unknown Megatron split '{split}'"):
+    with pytest.raises(InputError, match=f"unknown Megatron split '{split}'"):
         unshard(split, [x, x], spec, "here")

@@ -11,7 +11,7 @@ import torch
 
 from reference.converters.megatron import cut
 from reference.converters.megatron.keys import EMBEDDING, EXTRA_SUFFIX, OUTPUT, KeyTable, Rule, extra_states
-from reference.errors import ReferenceError
+from reference.errors import InputError
 from reference.families.keymap import Fused
 from reference.families.spec import ModelSpec, canonical_names
 
@@ -106,8 +106,8 @@ def extra_keys(spec: ModelSpec, layer_spec: str, stage: Stage) -> dict[str, str]
     return out
 
 
-def _unknown(split: object) -> ReferenceError:
-    return ReferenceError(f"unknown Megatron split {split!r}: want replicated, vocab, cols or a Fused layout")
+def _unknown(split: object) -> InputError:
+    return InputError(f"unknown Megatron split {split!r}: want replicated, vocab, cols or a Fused layout")
 
 
 def shard(split: str | Fused, parts: Sequence[torch.Tensor], spec: ModelSpec, tp: int, rank: int,
@@ -132,7 +132,7 @@ def unshard(split: str | Fused, pieces: Sequence[torch.Tensor], spec: ModelSpec,
     if split == "replicated":
         for r, p in enumerate(pieces[1:], 1):
             if not torch.equal(p, pieces[0]):
-                raise ReferenceError(f"{where}: replicated tensor differs between TP ranks 0 and {r}")
+                raise InputError(f"{where}: replicated tensor differs between TP ranks 0 and {r}")
         return [pieces[0]]
     if split == "vocab":
         return [cut.merge_vocab(pieces, spec.vocab_size)]
