@@ -1,8 +1,10 @@
 """The `reference` console script: a thin argparse layer over typed functions.
 
 The top-level parser lists the subcommands from COMMANDS without importing them; only the
-chosen one's module is imported, to add its arguments and run. Those modules import torch and
-transformers inside `run`, so `reference --help` and `reference COMMAND --help` stay instant.
+chosen one's module is imported, to add its arguments and run. Those modules import neither
+torch nor transformers at import time or in `add_arguments`: they are imported inside `run`,
+and only by the commands that need them (`reference families` needs neither). So
+`reference --help` and `reference COMMAND --help` import neither (tests/test_cli.py checks).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import importlib
 import os
 import sys
 
-from reference.errors import ReferenceError
+from reference.errors import InputError
 
 # subcommand -> (module with add_arguments(parser) and run(args) -> int, one-line help)
 COMMANDS = {
@@ -63,6 +65,6 @@ def dispatch(argv: list[str]) -> int:
     args = build_parser(chosen(argv)).parse_args(argv)
     try:
         return importlib.import_module(args.module).run(args)
-    except ReferenceError as e:
+    except InputError as e:
         print(f"reference {args.command}: error: {e}", file=sys.stderr)
         return 2

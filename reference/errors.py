@@ -5,11 +5,11 @@ from __future__ import annotations
 import importlib.util
 
 
-class ReferenceError(Exception):
+class InputError(Exception):
     """Bad input or an inexpressible model; the message names the file, key, family or feature."""
 
 
-class Inexpressible(ReferenceError):
+class Inexpressible(InputError):
     """A target family cannot express a feature the model uses."""
 
     def __init__(self, target: str, feature: str, detail: str = "", unified_holds: bool = False) -> None:
@@ -24,4 +24,4 @@ def require(extra: str, *modules: str) -> None:
     it; commands call this before doing anything, so a missing one leaves nothing behind."""
     for name in modules:
         if importlib.util.find_spec(name) is None:
-            raise ReferenceError(f"needs {name}: pip install 'reference[{extra}]'")
+            raise InputError(f"needs {name}: pip install 'reference[{extra}]'")

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from reference.converters import convert
-from reference.errors import Inexpressible, ReferenceError
+from reference.errors import Inexpressible, InputError
 from reference.families.registry import FAMILIES
 from reference.tiny import logits, save_tiny
 
@@ -69,7 +69,7 @@ def test_mistral_without_a_window_field_has_its_class_window(tmp_path) -> None:
 def test_a_config_its_class_rejects_is_named(tmp_path) -> None:
     src = save_tiny("qwen2", tmp_path / "src")
     strip_config(src, layer_types=["full_attention"])  # one entry for two layers
-    with pytest.raises(ReferenceError) as e:
+    with pytest.raises(InputError) as e:
         convert(src, tmp_path / "dst", to="llama")
     message = str(e.value)
     assert str(src / "config.json") in message and "layer_types" in message and "\n" not in message

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from reference.converters import convert
 from reference.converters.unified_dir import held
-from reference.errors import Inexpressible, ReferenceError
+from reference.errors import Inexpressible, InputError
 from reference.families.registry import FAMILIES
 from reference.families.spec import canonical_shapes
 from reference.families.verdict import UNIFIED_NOT_BUILT
@@ -68,13 +68,13 @@ def test_unified_loads_a_remote_code_layout_exactly(layout: str, tmp_path) -> No
 @pytest.mark.parametrize("family", NOT_HELD)
 def test_what_the_unified_model_lacks_is_refused_by_name(family: str, tmp_path) -> None:
     tiny_model(family).save_pretrained(tmp_path / "src")
-    with pytest.raises(ReferenceError) as e:
+    with pytest.raises(InputError) as e:
         UnifiedForCausalLM.from_pretrained(tmp_path / "src")
     if isinstance(e.value, Inexpressible):
         assert e.value.feature in UNIFIED_NOT_BUILT and e.value.feature in str(e.value)
     else:
         assert "not mapped yet" in str(e.value)
-    with pytest.raises(ReferenceError):
+    with pytest.raises(InputError):
         convert(tmp_path / "src", tmp_path / "dst", to="unified")
     assert not (tmp_path / "dst").exists()
 
@@ -286,7 +286,7 @@ def test_qwen_dynamic_ntk_and_log_n_attention_match_beyond_the_trained_length(tm
         else:
             assert not torch.allclose(want, forward("qwen", plain, ids))  # the scaling acts
     one = _layout_with("qwen", tmp_path / "one", seq_length=16, use_dynamic_ntk=True)
-    with pytest.raises(ReferenceError, match="use_logn_attn=False"):  # the spec holds both or neither
+    with pytest.raises(InputError, match="use_logn_attn=False"):  # the spec holds both or neither
         UnifiedForCausalLM.from_pretrained(one)
 
 

@@ -1,4 +1,5 @@
-"""Checkpoint converters: `convert(src, dst, to=...)` between HF families and Megatron-Core."""
+"""Checkpoint converters: `convert(src, dst, to=...)` between HF families, the unified model's
+own format and Megatron-Core checkpoints."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ __all__ = ["Report", "convert"]
 
 
 def __getattr__(name: str) -> Any:
-    # Imported on first use: the CLI's argument definitions and `reference families` live in
+    # Imported on first use: `reference convert --help` and `reference families` import from
     # this package and must not pay for torch (seconds) to show a help text or a table.
     if name in __all__:
         from reference.converters import conversion

@@ -1,4 +1,4 @@
-"""`reference convert SRC DST --to FAMILY`."""
+"""`reference convert SRC DST --to TARGET`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import contextlib
 import sys
 from collections.abc import Callable, Iterator
 
-from reference.errors import ReferenceError
+from reference.errors import InputError
 
 # Flags that only shape a Megatron checkpoint (dest -> MegatronLayout field). They default to
 # None, so that one given with another target is refused by name rather than ignored.
@@ -19,12 +19,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from reference.converters.megatron.layout import LAYER_SPECS, MegatronLayout
 
     d = MegatronLayout()
-    p.add_argument("src", help="an HF model directory (family from config.json) or a Megatron-LM "
-                               "checkpoint (family from its hf_source.json, else guessed from its args)")
+    p.add_argument("src", help="an HF model directory (family from config.json), a unified one "
+                               "(written by --to unified), or a Megatron-LM checkpoint (family from "
+                               "its hf_source.json, else guessed from its args)")
     p.add_argument("dst", help="output directory; appears whole or not at all")
     p.add_argument("--to", required=True,
-                   help="a family's model_type (llama, qwen2, ...), 'megatron', or 'hf' (back to the "
-                        "family a Megatron checkpoint came from)")
+                   help="a family's model_type (llama, qwen2, ...), 'unified', 'megatron', or 'hf' "
+                        "(back to the family a unified or Megatron checkpoint came from)")
     p.add_argument("--dtype", help="cast floating tensors (bfloat16, float16, float32); default: keep")
     p.add_argument("--fold-precision", choices=("exact", "dtype"), default="exact",
                    help="a folded tensor (Gemma's norms, Granite's multipliers) its dtype cannot hold "
@@ -116,9 +117,9 @@ def fold_lines(costs: list[dict]) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     given = {dest: getattr(args, dest) for dest in LAYOUT if getattr(args, dest) is not None}
     if given and args.to != "megatron":
-        raise ReferenceError(f"--{next(iter(given)).replace('_', '-')} applies only to --to megatron")
+        raise InputError(f"--{next(iter(given)).replace('_', '-')} applies only to --to megatron")
     if args.max_shard_size is not None and args.to == "megatron":
-        raise ReferenceError("--max-shard-size applies only to HF targets, not --to megatron")
+        raise InputError("--max-shard-size applies only to HF targets, not --to megatron")
     from reference.converters import convert
 
     layout = None

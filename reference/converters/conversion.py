@@ -1,4 +1,5 @@
-"""HF family -> HF family through the canonical description, streamed and atomic."""
+"""Any checkpoint this package reads (an HF family's, a unified or a Megatron one) -> any target
+(an HF family, unified, Megatron) through the canonical description, streamed and atomic."""
 
 from __future__ import annotations
 
@@ -18,10 +19,10 @@ from reference.converters.plan import Lazy, adapt, prune_zero_biases, retie
 from reference.converters.safetensors_io import INDEX, SINGLE, Progress
 from reference.converters.source import RECORD, Source, open_source
 from reference.converters.unified_dir import UnifiedTarget
-from reference.errors import Inexpressible, ReferenceError
+from reference.errors import Inexpressible, InputError
 from reference.families.registry import family_named
 from reference.families.spec import BIAS_KEYS, ModelSpec
-from reference.families.verdict import blocking, unified_holds
+from reference.families.verdict import Holder, blocking, unified_holds
 
 DEFAULT_SHARD_BYTES = 5 * 2**30  # when the source has no safetensors shards to follow
 
@@ -50,18 +51,12 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
     aliases = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16"}
     dtype = getattr(torch, aliases.get(name, name), None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ReferenceError(f"--dtype: '{name}' is not a floating dtype (try bfloat16, float16, float32)")
+        raise InputError(f"--dtype: '{name}' is not a floating dtype (try bfloat16, float16, float32)")
     return dtype
 
 
-class Target(Protocol):
-    """A layout canonical tensors can be written in (an HF family, Megatron)."""
-
-    name: str
-
-    def express(self, spec: ModelSpec) -> ModelSpec: ...
-
-    def refuses(self, spec: ModelSpec) -> dict[str, str]: ...
+class Target(Holder, Protocol):
+    """A layout canonical tensors can be written in (an HF family, Megatron, unified)."""
 
     def write(self, tensors: Mapping[str, Lazy], held: ModelSpec, extra: Mapping[str, Any],
               dtype: torch.dtype | None, out: Path, progress: Progress | None = None) -> tuple[int, int]: ...
@@ -78,7 +73,7 @@ def source_shard_bytes(src: Path) -> int | None:
 
 
 def resolve_target(to: str, source: Source, max_shard_bytes: int | None, layout: Any) -> Target:
-    """The writer for `--to`: `megatron`, `hf` (the family the source came from) or a family."""
+    """The writer for `--to`: `unified`, `megatron`, `hf` (the family the source came from) or a family."""
     if to == "unified":
         return UnifiedTarget(source.config, max_shard_bytes)
     if to == "megatron":
@@ -116,7 +111,7 @@ def prepare(source: Source, target: Target, allow: Collection[str] = (),
     if refused:
         raise Inexpressible(target.name, *next(iter(refused.items())), unified_holds=True)
     if source.family.keys is None:
-        raise ReferenceError(f"{source.path}: the tensor layout of {source.family.model_type} "
+        raise InputError(f"{source.path}: the tensor layout of {source.family.model_type} "
                              "is not mapped yet")
     tensors, spec = prune_zero_biases(source.tensors, source.spec)
     tensors, spec = retie(tensors, spec, target.express(spec))
@@ -156,8 +151,8 @@ def convert(
     progress: Progress | None = None,
     fold_precision: str = "exact",
 ) -> Report:
-    """Convert the checkpoint at SRC (HF or Megatron) into `to` at DST; DST appears whole or
-    not at all.
+    """Convert the checkpoint at SRC (an HF family's, a unified or a Megatron directory) into
+    `to` at DST; DST appears whole or not at all.
 
     `to` is a family's model_type, `hf` (back to the family the checkpoint came from),
     `unified` (the unified model's own format) or `megatron` (laid out by `layout`, a
@@ -174,7 +169,7 @@ def convert(
     shard_bytes = max_shard_bytes or source_shard_bytes(src)
     target = resolve_target(to, source, shard_bytes, layout)
     if fold_precision not in PRECISIONS:
-        raise ReferenceError(f"--fold-precision: '{fold_precision}' is not one of {', '.join(PRECISIONS)}")
+        raise InputError(f"--fold-precision: '{fold_precision}' is not one of {', '.join(PRECISIONS)}")
     prepared = prepare(source, target, allow, fold_precision)
     with atomic_dir(dst, force) as out:
         count, size = target.write(prepared.tensors, prepared.held, source.extra, cast, out, progress)

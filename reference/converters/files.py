@@ -9,7 +9,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from reference.errors import ReferenceError
+from reference.errors import InputError
 
 # Tokenizer, generation and chat-template files are copied verbatim: converters that rebuild
 # them have shipped models with the wrong special tokens.
@@ -48,9 +48,9 @@ def atomic_dir(dst: Path, force: bool) -> Iterator[Path]:
     and directories reach the disk before the rename, and the rename before this returns, so
     that after a power cut DST is whole, or absent (or still the old one)."""
     if dst.exists() and not force:
-        raise ReferenceError(f"{dst}: already exists (use --force to replace it)")
+        raise InputError(f"{dst}: already exists (use --force to replace it)")
     if not dst.parent.is_dir():
-        raise ReferenceError(f"{dst.parent}: no such directory")
+        raise InputError(f"{dst.parent}: no such directory")
     tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

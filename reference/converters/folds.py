@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from reference.errors import ReferenceError
+from reference.errors import InputError
 from reference.families.spec import DEFAULT_FEATURES, ModelSpec
 
 if TYPE_CHECKING:  # imported where a fold is applied: `reference families` lists FOLDS only
@@ -73,7 +73,7 @@ def _normalize_rows(x: torch.Tensor, inverse: bool) -> torch.Tensor:
     norms = x.float().norm(dim=-1)
     worst = (norms - 1).abs().max().item() if norms.numel() else 0.0
     if worst > 1e-3:
-        raise ReferenceError(f"lm_head rows must be unit length for a normalised head (off by {worst:.2g}); "
+        raise InputError(f"lm_head rows must be unit length for a normalised head (off by {worst:.2g}); "
                              "NormHead is one-way")
     return x.float()
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from reference.converters.safetensors_io import Entry, read_dir
-from reference.errors import ReferenceError
+from reference.errors import InputError
 from reference.families.family import Family
 from reference.families.registry import family_of
 from reference.families.resolve import as_loaded
@@ -29,16 +29,16 @@ class HFModel:
 def read_config(path: Path) -> dict[str, Any]:
     """config.json of an HF model directory."""
     if not path.is_dir():
-        raise ReferenceError(f"{path}: no such model directory")
+        raise InputError(f"{path}: no such model directory")
     cfg_path = path / "config.json"
     try:
         cfg = json.loads(cfg_path.read_text())
     except FileNotFoundError:
-        raise ReferenceError(f"{cfg_path}: missing (not an HF model directory)") from None
+        raise InputError(f"{cfg_path}: missing (not an HF model directory)") from None
     except json.JSONDecodeError as e:
-        raise ReferenceError(f"{cfg_path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+        raise InputError(f"{cfg_path}: not valid JSON ({e.msg}, line {e.lineno})") from None
     if not isinstance(cfg, dict):
-        raise ReferenceError(f"{cfg_path}: not a JSON object")
+        raise InputError(f"{cfg_path}: not a JSON object")
     return cfg
 
 

@@ -11,7 +11,7 @@ import torch
 
 from reference.converters.folds import FOLDS, UNTIES, FoldCost, Refold, is_default, measure, written_dtype
 from reference.converters.safetensors_io import Entry, Planned
-from reference.errors import Inexpressible, ReferenceError
+from reference.errors import Inexpressible, InputError
 from reference.families.family import Family
 from reference.families.keymap import Fused, Stacked
 from reference.families.spec import BIAS_KEYS, FEATURES, ModelSpec, bias_shape, canonical_names
@@ -20,16 +20,13 @@ from reference.families.verdict import unified_holds
 
 @dataclass(frozen=True)
 class Lazy:
-    """A tensor not yet read: its data-free stand-in and how to get it."""
+    """A tensor not yet read: its data-free stand-in and how to read it. When the tensor is a
+    source file's bytes unchanged, `entry` says where they lie, so a writer can copy them
+    byte for byte instead of calling `load`."""
 
     meta: torch.Tensor
-    load: Callable[[], torch.Tensor | Entry]
-    entry: Entry | None = None  # the source bytes, when the tensor is them unchanged
-
-
-def materialize(x: torch.Tensor | Entry) -> torch.Tensor:
-    """A tensor, reading it if it is still a byte range."""
-    return x.load() if isinstance(x, Entry) else x
+    load: Callable[[], torch.Tensor]
+    entry: Entry | None = None
 
 
 def read_canonical(
@@ -45,14 +42,14 @@ def read_canonical(
             continue
         if fused is None:
             for name in names:
-                out[name] = Lazy(entry.meta(), lambda e=entry: e, entry)
+                out[name] = Lazy(entry.meta(), entry.load, entry)
             continue
         metas = fused.split(entry.meta(), spec)
         for i, name in enumerate(names):
             out[name] = Lazy(metas[i], lambda e=entry, i=i, f=fused: f.split(e.load(), spec)[i])
     for name, rows in stacks.items():
         if sorted(rows) != list(range(len(rows))):
-            raise ReferenceError(f"{where}: the rows of '{family.keys.hf(name, family.model_type)[0]}' "
+            raise InputError(f"{where}: the rows of '{family.keys.hf(name, family.model_type)[0]}' "
                                  f"are numbered {sorted(rows)}, not 0..{len(rows) - 1}")
         stacked = [rows[i] for i in range(len(rows))]
         out[name] = Lazy(torch.stack([e.meta() for e in stacked]),
@@ -62,11 +59,11 @@ def read_canonical(
     expected = list(canonical_names(spec))
     for name in expected:
         if name not in out:
-            raise ReferenceError(f"{where}: missing tensor '{family.keys.hf(name, family.model_type)[0]}'")
+            raise InputError(f"{where}: missing tensor '{family.keys.hf(name, family.model_type)[0]}'")
     extra = sorted(set(out) - set(expected))
     if extra:
         hf = family.keys.hf(extra[0], family.model_type)[0]
-        raise ReferenceError(f"{where}: tensor '{hf}' does not fit config.json (unexpected)")
+        raise InputError(f"{where}: tensor '{hf}' does not fit config.json (unexpected)")
     return {name: out[name] for name in expected}
 
 
@@ -82,7 +79,7 @@ def prune_zero_biases(tensors: dict[str, Lazy], spec: ModelSpec) -> tuple[dict[s
     dropping it lets llama -> qwen2 -> llama (which adds zero q, k, v biases) return bitwise."""
     for feature in BIAS_KEYS:
         names = _bias_names(spec, feature) if getattr(spec, feature) else []
-        if names and not any(torch.count_nonzero(materialize(tensors[n].load())) for n in names):
+        if names and not any(torch.count_nonzero(tensors[n].load()) for n in names):
             tensors = {k: v for k, v in tensors.items() if k not in names}
             spec = spec.replace(**{feature: False})
     return tensors, spec
@@ -124,7 +121,7 @@ def adapt(
                 tensors[name] = Lazy(zero.to("meta"), lambda z=zero: z)
         elif feature in BIAS_KEYS:  # after prune_zero_biases, some tensor is nonzero
             name = next(n for n in _bias_names(spec, feature)
-                        if torch.count_nonzero(materialize(tensors[n].load())))
+                        if torch.count_nonzero(tensors[n].load()))
             detail = f"'{key_of(name)}' is nonzero"
             raise Inexpressible(target, feature, detail, unified_holds(feature))
         elif feature in allow:
@@ -141,11 +138,11 @@ def _refold(name: str, lazy: Lazy, refold: Refold, precision: str,
     on its values, and a safetensors header is written before any data: so the fold runs once
     here to choose and measure, and again when the writer pulls it (memory stays one tensor)."""
     like = torch.float32 if precision == "exact" else lazy.meta.dtype
-    x = materialize(lazy.load())
+    x = lazy.load()
     y = refold.forward(x, like)
     dtype = written_dtype(refold, x, y, precision, declared, like)
     cost = measure(name, refold, x, y.to(dtype), like)
-    load = lambda: refold.forward(materialize(lazy.load()), like).to(dtype)  # noqa: E731
+    load = lambda: refold.forward(lazy.load(), like).to(dtype)  # noqa: E731
     return Lazy(torch.empty(lazy.meta.shape, dtype=dtype, device="meta"), load), cost
 
 
@@ -159,8 +156,8 @@ def retie(tensors: dict[str, Lazy], spec: ModelSpec, held: ModelSpec) -> tuple[d
     m = held.embedding_multiplier
     if (not spec.tie_word_embeddings and is_default("embedding_multiplier", spec.embedding_multiplier)
             and not is_default("embedding_multiplier", m) and held.logits_divisor == spec.logits_divisor):
-        head = materialize(tensors["lm_head.weight"].load())
-        embed = materialize(tensors["embed.weight"].load())
+        head = tensors["lm_head.weight"].load()
+        embed = tensors["embed.weight"].load()
         fold = FOLDS["embedding_multiplier"]
         # folded with the multiplier rounded to float32 (--fold-precision exact) or to the dtype
         if any(torch.equal(fold.apply(head, spec, m, inverse=False, like=like).to(embed.dtype), embed)
@@ -185,14 +182,13 @@ def plan_target(
         if isinstance(rule, Stacked):
             whole = tensors[parts[0]]
             for i in range(whole.meta.shape[0]):
-                row = Lazy(whole.meta[i], lambda w=whole, i=i: materialize(w.load())[i].clone())
+                row = Lazy(whole.meta[i], lambda w=whole, i=i: w.load()[i].clone())
                 planned.append(_planned(hf.format(i), row, dtype))
             continue
         if isinstance(rule, Fused):
             names = [parts[i] for i in range(len(rule.parts))]
             meta = rule.merge([tensors[n].meta for n in names], held)
-            load = lambda r=rule, ns=names: r.merge(  # noqa: E731
-                [materialize(tensors[n].load()) for n in ns], held)
+            load = lambda r=rule, ns=names: r.merge([tensors[n].load() for n in ns], held)  # noqa: E731
             lazy = Lazy(meta, load)
         else:
             lazy = tensors[parts[0]]
@@ -204,5 +200,5 @@ def _planned(name: str, lazy: Lazy, dtype: torch.dtype | None) -> Planned:
     """One target tensor, cast to `dtype` if given and floating."""
     cast = dtype is not None and lazy.meta.is_floating_point() and lazy.meta.dtype != dtype
     out_dtype = dtype if cast else lazy.meta.dtype
-    produce = (lambda: materialize(lazy.load()).to(out_dtype)) if cast else lazy.load
+    produce = (lambda: lazy.load().to(out_dtype)) if cast else lazy.load
     return Planned(name, out_dtype, tuple(lazy.meta.shape), produce, None if cast else lazy.entry)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from reference.errors import ReferenceError
+from reference.errors import InputError
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -54,7 +54,7 @@ class Entry:
         with open(self.path, "rb") as f:
             got = f.readinto(memoryview(buf)) if f.seek(self.start) == self.start else 0
         if got != self.length:
-            raise ReferenceError(f"{self.path}: truncated while reading a tensor")
+            raise InputError(f"{self.path}: truncated while reading a tensor")
         if self.length == 0:
             return torch.empty(self.shape, dtype=self.dtype)
         return torch.frombuffer(buf, dtype=self.dtype).reshape(self.shape)
@@ -86,15 +86,15 @@ def read_header(path: Path) -> dict[str, Entry]:
         with open(path, "rb") as f:
             raw = f.read(8)
             if len(raw) < 8:
-                raise ReferenceError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+                raise InputError(f"{path}: not a safetensors file (shorter than 8 bytes)")
             (n,) = struct.unpack("<Q", raw)
             if n > size - 8:
-                raise ReferenceError(f"{path}: truncated or corrupt (header of {n} bytes, file of {size})")
+                raise InputError(f"{path}: truncated or corrupt (header of {n} bytes, file of {size})")
             header = json.loads(f.read(n))
     except FileNotFoundError:
-        raise ReferenceError(f"{path}: missing") from None
+        raise InputError(f"{path}: missing") from None
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ReferenceError(f"{path}: corrupt safetensors header (not JSON)") from None
+        raise InputError(f"{path}: corrupt safetensors header (not JSON)") from None
     base = 8 + n
     entries: dict[str, Entry] = {}
     for name, info in header.items():
@@ -105,10 +105,10 @@ def read_header(path: Path) -> dict[str, Entry]:
             dtype = DTYPES[info["dtype"]]
             shape = tuple(int(d) for d in info["shape"])
         except (KeyError, TypeError, ValueError):
-            raise ReferenceError(f"{path}: corrupt header entry for '{name}'") from None
+            raise InputError(f"{path}: corrupt header entry for '{name}'") from None
         want = math.prod(shape) * dtype.itemsize
         if end - begin != want or base + end > size:
-            raise ReferenceError(f"{path}: tensor '{name}' is truncated or corrupt")
+            raise InputError(f"{path}: tensor '{name}' is truncated or corrupt")
         entries[name] = Entry(path, base + begin, want, dtype, shape)
     return entries
 
@@ -120,19 +120,19 @@ def read_dir(directory: Path) -> dict[str, Entry]:
         try:
             weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError):
-            raise ReferenceError(f"{index}: corrupt index (no weight_map)") from None
+            raise InputError(f"{index}: corrupt index (no weight_map)") from None
         entries: dict[str, Entry] = {}
         for shard in sorted(set(weight_map.values())):
             if not (directory / shard).is_file():
-                raise ReferenceError(f"{index}: names shard '{shard}', which is missing")
+                raise InputError(f"{index}: names shard '{shard}', which is missing")
             entries.update(read_header(directory / shard))
         for name, shard in weight_map.items():
             if name not in entries or entries[name].path.name != shard:
-                raise ReferenceError(f"{index}: '{name}' is not in shard '{shard}'")
+                raise InputError(f"{index}: '{name}' is not in shard '{shard}'")
         return {name: entries[name] for name in weight_map}
     if (directory / SINGLE).is_file():
         return read_header(directory / SINGLE)
-    raise ReferenceError(f"{directory}: no {SINGLE} or {INDEX} (only safetensors are read)")
+    raise InputError(f"{directory}: no {SINGLE} or {INDEX} (only safetensors are read)")
 
 
 @dataclass(frozen=True)
@@ -142,8 +142,8 @@ class Planned:
     name: str
     dtype: torch.dtype
     shape: tuple[int, ...]
-    produce: Callable[[], torch.Tensor | Entry]  # an Entry is copied byte for byte
-    source: Entry | None = None  # known before writing when the bytes are a source range
+    produce: Callable[[], torch.Tensor]
+    source: Entry | None = None  # the bytes are this source range: copied byte for byte, not produced
 
     @property
     def nbytes(self) -> int:
@@ -184,7 +184,7 @@ def _copy_range(path: Path, start: int, length: int, f, done: Callable[[int], No
         while left:
             n = os.copy_file_range(s.fileno(), f.fileno(), left, offset)
             if n == 0:
-                raise ReferenceError(f"{path}: truncated while copying a tensor")
+                raise InputError(f"{path}: truncated while copying a tensor")
             offset, left = offset + n, left - n
             done(n)
     f.seek(0, os.SEEK_END)
@@ -201,13 +201,13 @@ def _write_tensors(group: list[Planned], f, done: Callable[[int], None]) -> None
             run.clear()
 
     for t in group:
-        data = t.produce()
-        if isinstance(data, Entry):
-            if run and (data.path != run[-1].path or data.start != run[-1].start + run[-1].length):
+        if t.source is not None:
+            if run and (t.source.path != run[-1].path or t.source.start != run[-1].start + run[-1].length):
                 flush()
-            run.append(data)
+            run.append(t.source)
             continue
         flush()
+        data = t.produce()
         if data.dtype != t.dtype or tuple(data.shape) != t.shape:
             got = f"{data.dtype}{list(data.shape)}"
             raise AssertionError(f"plan for '{t.name}' said {t.dtype}{list(t.shape)}, got {got}")

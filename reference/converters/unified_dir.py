@@ -20,7 +20,7 @@ import torch
 from reference.converters.hf_dir import read_config
 from reference.converters.plan import Lazy
 from reference.converters.safetensors_io import Planned, Progress, read_dir, write_dir
-from reference.errors import ReferenceError
+from reference.errors import InputError
 from reference.families.registry import family_named, family_of
 from reference.families.spec import ModelSpec, canonical_names
 from reference.families.verdict import Unified
@@ -52,7 +52,7 @@ def spec_of(cfg: Mapping[str, Any], where: str) -> ModelSpec:
     try:
         return ModelSpec(**cfg["spec"])
     except (KeyError, TypeError) as e:
-        raise ReferenceError(f"{where}: not a unified config ({e})") from None
+        raise InputError(f"{where}: not a unified config ({e})") from None
 
 
 def read_unified(path: Path) -> Source:
@@ -68,11 +68,11 @@ def read_unified(path: Path) -> Source:
     expected = list(canonical_names(spec))
     missing = [n for n in expected if n not in entries]
     if missing:
-        raise ReferenceError(f"{path}: missing tensor '{missing[0]}'")
+        raise InputError(f"{path}: missing tensor '{missing[0]}'")
     extra = sorted(set(entries) - set(expected))
     if extra:
-        raise ReferenceError(f"{path}: tensor '{extra[0]}' does not fit config.json (unexpected)")
-    tensors = {n: Lazy(entries[n].meta(), lambda e=entries[n]: e, entries[n]) for n in expected}
+        raise InputError(f"{path}: tensor '{extra[0]}' does not fit config.json (unexpected)")
+    tensors = {n: Lazy(entries[n].meta(), entries[n].load, entries[n]) for n in expected}
     return Source(path, family, spec, passthrough(cfg), tensors, str, source_config)
 
 
@@ -104,7 +104,7 @@ class UnifiedTarget:
             lazy = tensors[name]
             cast = dtype is not None and lazy.meta.is_floating_point() and lazy.meta.dtype != dtype
             if cast:
-                produce = lambda lz=lazy: _load(lz).to(dtype)  # noqa: E731
+                produce = lambda lz=lazy: lz.load().to(dtype)  # noqa: E731
                 planned.append(Planned(name, dtype, tuple(lazy.meta.shape), produce))
             else:
                 planned.append(Planned(name, lazy.meta.dtype, tuple(lazy.meta.shape), lazy.load, lazy.entry))
@@ -115,9 +115,3 @@ class UnifiedTarget:
         config = unified_config(held, self.source_config, extra)
         (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         return len(planned), sum(t.nbytes for t in planned)
-
-
-def _load(lazy: Lazy) -> torch.Tensor:
-    from reference.converters.plan import materialize
-
-    return materialize(lazy.load())

@@ -46,19 +46,15 @@ def table(rows: list[list[str]], width: int | None = None) -> str:
 
 def rows() -> list[list[str]]:
     """Header and one row per family: -> llama, llama -> family, -> megatron, -> unified."""
-    from reference.converters import megatron
+    from reference.converters.megatron import MegatronLayout, MegatronTarget
     from reference.families.registry import FAMILIES
     from reference.families.verdict import Unified, verdict
 
     llama = FAMILIES["llama"]
-    mg = getattr(megatron, "MegatronTarget", None)
     out = [["family", "-> llama", "llama -> family", "-> megatron", "-> unified"]]
     for f in FAMILIES.values():
-        if f.keys is None:
-            back = "-"
-        else:
-            back = verdict(llama, f)
-        to_mg = verdict(f, mg(f.model_type, megatron.MegatronLayout())) if mg else "not built yet"
+        back = "-" if f.keys is None else verdict(llama, f)
+        to_mg = verdict(f, MegatronTarget(f.model_type, MegatronLayout()))
         out.append([f.model_type, verdict(f, llama), back, to_mg, verdict(f, Unified())])
     return out
 

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from reference.errors import ReferenceError
+from reference.errors import InputError
 from reference.families.spec import ModelSpec
 
 # canonical field -> HF field, for every Llama-shaped config.
@@ -116,7 +116,7 @@ class Window(Codec):
         windowed = tuple(i for i, kind in enumerate(kinds) if kind == "sliding_attention")
         some = len(windowed) < len(kinds)
         if window is not None and some and not self.mixed_layers:
-            raise ReferenceError(f"{where}: a window on only some layers (layer_types) is not supported")
+            raise InputError(f"{where}: a window on only some layers (layer_types) is not supported")
         if window is not None and window >= cfg.get("max_position_embeddings", window + 1):
             window = None  # a window no sequence can exceed computes nothing
         if window is None or (kinds and not windowed):
@@ -254,7 +254,7 @@ class LayerTypeRope(Codec):
         unplaced = window is None or window >= cfg.get("max_position_embeddings", window + 1)
         if sliding != full and unplaced and "sliding_attention" in (cfg.get("layer_types") or ()):
             # the spec places the windowed layers' rope by their window, which this config lacks
-            raise ReferenceError(f"{where}: rope_parameters differ per layer type, but sliding_window "
+            raise InputError(f"{where}: rope_parameters differ per layer type, but sliding_window "
                                  f"{window} does not mark the 'sliding_attention' layers; not supported")
         return {"rope_parameters": full, "rotary_fraction": fraction,
                 "sliding_rope_parameters": None if sliding == full else sliding}
@@ -376,7 +376,7 @@ class LongContext(Codec):
     def read(self, cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
         ntk, logn = bool(cfg.get("use_dynamic_ntk")), bool(cfg.get("use_logn_attn"))
         if ntk != logn:  # every published Qwen config turns both on, or neither
-            raise ReferenceError(f"{where}: use_dynamic_ntk={ntk} but use_logn_attn={logn}; "
+            raise InputError(f"{where}: use_dynamic_ntk={ntk} but use_logn_attn={logn}; "
                                  "only both on or both off is supported")
         return {"long_context_scaling": cfg.get("seq_length", 2048) if ntk else None}
 
@@ -442,7 +442,7 @@ def read_spec(
     required = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads")
     for name in required:
         if name not in values:
-            raise ReferenceError(f"{where}: missing field '{fields[name]}'")
+            raise InputError(f"{where}: missing field '{fields[name]}'")
     values.setdefault("num_kv_heads", values["num_heads"])
     values.setdefault("head_dim", values["hidden_size"] // values["num_heads"])
     values.setdefault("max_position_embeddings", 2048)

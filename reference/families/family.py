@@ -23,6 +23,11 @@ class Family:
     codecs: tuple[Codec, ...] = ()
     tie_default: bool = False
 
+    @property
+    def name(self) -> str:
+        """Its name as a holder of models (verdict.Holder): the model_type."""
+        return self.model_type
+
     def read(self, cfg: Mapping[str, Any], where: str) -> ModelSpec:
         """The spec of an HF config of this family."""
         return read_spec(cfg, self.fields, self.codecs, where, self.tie_default)

@@ -12,8 +12,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from reference.errors import ReferenceError
-from reference.families.spec import ModelSpec
+from reference.errors import InputError
+from reference.families.spec import ModelSpec, linear_shapes
 
 if TYPE_CHECKING:  # imported where tensors are cut: `reference families` reads rows only
     import torch
@@ -24,7 +24,8 @@ Blocks = Sequence[tuple[int, int]]
 
 @dataclass(frozen=True)
 class Fused:
-    """Canonical parts stored as row blocks of one HF tensor. `blocks(spec)` says which part
+    """Canonical parts stored as row blocks of one tensor (an HF family's, or Megatron's
+    linear_qkv and linear_fc1 on each TP rank). `blocks(spec)` says which part
     each consecutive block of rows belongs to; split and merge are its two directions, pure
     slicing and concatenation, so they are lossless."""
 
@@ -40,7 +41,7 @@ class Fused:
             pieces[part].append(fused[start:start + rows])
             start += rows
         if start != fused.shape[0]:
-            raise ReferenceError(f"fused tensor of {fused.shape[0]} rows does not fit {self.parts}")
+            raise InputError(f"fused tensor of {fused.shape[0]} rows does not fit {self.parts}")
         return [torch.cat(p) for p in pieces]
 
     def merge(self, parts: Sequence[torch.Tensor], spec: ModelSpec) -> torch.Tensor:
@@ -63,25 +64,14 @@ class Stacked:
     part: str
 
 
-def concat(*sizes: Callable[[ModelSpec], int]) -> Callable[[ModelSpec], Blocks]:
-    """Blocks of a plain concatenation [part0; part1; ...] (Phi3's qkv_proj, gate_up_proj)."""
-    return lambda spec: [(i, size(spec)) for i, size in enumerate(sizes)]
+def concat(*linears: str) -> Callable[[ModelSpec], Blocks]:
+    """Blocks of a plain concatenation of linears' rows, named as in `linear_shapes`
+    (Phi3's qkv_proj: q, k, v; gate_up_proj: gate, up)."""
+    return lambda spec: [(i, linear_shapes(spec)[p][0]) for i, p in enumerate(linears)]
 
 
-def q_rows(spec: ModelSpec) -> int:
-    return spec.num_heads * spec.head_dim
-
-
-def kv_rows(spec: ModelSpec) -> int:
-    return spec.num_kv_heads * spec.head_dim
-
-
-def ffn_rows(spec: ModelSpec) -> int:
-    return spec.intermediate_size
-
-
-QKV = concat(q_rows, kv_rows, kv_rows)
-GATE_UP = concat(ffn_rows, ffn_rows)
+QKV = concat("q", "k", "v")
+GATE_UP = concat("gate", "up")
 
 
 def _pattern(template: str) -> re.Pattern[str]:
@@ -120,7 +110,7 @@ class KeyMap:
                 if isinstance(rule, Stacked):
                     return [rule.part.format(*match.groups()[:-1])], rule
                 return [p.format(*match.groups()) for p in rule.parts], rule
-        raise ReferenceError(f"{where}: unknown tensor '{hf_key}' for this family")
+        raise InputError(f"{where}: unknown tensor '{hf_key}' for this family")
 
     def row(self, hf_key: str) -> int:
         """The row of a Stacked canonical tensor an HF tensor holds: its last number."""
@@ -137,7 +127,7 @@ class KeyMap:
             match = pattern.match(canonical_key)
             if match:
                 return hf.format(*match.groups(), "{}"), part
-        raise ReferenceError(f"{family} has no tensor for canonical '{canonical_key}'")
+        raise InputError(f"{family} has no tensor for canonical '{canonical_key}'")
 
     def rule(self, hf_key: str) -> Rule:
         """The rule of an HF name this map produced."""

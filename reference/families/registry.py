@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from reference.errors import ReferenceError
+from reference.errors import InputError
 from reference.families.config import (
     LLAMA_FIELDS,
     AttentionScale,
@@ -155,14 +155,14 @@ def family_named(name: str) -> Family:
         return FAMILIES[name]
     except KeyError:
         known = ", ".join(sorted(FAMILIES))
-        raise ReferenceError(f"unknown model family '{name}' (known: {known})") from None
+        raise InputError(f"unknown model family '{name}' (known: {known})") from None
 
 
 def family_of(cfg: Mapping[str, Any], where: str) -> Family:
     """The family of an HF config, from its model_type."""
     if "model_type" not in cfg:
-        raise ReferenceError(f"{where}: no 'model_type' field")
+        raise InputError(f"{where}: no 'model_type' field")
     try:
         return family_named(cfg["model_type"])
-    except ReferenceError as e:
-        raise ReferenceError(f"{where}: {e}") from None
+    except InputError as e:
+        raise InputError(f"{where}: {e}") from None

@@ -13,12 +13,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from reference.errors import ReferenceError
+from reference.errors import InputError
 
 
 def as_loaded(cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
     """`cfg` with the defaults and rewrites of its transformers config class applied; as written
-    for a layout with no class in transformers (remote code: its fields are read as they are)."""
+    for a layout with no class in transformers (remote code: its fields are read as they are).
+    Raises, naming `where`, if the class rejects it: a reader's check of a config.json and a
+    writer's of the one it is about to write."""
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -30,5 +32,6 @@ def as_loaded(cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
         loaded = AutoConfig.for_model(model_type, **fields).to_dict()
     except Exception as e:  # transformers raises several types; its message names the field
         reason = str(e).strip().splitlines()[-1].strip()
-        raise ReferenceError(f"{where}: transformers cannot read this config: {reason}") from None
+        rejects = f"transformers' {model_type} config class rejects it"
+        raise InputError(f"{where}: {rejects}: {reason}") from None
     return {**loaded, "model_type": model_type}

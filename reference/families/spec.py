@@ -133,13 +133,21 @@ BIAS_KEYS: dict[str, tuple[str, ...]] = {
 }
 
 
-def canonical_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
-    """The shape of every canonical tensor of a model of this spec: the one place shapes are
-    computed (a test checks them against the unified model built on the meta device)."""
+def linear_shapes(spec: ModelSpec) -> dict[str, tuple[int, int]]:
+    """(out, in) features of each linear of a layer, by its canonical short name (q, ..., down)."""
     h, ff, d = spec.hidden_size, spec.intermediate_size, spec.head_dim
     q, kv = spec.num_heads * d, spec.num_kv_heads * d
-    rows = {"q": (q, h), "k": (kv, h), "v": (kv, h), "o": (h, q),
-            "gate": (ff, h), "up": (ff, h), "down": (h, ff)}
+    return {"q": (q, h), "k": (kv, h), "v": (kv, h), "o": (h, q), "gate": (ff, h), "up": (ff, h),
+            "down": (h, ff)}
+
+
+def canonical_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """The shape of every canonical tensor of a model of this spec: the one place shapes are
+    computed, with `linear_shapes` (a test checks them against the unified model built on
+    the meta device)."""
+    h, d = spec.hidden_size, spec.head_dim
+    q, kv = spec.num_heads * d, spec.num_kv_heads * d
+    rows = linear_shapes(spec)
     out: dict[str, tuple[int, ...]] = {}
     heads = {"q_norm": (spec.num_heads, q), "k_norm": (spec.num_kv_heads, kv)}
     for name in canonical_names(spec):
@@ -162,9 +170,7 @@ def canonical_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
 
 def bias_shape(spec: ModelSpec, name: str) -> tuple[int]:
     """Shape of a canonical bias (the output features of its linear), also one the spec lacks."""
-    layer = name.split(".")[1]
-    one = spec.replace(num_layers=int(layer) + 1, **dict.fromkeys(BIAS_KEYS, True))
-    return canonical_shapes(one)[name]
+    return linear_shapes(spec)[name.split(".")[-2]][:1]
 
 
 def canonical_names(spec: ModelSpec) -> Iterator[str]:

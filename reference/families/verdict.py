@@ -39,8 +39,19 @@ _DIMS = {"vocab_size": 262144, "hidden_size": 4096, "intermediate_size": 11008,
 
 
 class Holder(Protocol):
-    def express(self, spec: ModelSpec) -> ModelSpec: ...
-    def refuses(self, spec: ModelSpec) -> dict[str, str]: ...
+    """What can hold a model: an HF family, the unified model, Megatron. A conversion target
+    (reference/converters/conversion.py `Target`) is a Holder that also writes."""
+
+    @property
+    def name(self) -> str: ...
+
+    def express(self, spec: ModelSpec) -> ModelSpec:
+        """The spec as this holder holds it: every feature it cannot hold at Llama's value."""
+        ...
+
+    def refuses(self, spec: ModelSpec) -> dict[str, str]:
+        """Dimensions (an activation, a rope type) it cannot hold, each with why."""
+        ...
 
 
 def blocking(spec: ModelSpec, held: ModelSpec) -> list[str]:

@@ -21,11 +21,10 @@ from reference.modeling.rope import Rotary
 def load(path: str | Path, dtype: torch.dtype | None = None,
          attn_implementation: str | None = None) -> UnifiedForCausalLM:
     """The model in `path`, in eval mode, on the CPU."""
-    from reference.converters.plan import materialize
     from reference.converters.safetensors_io import Mapped
     from reference.converters.source import open_source
     from reference.converters.unified_dir import held
-    from reference.errors import Inexpressible, ReferenceError
+    from reference.errors import Inexpressible, InputError
     from reference.families.verdict import blocking
 
     source = open_source(Path(path))
@@ -35,7 +34,7 @@ def load(path: str | Path, dtype: torch.dtype | None = None,
         raise Inexpressible("unified", f, f"the model has {f}={getattr(source.spec, f)!r}; "
                                           "the unified model does not compute it yet")
     if not source.tensors:
-        raise ReferenceError(f"{path}: the tensor layout of {source.family.model_type} is not mapped yet")
+        raise InputError(f"{path}: the tensor layout of {source.family.model_type} is not mapped yet")
     config = UnifiedConfig.from_spec(source.spec, source.config, **source.extra)
     config._attn_implementation = attn_implementation or "sdpa"
     with torch.device("meta"):
@@ -44,7 +43,7 @@ def load(path: str | Path, dtype: torch.dtype | None = None,
     for name, lazy in source.tensors.items():
         # a tensor stored as it is used is a view of its file; one that is split, merged or
         # cast is computed from it
-        t = files.tensor(lazy.entry) if lazy.entry is not None else materialize(lazy.load())
+        t = files.tensor(lazy.entry) if lazy.entry is not None else lazy.load()
         state[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
     model.load_state_dict(state, strict=not source.spec.tie_word_embeddings, assign=True)
     if source.spec.tie_word_embeddings:

@@ -10,8 +10,10 @@ the global loss, up to float64 rounding.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -37,13 +39,29 @@ class ChannelLossReport:
     tokens: int
     channels: dict[str, ChannelStat] = field(default_factory=dict)
 
-    def to_json(self) -> dict:
-        """The JSONL record of this window, without the step."""
+    def to_json(self) -> dict[str, Any]:
+        """The JSONL record of this window, without the step. A window with no token has no
+        mean: its loss is null, since NaN is not JSON (jq and browsers reject it)."""
         return {
-            "loss": self.loss,
+            "loss": None if math.isnan(self.loss) else self.loss,
             "tokens": self.tokens,
             "channels": {c: {"loss": s.loss, "tokens": s.tokens} for c, s in self.channels.items()},
         }
+
+    def to_logs(self) -> dict[str, float]:
+        """The window as a trainer's log values: loss, tokens, loss/<channel>, tokens/<channel>."""
+        logs: dict[str, float] = {"loss": self.loss, "tokens": self.tokens}
+        for name, stat in self.channels.items():
+            logs[f"loss/{name}"] = stat.loss
+            logs[f"tokens/{name}"] = stat.tokens
+        return logs
+
+    @classmethod
+    def from_logs(cls, logs: Mapping[str, Any]) -> ChannelLossReport:
+        """The window `to_logs` put into a log; the log's other values are ignored."""
+        names = [key.removeprefix("loss/") for key in logs if key.startswith("loss/")]
+        channels = {n: ChannelStat(loss=logs[f"loss/{n}"], tokens=logs[f"tokens/{n}"]) for n in names}
+        return cls(loss=logs["loss"], tokens=logs["tokens"], channels=channels)
 
 
 def shift_like_causal_lm(

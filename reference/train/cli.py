@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_positive,
         default=0,
         metavar="K",
-        help="give each sample a seeded random channel ch0..ch{K-1} (the exercise)",
+        help="give each sample a seeded random channel ch0..ch{K-1}, ignoring --channel-field",
     )
     parser.add_argument("--grad-accum", type=_positive, default=1, metavar="G", help="micro-batches a step")
     parser.add_argument("--max-steps", type=_positive, default=20, metavar="S", help="optimizer steps")
@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the SFT exercise; under torchrun (WORLD_SIZE > 1) set up the process group first."""
+    """Run the SFT with channel loss; under torchrun (WORLD_SIZE > 1) set up the process group first."""
     require("train", *TRAIN_EXTRA)
     import torch
     import torch.distributed as dist

@@ -10,7 +10,6 @@ average per-step means, which the channel numbers could not add up to.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
-from reference.train.accumulator import ChannelLossAccumulator, causal_lm_token_losses
+from reference.train.accumulator import ChannelLossAccumulator, ChannelLossReport, causal_lm_token_losses
 
 CHANNEL_IDS = "channel_ids"  # batch key: (B, T) channel id per input token, -1 for padding
 
@@ -64,10 +63,7 @@ class ChannelLossMixin:
         """Add the window's channel losses to a training log; every rank calls this."""
         if "loss" in logs:
             report = self.channel_loss.reduce()  # default group: under DDP every rank is DP
-            logs = {**logs, "loss": report.loss, "tokens": report.tokens}
-            for name, stat in report.channels.items():
-                logs[f"loss/{name}"] = stat.loss
-                logs[f"tokens/{name}"] = stat.tokens
+            logs = {**logs, **report.to_logs()}
         super().log(logs, start_time)
 
 
@@ -77,11 +73,7 @@ class ChannelLossTrainer(ChannelLossMixin, Trainer):
 
 def record_from_logs(logs: dict[str, Any], step: int) -> dict[str, Any]:
     """The JSONL record of one training log: step, global loss and tokens, and each channel."""
-    names = [key.removeprefix("loss/") for key in logs if key.startswith("loss/")]
-    channels = {n: {"loss": logs[f"loss/{n}"], "tokens": logs[f"tokens/{n}"]} for n in names}
-    # A window with no token has no mean: null, since NaN is not JSON (jq and browsers reject it).
-    loss = None if math.isnan(logs["loss"]) else logs["loss"]
-    return {"step": step, "loss": loss, "tokens": logs["tokens"], "channels": channels}
+    return {"step": step, **ChannelLossReport.from_logs(logs).to_json()}
 
 
 class ChannelLossJsonlCallback(TrainerCallback):

@@ -9,7 +9,7 @@ from typing import Any
 
 
 def plot_channel_loss(records: Sequence[dict[str, Any]], path: Path) -> None:
-    """Draw the JSONL records of a run (see `ChannelLossReport.to_json`) to `path`."""
+    """Draw the JSONL records of a run (`{"step": ..., **ChannelLossReport.to_json()}`) to `path`."""
     # The object API, not pyplot: no global backend switch, nothing left open.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure

@@ -1,4 +1,4 @@
-"""A small SFT run with channel loss (the brief's exercise), on the HF Trainer.
+"""A small SFT run with channel loss, on the HF Trainer.
 
 Writes `OUT/channel_loss.jsonl` (one line per logged step), TensorBoard events under
 `OUT/tensorboard`, and `OUT/channel_loss.png`. Runs alone or under `torchrun`; the process
@@ -99,7 +99,7 @@ def run_sft(cfg: SftConfig) -> list[dict[str, Any]]:
         max_steps=cfg.max_steps,
         logging_steps=cfg.log_every,
         learning_rate=cfg.lr,
-        lr_scheduler_type="constant",  # the exercise watches the see-saw, not a schedule
+        lr_scheduler_type="constant",  # the curves show the channels, not a schedule
         seed=cfg.seed,
         save_strategy="no",
         report_to=[],

@@ -182,18 +182,16 @@ def test_streaming_holds_one_tensor_and_one_rank(models, tmp_path, monkeypatch) 
     exactly its bytes; while cutting, at most q, k and v are alive at once."""
     import weakref
 
-    from reference.converters import plan
     from reference.converters.megatron import write
 
     alive: list[weakref.ref] = []
     most = [0]
-    materialize = plan.materialize
+    shard = write.S.shard
 
-    def tracked(x):
-        out = materialize(x)
-        alive.append(weakref.ref(out))
+    def tracked(split, parts, *args):  # the full source tensors one Megatron tensor is cut from
+        alive.extend(weakref.ref(p) for p in parts if not p.is_meta)
         most[0] = max(most[0], sum(r() is not None for r in alive))
-        return out
+        return shard(split, parts, *args)
 
     def save(state, path):
         assert sum(r() is not None for r in alive) == 0, "a full tensor outlives its rank file"
@@ -206,7 +204,7 @@ def test_streaming_holds_one_tensor_and_one_rank(models, tmp_path, monkeypatch) 
 
     saved: list[Path] = []
     torch_save = torch.save
-    monkeypatch.setattr(write, "materialize", tracked)
+    monkeypatch.setattr(write.S, "shard", tracked)
     monkeypatch.setattr(write.torch, "save", save)
     convert(models["llama"], tmp_path / "mg", "--to", "megatron", "--tp", "2", "--pp", "2")
     assert len(saved) == 4 and most[0] == 3

@@ -3,18 +3,13 @@ vocabulary is lossless, and each rank's piece is exactly what Megatron-Core expe
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reference.converters.megatron.cut import (
-    fc1_rank,
-    merge_fc1,
-    merge_qkv,
-    merge_vocab,
-    qkv_rank,
-    vocab_rank,
-)
+from reference.converters.megatron.cut import fused_rank, merge_fused, merge_vocab, vocab_rank
+from reference.converters.megatron.keys import LOCAL_RULES
 from reference.converters.megatron.layout import (
     MegatronLayout,
     layout_string,
@@ -22,8 +17,25 @@ from reference.converters.megatron.layout import (
     parse_layout_string,
     stage_layers,
 )
+from reference.converters.megatron.stage import shard, unshard
+from reference.errors import InputError
+from reference.families.keymap import Fused
+from reference.families.spec import ModelSpec
 
 PROPERTY = settings(max_examples=60, deadline=None)
+
+
+def _fused(key: str) -> Fused:
+    """The block layout of a fused tensor of Megatron's local layer spec."""
+    (split,) = [r.split for r in LOCAL_RULES if r.key.endswith(key)]
+    assert isinstance(split, Fused)
+    return split
+
+
+def _spec(heads: int, groups: int, head_dim: int, ffn: int) -> ModelSpec:
+    return ModelSpec(vocab_size=8, hidden_size=8, intermediate_size=ffn, num_layers=1, num_heads=heads,
+                     num_kv_heads=groups, head_dim=head_dim, max_position_embeddings=8, norm_eps=1e-5,
+                     hidden_act="silu")
 
 
 @st.composite
@@ -56,11 +68,12 @@ def test_qkv_ranks_are_whole_groups_and_merge_back(shape, seed) -> None:
     q = _randn(groups * per_group * d, *rest, seed=seed)
     k = _randn(groups * d, *rest, seed=seed + 1)
     v = _randn(groups * d, *rest, seed=seed + 2)
-    shards = [qkv_rank(q, k, v, groups, tp, r) for r in range(tp)]
+    spec, qkv = _spec(groups * per_group, groups, d, 1), _fused("linear_qkv.weight")
+    shards = [fused_rank(qkv, (q, k, v), spec, tp, r) for r in range(tp)]
     fused = _fused_by_hand(q, k, v, groups, per_group, d)
-    for r, shard in enumerate(shards):  # a rank holds a contiguous run of whole groups
-        assert torch.equal(shard, fused.chunk(tp)[r])
-    merged = merge_qkv(shards, groups, groups * per_group)
+    for r, piece in enumerate(shards):  # a rank holds a contiguous run of whole groups
+        assert torch.equal(piece, fused.chunk(tp)[r])
+    merged = merge_fused(qkv, shards, spec)
     for got, want in zip(merged, (q, k, v), strict=True):
         assert torch.equal(got, want)
 
@@ -70,12 +83,13 @@ def test_qkv_ranks_are_whole_groups_and_merge_back(shape, seed) -> None:
 def test_fc1_ranks_hold_gate_then_up_and_merge_back(tp, per_rank, rest, seed) -> None:
     ffn = tp * per_rank
     gate, up = _randn(ffn, *rest, seed=seed), _randn(ffn, *rest, seed=seed + 1)
-    shards = [fc1_rank(gate, up, tp, r) for r in range(tp)]
-    for r, shard in enumerate(shards):  # SwiGLU chunks each rank's output in two: gate, up
-        g, u = shard.chunk(2)
+    spec, fc1 = _spec(tp, tp, 1, ffn), _fused("linear_fc1.weight")
+    shards = [fused_rank(fc1, (gate, up), spec, tp, r) for r in range(tp)]
+    for r, piece in enumerate(shards):  # SwiGLU chunks each rank's output in two: gate, up
+        g, u = piece.chunk(2)
         assert torch.equal(g, gate[r * per_rank:(r + 1) * per_rank])
         assert torch.equal(u, up[r * per_rank:(r + 1) * per_rank])
-    merged_gate, merged_up = merge_fc1(shards)
+    merged_gate, merged_up = merge_fused(fc1, shards, spec)
     assert torch.equal(merged_gate, gate) and torch.equal(merged_up, up)
     if tp > 1:  # plain concatenation of the ranks is not [gate; up]
         assert not torch.equal(torch.cat(shards), torch.cat([gate, up]))
@@ -105,3 +119,12 @@ def test_even_split_gives_every_virtual_stage_the_same_layers(pp, vpp, per_stage
     stages = pp * (vpp or 1)
     counts = stage_layers(per_stage * stages, MegatronLayout(pp=pp, vpp=vpp))
     assert counts == (per_stage,) * stages
+
+
+@pytest.mark.parametrize("split", ["qkv", "rows", ""])
+def test_an_unknown_split_raises_naming_it(split) -> None:
+    spec, x = _spec(2, 2, 2, 4), torch.zeros(4, 4)
+    with pytest.raises(InputError, match=f"unknown Megatron split '{split}'"):
+        shard(split, [x], spec, 2, 0, 8)
+    with pytest.raises(InputError, match=f"unknown Megatron split '{split}'"):
+        unshard(split, [x, x], spec, "here")

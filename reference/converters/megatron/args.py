@@ -17,7 +17,7 @@ from reference.converters.megatron.layout import (
     padded_vocab,
     parse_layout_string,
 )
-from reference.errors import Inexpressible, ReferenceError
+from reference.errors import Inexpressible, InputError
 from reference.families.spec import ModelSpec
 
 if TYPE_CHECKING:  # imported where the args are built: `reference families` asks `refuses` only
@@ -44,7 +44,7 @@ def check_heads(spec: ModelSpec) -> None:
     """Megatron-Core groups query heads evenly over the KV heads. (What it cannot compute at
     all is refused earlier, by `refuses`, before anything is written.)"""
     if spec.num_heads % spec.num_kv_heads:
-        raise ReferenceError(f"num_attention_heads {spec.num_heads} is not a multiple of "
+        raise InputError(f"num_attention_heads {spec.num_heads} is not a multiple of "
                              f"num_key_value_heads {spec.num_kv_heads}")
 
 
@@ -125,14 +125,14 @@ def build_args(spec: ModelSpec, layout: MegatronLayout, counts: Sequence[int],
 def _get(args: Namespace, name: str, where: str) -> Any:
     value = getattr(args, name, None)
     if value is None:
-        raise ReferenceError(f"{where}: args lack '{name}'")
+        raise InputError(f"{where}: args lack '{name}'")
     return value
 
 
 def _require(args: Namespace, name: str, want: Any, default: Any, where: str) -> None:
     got = getattr(args, name, default)
     if got != want:
-        raise ReferenceError(f"{where}: args {name}={got!r} is not read (only {want!r})")
+        raise InputError(f"{where}: args {name}={got!r} is not read (only {want!r})")
 
 
 def spec_from_args(args: Namespace, where: str) -> ModelSpec:
@@ -145,7 +145,7 @@ def spec_from_args(args: Namespace, where: str) -> ModelSpec:
         _require(args, flag, False, False, where)
     _require(args, "rotary_seq_len_interpolation_factor", None, None, where)
     if getattr(args, "num_experts", None):
-        raise ReferenceError(f"{where}: args num_experts={args.num_experts} is not read (dense models only)")
+        raise InputError(f"{where}: args num_experts={args.num_experts} is not read (dense models only)")
     heads, hidden = _get(args, "num_attention_heads", where), _get(args, "hidden_size", where)
     groups = args.num_query_groups if getattr(args, "group_query_attention", False) else heads
     theta = float(getattr(args, "rotary_base", 10000))
@@ -184,14 +184,14 @@ def layout_from_args(args: Namespace, where: str) -> tuple[MegatronLayout, tuple
     impl = getattr(args, "transformer_impl", "transformer_engine")
     spec = next((k for k, v in TRANSFORMER_IMPL.items() if v == impl), None)
     if spec is None:
-        raise ReferenceError(f"{where}: args transformer_impl={impl!r} is not read")
+        raise InputError(f"{where}: args transformer_impl={impl!r} is not read")
     layers, stages = _get(args, "num_layers", where), pp * (vpp or 1)
     if getattr(args, "pipeline_model_parallel_layout", None):
         counts = parse_layout_string(str(args.pipeline_model_parallel_layout))
     else:
         counts = _uneven(args, layers, pp, vpp or 1, where)
     if len(counts) != stages or sum(counts) != layers:
-        raise ReferenceError(f"{where}: args pipeline layout {counts} does not fit num_layers {layers} "
+        raise InputError(f"{where}: args pipeline layout {counts} does not fit num_layers {layers} "
                              f"over pp {pp} x vpp {vpp or 1}")
     divisor = getattr(args, "make_vocab_size_divisible_by", 128)
     return MegatronLayout(tp=tp, pp=pp, vpp=vpp, layer_spec=spec, vocab_divisor=divisor), counts
@@ -205,7 +205,7 @@ def _uneven(args: Namespace, layers: int, pp: int, chunks: int, where: str) -> t
     middle = pp - len(ends)
     rest = layers - sum(ends)
     if (middle and rest % middle) or (not middle and rest) or any(n % chunks for n in ends):
-        raise ReferenceError(f"{where}: args num_layers {layers} does not split over pp {pp} "
+        raise InputError(f"{where}: args num_layers {layers} does not split over pp {pp} "
                              f"(first {first}, last {last}, vpp {chunks})")
     share = rest // middle if middle else 0
     per_rank = [share] * pp
@@ -214,6 +214,6 @@ def _uneven(args: Namespace, layers: int, pp: int, chunks: int, where: str) -> t
     if last is not None:
         per_rank[-1] = last
     if any(n % chunks for n in per_rank):
-        raise ReferenceError(f"{where}: args layers per pipeline rank {per_rank} do not split "
+        raise InputError(f"{where}: args layers per pipeline rank {per_rank} do not split "
                              f"over vpp {chunks}")
     return tuple(per_rank[p] // chunks for _ in range(chunks) for p in range(pp))

@@ -8,10 +8,8 @@ from collections.abc import Sequence
 
 import torch
 
-
-def rows_rank(x: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
-    """Rows of a column-parallel linear's weight (or bias) held by `rank`."""
-    return x.chunk(tp, dim=0)[rank]
+from reference.families.keymap import Fused
+from reference.families.spec import ModelSpec
 
 
 def cols_rank(x: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
@@ -33,33 +31,23 @@ def merge_vocab(shards: Sequence[torch.Tensor], vocab_size: int) -> torch.Tensor
     return torch.cat(list(shards))[:vocab_size]
 
 
-def qkv_rank(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: int, tp: int,
-             rank: int) -> torch.Tensor:
-    """Rank's rows of Megatron's fused `linear_qkv`: for each of its query groups, the group's
-    query heads, then its key head, then its value head. TP takes whole groups."""
-    mine = slice(rank * groups // tp, (rank + 1) * groups // tp)
-    rest = q.shape[1:]
-    parts = [t.reshape(groups, -1, *rest)[mine] for t in (q, k, v)]  # (G/tp, rows per group, ...)
-    return torch.cat(parts, dim=1).reshape(-1, *rest)
+def tp_share(spec: ModelSpec, tp: int) -> ModelSpec:
+    """What one TP rank computes of a model: 1/tp of its heads, query groups and MLP width."""
+    return spec.replace(num_heads=spec.num_heads // tp, num_kv_heads=spec.num_kv_heads // tp,
+                        intermediate_size=spec.intermediate_size // tp)
 
 
-def merge_qkv(shards: Sequence[torch.Tensor], groups: int, heads: int
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q, k, v from every rank's rows of `linear_qkv`."""
-    fused = torch.cat(list(shards))
-    rest = fused.shape[1:]
-    per_group = fused.reshape(groups, -1, *rest)  # (G, (q_per_group + 2) * d, ...)
-    d = per_group.shape[1] // (heads // groups + 2)
-    q, k, v = per_group.split([per_group.shape[1] - 2 * d, d, d], dim=1)
-    return q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)
+def fused_rank(fused: Fused, parts: Sequence[torch.Tensor], spec: ModelSpec, tp: int,
+               rank: int) -> torch.Tensor:
+    """Rank's rows of a column-parallel fused tensor: its row chunk of every part, laid out as
+    the fused tensor of the rank's share of the model (`tp_share`). Megatron's `linear_qkv`
+    thus holds whole query groups, and `linear_fc1` cat(gate_r, up_r), which SwiGLU chunks in two."""
+    return fused.merge([p.chunk(tp)[rank] for p in parts], tp_share(spec, tp))
 
 
-def fc1_rank(gate: torch.Tensor, up: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
-    """Rank's rows of Megatron's `linear_fc1`: cat(gate_r, up_r), which SwiGLU chunks in two."""
-    return torch.cat([gate.chunk(tp)[rank], up.chunk(tp)[rank]])
-
-
-def merge_fc1(shards: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """gate, up from every rank's `linear_fc1`; plain concatenation would interleave them."""
-    halves = [s.chunk(2) for s in shards]
-    return torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])
+def merge_fused(fused: Fused, shards: Sequence[torch.Tensor], spec: ModelSpec) -> list[torch.Tensor]:
+    """The parts of a column-parallel fused tensor from every rank's rows; plain concatenation
+    of the ranks would interleave them."""
+    share = tp_share(spec, len(shards))
+    pieces = [fused.split(s, share) for s in shards]
+    return [torch.cat(list(ranks)) for ranks in zip(*pieces, strict=True)]

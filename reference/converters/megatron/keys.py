@@ -12,19 +12,20 @@ from dataclasses import dataclass, replace
 
 import torch
 
-# How tensor parallelism cuts a tensor (reference/converters/megatron/cut.py):
-# "replicated" on every rank, "vocab" rows padded then split, "cols" (row-parallel input
-# columns), "qkv" grouped per query group, "fc1" as cat(gate_r, up_r).
-SPLITS = ("replicated", "vocab", "cols", "qkv", "fc1")
+from reference.families.keymap import GATE_UP, Fused, grouped_qkv
 
 
 @dataclass(frozen=True)
 class Rule:
-    """One Megatron tensor: its key template, the canonical tensors it holds, how TP cuts it."""
+    """One Megatron tensor: its key template, the canonical tensors it holds, and how tensor
+    parallelism cuts it (reference/converters/megatron/stage.py `shard`): "replicated" on every
+    rank, "vocab" rows padded then split, "cols" (a row-parallel linear's input columns), or a
+    `Fused` block layout whose parts are column-parallel (each rank holds the layout of a model
+    1/tp as wide: linear_qkv grouped per query group, linear_fc1 as [gate_r; up_r])."""
 
     key: str
     canonical: tuple[str, ...]
-    split: str
+    split: str | Fused
 
 
 _L = "decoder.layers.{}."
@@ -33,18 +34,31 @@ _MLP = "layers.{}.mlp."
 EMBEDDING = "embedding.word_embeddings.weight"
 OUTPUT = "output_layer.weight"
 
+
+def _qkv(kind: str) -> Fused:
+    return Fused(tuple(_ATTN + f"{p}.{kind}" for p in "qkv"), grouped_qkv)
+
+
+def _fc1(kind: str) -> Fused:
+    return Fused((_MLP + f"gate.{kind}", _MLP + f"up.{kind}"), GATE_UP)
+
+
+def _fused(key: str, fused: Fused) -> Rule:
+    return Rule(key, fused.parts, fused)
+
+
 LOCAL_RULES: tuple[Rule, ...] = (
     Rule(EMBEDDING, ("embed.weight",), "vocab"),
     Rule(_L + "input_layernorm.weight", ("layers.{}.attn_norm.weight",), "replicated"),
-    Rule(_L + "self_attention.linear_qkv.weight", tuple(_ATTN + f"{p}.weight" for p in "qkv"), "qkv"),
-    Rule(_L + "self_attention.linear_qkv.bias", tuple(_ATTN + f"{p}.bias" for p in "qkv"), "qkv"),
+    _fused(_L + "self_attention.linear_qkv.weight", _qkv("weight")),
+    _fused(_L + "self_attention.linear_qkv.bias", _qkv("bias")),
     Rule(_L + "self_attention.q_layernorm.weight", (_ATTN + "q_norm.weight",), "replicated"),
     Rule(_L + "self_attention.k_layernorm.weight", (_ATTN + "k_norm.weight",), "replicated"),
     Rule(_L + "self_attention.linear_proj.weight", (_ATTN + "o.weight",), "cols"),
     Rule(_L + "self_attention.linear_proj.bias", (_ATTN + "o.bias",), "replicated"),
     Rule(_L + "pre_mlp_layernorm.weight", ("layers.{}.mlp_norm.weight",), "replicated"),
-    Rule(_L + "mlp.linear_fc1.weight", (_MLP + "gate.weight", _MLP + "up.weight"), "fc1"),
-    Rule(_L + "mlp.linear_fc1.bias", (_MLP + "gate.bias", _MLP + "up.bias"), "fc1"),
+    _fused(_L + "mlp.linear_fc1.weight", _fc1("weight")),
+    _fused(_L + "mlp.linear_fc1.bias", _fc1("bias")),
     Rule(_L + "mlp.linear_fc2.weight", (_MLP + "down.weight",), "cols"),
     Rule(_L + "mlp.linear_fc2.bias", (_MLP + "down.bias",), "replicated"),
     Rule("decoder.final_layernorm.weight", ("norm.weight",), "replicated"),

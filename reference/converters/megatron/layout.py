@@ -8,7 +8,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from reference.errors import ReferenceError
+from reference.errors import InputError
 from reference.families.spec import ModelSpec
 
 LAYER_SPECS = ("local", "te")
@@ -41,17 +41,17 @@ def check_layout(spec: ModelSpec, layout: MegatronLayout) -> tuple[int, ...]:
     for name, value in (("--tp", layout.tp), ("--pp", layout.pp),
                         ("--make-vocab-size-divisible-by", layout.vocab_divisor)):
         if value < 1:
-            raise ReferenceError(f"{name} {value}: must be at least 1")
+            raise InputError(f"{name} {value}: must be at least 1")
     if layout.vpp is not None and (layout.vpp < 2 or layout.pp < 2):
-        raise ReferenceError(f"--vpp {layout.vpp}: needs --vpp >= 2 and --pp >= 2 (or no --vpp)")
+        raise InputError(f"--vpp {layout.vpp}: needs --vpp >= 2 and --pp >= 2 (or no --vpp)")
     if layout.layer_spec not in LAYER_SPECS:
-        raise ReferenceError(f"--layer-spec '{layout.layer_spec}': not one of {', '.join(LAYER_SPECS)}")
+        raise InputError(f"--layer-spec '{layout.layer_spec}': not one of {', '.join(LAYER_SPECS)}")
     tp = layout.tp
     for what, size in (("num_attention_heads", spec.num_heads),
                        ("num_query_groups (num_key_value_heads)", spec.num_kv_heads),
                        ("ffn_hidden_size (intermediate_size)", spec.intermediate_size)):
         if size % tp:
-            raise ReferenceError(f"--tp {tp} does not divide {what} {size}")
+            raise InputError(f"--tp {tp} does not divide {what} {size}")
     return stage_layers(spec.num_layers, layout)
 
 
@@ -61,12 +61,12 @@ def stage_layers(num_layers: int, layout: MegatronLayout) -> tuple[int, ...]:
     if layout.pp_layers is not None:
         counts = tuple(layout.pp_layers)
         if len(counts) != stages or min(counts) < 0 or sum(counts) != num_layers:
-            raise ReferenceError(
+            raise InputError(
                 f"--pp-layers {','.join(map(str, counts))}: needs {stages} non-negative counts "
                 f"(pp x vpp) summing to num_layers {num_layers}")
         return counts
     if num_layers % stages:
-        raise ReferenceError(
+        raise InputError(
             f"num_layers {num_layers} is not divisible by {stages} pipeline stages "
             f"(pp {layout.pp} x vpp {layout.chunks}); give --pp-layers")
     return (num_layers // stages,) * stages
@@ -87,7 +87,7 @@ def parse_layout_string(text: str) -> tuple[int, ...]:
     for pattern in (r"\(([^)]+)\)\*(\d+)", r"(.)\*(\d+)"):
         text = re.sub(pattern, lambda m: m.group(1) * int(m.group(2)), text)
     if set(text) - set("EtL|"):
-        raise ReferenceError(f"pipeline_model_parallel_layout '{text}': only E, t, L stages are read")
+        raise InputError(f"pipeline_model_parallel_layout '{text}': only E, t, L stages are read")
     return tuple(stage.count("t") for stage in text.split("|"))
 
 

@@ -25,10 +25,10 @@ from reference.converters.megatron.layout import MegatronLayout, check_layout, p
 from reference.converters.megatron.write import FAMILY_FILE
 from reference.converters.plan import Lazy
 from reference.converters.source import Source
-from reference.errors import ReferenceError
+from reference.errors import InputError
 from reference.families.family import Family
 from reference.families.registry import FAMILIES, family_named
-from reference.families.spec import BIAS_KEYS, FEATURES, ModelSpec
+from reference.families.spec import BIAS_KEYS, FEATURES, ModelSpec, canonical_shapes
 from reference.families.verdict import blocking
 
 # Unpickled without running arbitrary code: tensors, plain values and the args Namespace.
@@ -41,12 +41,12 @@ def load_rank_file(path: Path) -> dict[str, Any]:
         with torch.serialization.safe_globals(SAFE):
             state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except FileNotFoundError:
-        raise ReferenceError(f"{path}: missing rank file") from None
+        raise InputError(f"{path}: missing rank file") from None
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ReferenceError(f"{path}: not a readable torch checkpoint ({reason})") from None
+        raise InputError(f"{path}: not a readable torch checkpoint ({reason})") from None
     if not isinstance(state, dict) or not isinstance(state.get("args"), Namespace):
-        raise ReferenceError(f"{path}: no 'args' Namespace (not a Megatron-LM checkpoint)")
+        raise InputError(f"{path}: no 'args' Namespace (not a Megatron-LM checkpoint)")
     return state
 
 
@@ -73,7 +73,7 @@ class Checkpoint:
 def _tracker(root: Path) -> str:
     text = (root / S.TRACKER).read_text().strip()
     if text != "release" and not text.isdigit():
-        raise ReferenceError(f"{root / S.TRACKER}: '{text}' is neither an iteration nor 'release'")
+        raise InputError(f"{root / S.TRACKER}: '{text}' is neither an iteration nor 'release'")
     return text
 
 
@@ -82,7 +82,7 @@ def _first_file(root: Path, tracker: str) -> Path:
         path = S.rank_file(root, tracker, 0, 0, pp)
         if path.is_file():
             return path
-    raise ReferenceError(f"{root / S.iteration_dir(tracker)}: missing rank file mp_rank_00[_000]/{S.FILE}")
+    raise InputError(f"{root / S.iteration_dir(tracker)}: missing rank file mp_rank_00[_000]/{S.FILE}")
 
 
 def _dtype(state: dict[str, Any], path: Path) -> torch.dtype:
@@ -91,7 +91,7 @@ def _dtype(state: dict[str, Any], path: Path) -> torch.dtype:
         for t in model.values() if isinstance(model, dict) else ():
             if isinstance(t, torch.Tensor) and t.is_floating_point():
                 return t.dtype
-    raise ReferenceError(f"{path}: holds no floating tensor")
+    raise InputError(f"{path}: holds no floating tensor")
 
 
 def _open(root: Path) -> Checkpoint:
@@ -102,8 +102,8 @@ def _open(root: Path) -> Checkpoint:
     layout, counts = layout_from_args(state["args"], str(first))
     try:
         check_layout(spec, replace(layout, pp_layers=counts))
-    except ReferenceError as e:
-        raise ReferenceError(f"{first}: args: {e}") from None
+    except InputError as e:
+        raise InputError(f"{first}: args: {e}") from None
     return Checkpoint(root, tracker, spec, layout, counts, KeyTable(layout.layer_spec), _dtype(state, first))
 
 
@@ -116,7 +116,7 @@ def _family(root: Path, spec: ModelSpec) -> tuple[Family, dict[str, Any]]:
             data = json.loads(record.read_text())
             return family_named(data["model_type"]), dict(data.get("config") or {})
         except (json.JSONDecodeError, KeyError, TypeError):
-            raise ReferenceError(f"{record}: corrupt (want model_type and config)") from None
+            raise InputError(f"{record}: corrupt (want model_type and config)") from None
     rows = [f for f in FAMILIES.values() if f.keys is not None]
     exact = [f for f in rows if all(getattr(f.express(spec), x) == getattr(spec, x) for x in FEATURES)]
     # --add-bias-linear gives every linear a bias; the conversion drops those that are zero.
@@ -130,12 +130,12 @@ def _check_rank_dirs(ck: Checkpoint) -> None:
     for t in range(tp):
         for p in range(pp):
             if not ck.file(t, p).is_file():
-                raise ReferenceError(f"{ck.file(t, p)}: missing rank file (args say tp {tp}, pp {pp})")
+                raise InputError(f"{ck.file(t, p)}: missing rank file (args say tp {tp}, pp {pp})")
     want = {S.rank_dir(t, p, pp) for t in range(tp) for p in range(pp)}
     where = ck.root / S.iteration_dir(ck.tracker)
     odd = sorted(d.name for d in where.iterdir() if d.name.startswith("mp_rank_") and d.name not in want)
     if odd:
-        raise ReferenceError(f"{where / odd[0]}: rank directory the args do not imply (tp {tp}, pp {pp})")
+        raise InputError(f"{where / odd[0]}: rank directory the args do not imply (tp {tp}, pp {pp})")
 
 
 def _check_file(ck: Checkpoint, tp_rank: int, pp_rank: int) -> None:
@@ -145,33 +145,34 @@ def _check_file(ck: Checkpoint, tp_rank: int, pp_rank: int) -> None:
     args = state["args"]
     said = (spec_from_args(args, str(path)), layout_from_args(args, str(path)))
     if said != (ck.spec, (ck.layout, ck.counts)):
-        raise ReferenceError(f"{path}: args differ from those of the first rank file")
+        raise InputError(f"{path}: args differ from those of the first rank file")
     padded = padded_vocab(ck.spec.vocab_size, ck.layout.vocab_divisor, ck.layout.tp)
     for chunk, st in enumerate(ck.stages_of(pp_rank)):
         name = S.model_key(chunk, ck.layout.vpp)
         model = state.get(name)
         if not isinstance(model, dict):
-            raise ReferenceError(f"{path}: no '{name}' state dict (args say vpp {ck.layout.vpp})")
+            raise InputError(f"{path}: no '{name}' state dict (args say vpp {ck.layout.vpp})")
         slots = S.slots(ck.spec, ck.table, st)
+        shapes = canonical_shapes(ck.spec)
         for slot in slots:
             where = f"{path}: {name} '{slot.key}'"
             if slot.key not in model:
-                raise ReferenceError(f"{where} is missing; the args imply it")
-            metas = [torch.empty(S.canonical_shape(n, ck.spec), device="meta") for n in slot.sources]
+                raise InputError(f"{where} is missing; the args imply it")
+            metas = [torch.empty(shapes[n], device="meta") for n in slot.sources]
             want = list(S.shard(slot.rule.split, metas, ck.spec, ck.layout.tp, tp_rank, padded).shape)
             got = model[slot.key]
             if list(got.shape) != want:
-                raise ReferenceError(f"{where} has shape {list(got.shape)}, the args imply {want}")
+                raise InputError(f"{where} has shape {list(got.shape)}, the args imply {want}")
             if got.dtype != ck.dtype:
-                raise ReferenceError(f"{where} is {got.dtype}, the first tensor {ck.dtype}")
+                raise InputError(f"{where} is {got.dtype}, the first tensor {ck.dtype}")
         known = {s.key for s in slots}
         for key in model:
             if key in known or key.endswith(EXTRA_SUFFIX):
                 continue
             if not ck.table.knows(key):
                 spec = ck.layout.layer_spec
-                raise ReferenceError(f"{path}: {name} holds '{key}', unknown to the {spec} layer spec")
-            raise ReferenceError(f"{path}: {name} holds '{key}', which the args do not imply")
+                raise InputError(f"{path}: {name} holds '{key}', unknown to the {spec} layer spec")
+            raise InputError(f"{path}: {name} holds '{key}', which the args do not imply")
 
 
 class _Files:
@@ -203,6 +204,7 @@ def _merger(files: _Files, slot: S.Slot, pp_rank: int, model: str,
 def _lazy_tensors(ck: Checkpoint) -> tuple[dict[str, Lazy], dict[str, str]]:
     """Canonical name -> Lazy merge from the rank files; and -> its Megatron key, for messages."""
     files = _Files(ck)
+    shapes = canonical_shapes(ck.spec)
     tensors: dict[str, Lazy] = {}
     homes: dict[str, str] = {}
     for pp_rank in range(ck.layout.pp):
@@ -215,7 +217,7 @@ def _lazy_tensors(ck: Checkpoint) -> tuple[dict[str, Lazy], dict[str, str]]:
                 where = f"{ranks} {model} '{slot.key}'"
                 load = _merger(files, slot, pp_rank, model, where)
                 for part, name in enumerate(slot.sources):
-                    meta = torch.empty(S.canonical_shape(name, ck.spec), dtype=ck.dtype, device="meta")
+                    meta = torch.empty(shapes[name], dtype=ck.dtype, device="meta")
                     tensors[name] = Lazy(meta, lambda f=load, i=part: f()[i])
                     homes[name] = where
     return tensors, homes

@@ -11,8 +11,9 @@ import torch
 
 from reference.converters.megatron import cut
 from reference.converters.megatron.keys import EMBEDDING, EXTRA_SUFFIX, OUTPUT, KeyTable, Rule, extra_states
-from reference.errors import ReferenceError
-from reference.families.spec import ModelSpec, bias_shape, canonical_names
+from reference.errors import InputError
+from reference.families.keymap import Fused
+from reference.families.spec import ModelSpec, canonical_names
 
 TRACKER = "latest_checkpointed_iteration.txt"
 # Megatron-LM refuses iteration 0 ("assert iteration > 0 or release"); its own HF converters
@@ -105,43 +106,36 @@ def extra_keys(spec: ModelSpec, layer_spec: str, stage: Stage) -> dict[str, str]
     return out
 
 
-def canonical_shape(name: str, spec: ModelSpec) -> tuple[int, ...]:
-    """The shape of a canonical tensor of `spec`."""
-    if name.endswith(".bias"):
-        return bias_shape(spec, name)
-    h, d, f, v = spec.hidden_size, spec.head_dim, spec.intermediate_size, spec.vocab_size
-    q, kv = spec.num_heads * d, spec.num_kv_heads * d
-    shapes = {"embed": (v, h), "lm_head": (v, h), "norm": (h,), "attn_norm": (h,), "mlp_norm": (h,),
-              "q_norm": (d,), "k_norm": (d,), "q": (q, h), "k": (kv, h), "v": (kv, h), "o": (h, q),
-              "gate": (f, h), "up": (f, h), "down": (h, f)}
-    return shapes[name.split(".")[-2]]
+def _unknown(split: object) -> InputError:
+    return InputError(f"unknown Megatron split {split!r}: want replicated, vocab, cols or a Fused layout")
 
 
-def shard(split: str, parts: Sequence[torch.Tensor], spec: ModelSpec, tp: int, rank: int,
+def shard(split: str | Fused, parts: Sequence[torch.Tensor], spec: ModelSpec, tp: int, rank: int,
           padded: int) -> torch.Tensor:
     """TP rank's piece of the Megatron tensor made of `parts` (full canonical tensors)."""
+    if isinstance(split, Fused):
+        return cut.fused_rank(split, parts, spec, tp, rank)
     if split == "replicated":
         return parts[0]
     if split == "vocab":
         return cut.vocab_rank(parts[0], padded, tp, rank)
     if split == "cols":
         return cut.cols_rank(parts[0], tp, rank)
-    if split == "qkv":
-        return cut.qkv_rank(*parts, spec.num_kv_heads, tp, rank)
-    return cut.fc1_rank(*parts, tp, rank)
+    raise _unknown(split)
 
 
-def unshard(split: str, pieces: Sequence[torch.Tensor], spec: ModelSpec, where: str) -> list[torch.Tensor]:
+def unshard(split: str | Fused, pieces: Sequence[torch.Tensor], spec: ModelSpec,
+            where: str) -> list[torch.Tensor]:
     """The full canonical tensors from every TP rank's piece."""
+    if isinstance(split, Fused):
+        return cut.merge_fused(split, pieces, spec)
     if split == "replicated":
         for r, p in enumerate(pieces[1:], 1):
             if not torch.equal(p, pieces[0]):
-                raise ReferenceError(f"{where}: replicated tensor differs between TP ranks 0 and {r}")
+                raise InputError(f"{where}: replicated tensor differs between TP ranks 0 and {r}")
         return [pieces[0]]
     if split == "vocab":
         return [cut.merge_vocab(pieces, spec.vocab_size)]
     if split == "cols":
         return [torch.cat(list(pieces), dim=1)]
-    if split == "qkv":
-        return list(cut.merge_qkv(pieces, spec.num_kv_heads, spec.num_heads))
-    return list(cut.merge_fc1(pieces))
+    raise _unknown(split)

@@ -18,9 +18,9 @@ from reference.converters.megatron import stage as S
 from reference.converters.megatron.args import build_args, check_heads
 from reference.converters.megatron.keys import KeyTable, extra_state_value
 from reference.converters.megatron.layout import MegatronLayout, check_layout
-from reference.converters.plan import Lazy, materialize
+from reference.converters.plan import Lazy
 from reference.converters.safetensors_io import Progress
-from reference.errors import ReferenceError
+from reference.errors import InputError
 from reference.families.spec import ModelSpec, canonical_names
 
 FAMILY_FILE = "hf_source.json"  # the HF family and config fields the weights came with
@@ -48,7 +48,7 @@ def write_megatron(
     expected = list(canonical_names(spec))
     if sorted(expected) != sorted(tensors):
         odd = sorted(set(expected) ^ set(tensors))
-        raise ReferenceError(f"megatron: canonical tensors do not fit the spec: {odd[:3]}")
+        raise InputError(f"megatron: canonical tensors do not fit the spec: {odd[:3]}")
     cast = dtype
     dtype = dtype or tensors["embed.weight"].meta.dtype
     args = build_args(spec, layout, counts, dtype)
@@ -58,7 +58,7 @@ def write_megatron(
     ranks = [[(st, S.slots(spec, table, st)) for st in every[p::layout.pp]] for p in range(layout.pp)]
     used = {n for stages in ranks for _, slots in stages for slot in slots for n in slot.sources}
     if used != set(expected):
-        raise ReferenceError(f"megatron: canonical tensor '{sorted(set(expected) - used)[0]}' has no place")
+        raise InputError(f"megatron: canonical tensor '{sorted(set(expected) - used)[0]}' has no place")
 
     def piece_bytes(slot: S.Slot, tp_rank: int) -> int:  # cut from the data-free stand-ins
         metas = [tensors[n].meta for n in slot.sources]
@@ -75,7 +75,7 @@ def write_megatron(
             for chunk, (st, slots) in enumerate(stages):
                 model: dict[str, Any] = {}
                 for slot in slots:
-                    parts = [materialize(tensors[n].load()) for n in slot.sources]
+                    parts = [tensors[n].load() for n in slot.sources]
                     piece = S.shard(slot.rule.split, parts, spec, layout.tp, tp_rank, args.padded_vocab_size)
                     model[slot.key] = _owned(piece, dtype)
                     n_tensors += 1
