@@ -71,9 +71,12 @@ def run(args: argparse.Namespace) -> int:
         if dist.is_initialized():
             dist.destroy_process_group()
     if records:
-        last = records[-1]
-        print(
-            f"step {last['step']}: loss {last['loss']:.4f} over {last['tokens']} tokens; wrote "
-            f"{args.out / 'channel_loss.jsonl'}, {args.out / 'channel_loss.png'}"
-        )
+        print(summary(records[-1], args.out))
     return 0
+
+
+def summary(last: dict, out: Path) -> str:
+    """The line printed after training: the last window's loss (none if it had no tokens)."""
+    loss = "-" if last["loss"] is None else f"{last['loss']:.4f}"
+    return (f"step {last['step']}: loss {loss} over {last['tokens']} tokens; wrote "
+            f"{out / 'channel_loss.jsonl'}, {out / 'channel_loss.png'}")

@@ -219,3 +219,11 @@ def test_torchrun_two_ranks(model_dir, data_file, tmp_path, port) -> None:
     for record in records:
         check_record(record, expected)
     assert (out / "channel_loss.png").stat().st_size > 0
+
+
+def test_the_closing_line_survives_a_window_without_tokens(tmp_path) -> None:
+    from reference.train.cli import summary
+
+    line = summary({"step": 3, "loss": None, "tokens": 0}, tmp_path)
+    assert line.startswith("step 3: loss - over 0 tokens")
+    assert summary({"step": 3, "loss": 1.23456, "tokens": 9}, tmp_path).startswith("step 3: loss 1.2346 over 9")
