@@ -226,4 +226,5 @@ def test_the_closing_line_survives_a_window_without_tokens(tmp_path) -> None:
 
     line = summary({"step": 3, "loss": None, "tokens": 0}, tmp_path)
     assert line.startswith("step 3: loss - over 0 tokens")
-    assert summary({"step": 3, "loss": 1.23456, "tokens": 9}, tmp_path).startswith("step 3: loss 1.2346 over 9")
+    line = summary({"step": 3, "loss": 1.23456, "tokens": 9}, tmp_path)
+    assert line.startswith("step 3: loss 1.2346 over 9")
