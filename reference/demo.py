@@ -1,6 +1,7 @@
 """`reference demo`: tiny random models of every family, converted into Llama's layout and back
 (and Llama into each family), the logits compared with the original transformers model. Families
-Llama cannot express are shown refused, naming the feature. No network, no hub."""
+Llama cannot express are shown refused, naming the feature, and then converted to the unified
+model's format, which holds them, and back. No network, no hub."""
 
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ def _pair(source: str, target: str, tie: bool, workdir: Path) -> list[str]:
     import torch
     from transformers import AutoModelForCausalLM
 
+    import reference.modeling  # noqa: F401  (AutoModelForCausalLM then loads unified directories)
     from reference.converters import convert
     from reference.errors import Inexpressible, InputError
     from reference.tiny import logits, tiny_model
@@ -79,6 +81,8 @@ def demo(workdir: Path) -> list[list[str]]:
     built = [f for f in FAMILIES if f in TINY and FAMILIES[f].keys is not None and f != "llama"]
     rows = [_pair(f, "llama", tie, workdir) for f in built for tie in (False, True)]
     rows += [_pair("llama", f, False, workdir) for f in built]
+    refused = [r[0] for r in rows if r[1] == "llama" and r[2] == "False" and r[-1].startswith("refused")]
+    rows += [_pair(f, "unified", False, workdir) for f in refused]  # what Llama cannot hold
     rows += [_pair(f, "llama", False, workdir) for f in FAMILIES if f in TINY and FAMILIES[f].keys is None]
     return rows
 

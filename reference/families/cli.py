@@ -61,7 +61,8 @@ def rows() -> list[list[str]]:
 
 def run(args: argparse.Namespace) -> int:
     print(table(rows(), width=WIDTH))
-    print("\nFolds move a scalar feature into the weights (in fp32); what each costs:")
+    print("\nFolds move a scalar feature into the weights (in fp32); what each computes
+(what it costs is measured per tensor by each conversion, in DST/conversion.json):")
     from reference.converters.folds import FOLDS
 
     for fold in FOLDS.values():
