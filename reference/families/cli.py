@@ -61,9 +61,9 @@ def rows() -> list[list[str]]:
 
 def run(args: argparse.Namespace) -> int:
     print(table(rows(), width=WIDTH))
-    print("\n" + textwrap.fill("Folds move a scalar feature into the weights (in fp32); what each computes "
-                               "(its cost is measured per tensor by each conversion, in DST/conversion.json):",
-                               WIDTH))
+    heading = ("Folds move a scalar feature into the weights (in fp32); what each computes (its cost "
+               "is measured per tensor by each conversion, in DST/conversion.json):")
+    print("\n" + textwrap.fill(heading, WIDTH))
     from reference.converters.folds import FOLDS
 
     for fold in FOLDS.values():
