@@ -100,7 +100,26 @@ ROPES = {
                  "long_factor": [2.0 + i / 8 for i in range(8)], "original_max_position_embeddings": 32},
     "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 16},
+    # Gemma4's: rope on the first fraction of the frequencies, the rest turn by angle zero
+    "proportional": {"rope_type": "proportional", "partial_rotary_factor": 0.25},
 }
+
+
+def test_every_rope_type_transformers_computes_is_tested() -> None:
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    assert set(ROPE_INIT_FUNCTIONS) <= set(ROPES)
+
+
+@pytest.mark.parametrize("kind", ["axial", "no_such_rope"])  # axial: multimodal positions, no initialiser
+def test_a_rope_type_without_an_initialiser_is_refused_by_name(kind: str, tmp_path) -> None:
+    tiny_model("llama").save_pretrained(tmp_path / "src")
+    config = json.loads((tmp_path / "src" / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": kind, "rope_theta": 10000.0}
+    (tmp_path / "src" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(Inexpressible, match=f"rope type '{kind}'") as e:
+        UnifiedForCausalLM.from_pretrained(tmp_path / "src")
+    assert e.value.feature == "rope_parameters"
 
 
 @pytest.mark.parametrize("rope", list(ROPES))

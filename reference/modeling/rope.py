@@ -40,7 +40,9 @@ def inverse_frequencies(config: UnifiedConfig,
     if kind not in ROPE_INIT_FUNCTIONS:
         from reference.errors import Inexpressible
 
-        raise Inexpressible("unified", "rope_parameters", f"rope type '{kind}' is not known to transformers")
+        known = ", ".join(["default", *ROPE_INIT_FUNCTIONS])
+        raise Inexpressible("unified", "rope_parameters",
+                            f"rope type '{kind}' has no initialiser in transformers (known: {known})")
     if kind == "longrope":  # transformers picks the long factors past the original length only
         original = spec.rope_parameters.get("original_max_position_embeddings", spec.max_position_embeddings)
         long = (seq_len or 0) > original
