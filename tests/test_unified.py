@@ -265,6 +265,20 @@ def test_attention_softcap_runs_eager_under_sdpa_and_says_so_once(tmp_path, capl
     assert len(said) == 1 and "eager" in said[0].getMessage()
 
 
+@pytest.mark.parametrize(("name", "said"), [("flash_attention_2", "does not support Flash Attention 2"),
+                                            ("no_such_kernel", "no_such_kernel")])
+def test_an_attention_backend_the_model_lacks_is_refused_by_name(name: str, said: str, tmp_path) -> None:
+    """transformers refuses it when the model is built; one set afterwards is refused at forward,
+    not replaced by sdpa."""
+    tiny_model("llama").save_pretrained(tmp_path / "src")
+    with pytest.raises(ValueError, match=said):
+        UnifiedForCausalLM.from_pretrained(tmp_path / "src", attn_implementation=name)
+    model = UnifiedForCausalLM.from_pretrained(tmp_path / "src")
+    model.config._attn_implementation = name
+    with pytest.raises(ValueError, match=name):
+        logits(model)
+
+
 def _layout_with(layout: str, path, **changes) -> object:
     """A tiny remote-code layout whose config.json has `changes` (None removes a field)."""
     src = tiny_layout(layout, path)

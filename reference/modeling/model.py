@@ -234,7 +234,9 @@ class UnifiedForCausalLM(PreTrainedModel, GenerationMixin):
 
     def _backend(self) -> str:
         chosen = getattr(self.config, "_attn_implementation", None) or "sdpa"
-        chosen = chosen if chosen in attention.BACKENDS else "sdpa"
+        if chosen not in attention.BACKENDS:  # transformers refuses it at construction; set later
+            raise ValueError(f"attn_implementation {chosen!r} is not one of the unified model's backends "
+                             f"({', '.join(attention.BACKENDS)})")
         if self.spec.attn_softcap is not None and chosen not in attention.SERVES_SOFTCAP:
             if not self._said_fallback:
                 log.warning("%s attention cannot apply attn_softcap=%s: this model runs eager attention",
