@@ -134,3 +134,55 @@ def test_gemma2_9b_every_key_once_into_the_unified_model_and_back() -> None:
     assert built == {k: tuple(v.meta.shape) for k, v in source.tensors.items()}
     planned = plan_target(source.tensors, FAMILIES["gemma2"], spec, None)
     assert {p.name: p.shape for p in planned} == {k: tuple(v.shape) for k, v in state.items()}
+
+
+REAL = {**CONFIGS, "Gemma-2-9B": GEMMA2_9B}
+
+
+def _norm_eps(module: torch.nn.Module) -> float | None:
+    """The epsilon a norm module holds (RMSNorm's variance_epsilon, LayerNorm's eps)."""
+    return getattr(module, "variance_epsilon", getattr(module, "eps", None))
+
+
+@pytest.mark.parametrize("name", list(REAL))
+def test_the_spec_holds_what_the_transformers_class_computes_at_real_size(name: str) -> None:
+    """At real size, on the meta device: the unified model built from our spec has the shape of
+    every transformers parameter (through the key map, fused tensors split), and the spec's head
+    size, attention scale, window of each layer, norm eps and rope frequencies are what the
+    transformers modules hold."""
+    from reference.modeling import UnifiedConfig, UnifiedForCausalLM
+    from reference.modeling.rope import Rotary
+
+    config = REAL[name]
+    cfg = AutoConfig.for_model(**config)
+    with torch.device("meta"):
+        original = AutoModelForCausalLM.from_config(cfg)
+    state = original.state_dict()
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    source = meta_source(name, config, state)
+    spec = source.spec
+    unified_config = UnifiedConfig.from_spec(spec)
+    with torch.device("meta"):
+        model = UnifiedForCausalLM(unified_config)
+    built = {k: tuple(v.shape) for k, v in model.state_dict().items()
+             if not (spec.tie_word_embeddings and k == "lm_head.weight")}
+    assert built == {k: tuple(v.meta.shape) for k, v in source.tensors.items()}
+
+    for i, (theirs, ours) in enumerate(zip(original.model.layers, model.layers, strict=True)):
+        attn = theirs.self_attn
+        assert (attn.head_dim, attn.scaling) == (spec.head_dim, ours.attn.scale), f"layer {i}"
+        # per layer where the class keeps it on the attention (Qwen2, Gemma2), else the model's
+        # mask reads the config's, for every layer (Mistral, Phi3)
+        window = getattr(attn, "sliding_window", getattr(cfg, "sliding_window", None))
+        if window is not None and window >= spec.max_position_embeddings:
+            window = None  # no sequence the model takes is longer: no window, as the spec holds it
+        assert window == spec.window_of(i), f"layer {i}"
+    norms = [m for m in original.modules() if "norm" in type(m).__name__.lower()]
+    assert norms and {_norm_eps(m) for m in norms} == {spec.norm_eps}
+
+    # The meta model's rope buffers hold no values: its rotary class computes them on the CPU.
+    rotary = type(original.model.rotary_emb)(config=cfg)
+    ours = Rotary(unified_config)
+    torch.testing.assert_close(ours.inv_freq, rotary.inv_freq, rtol=0, atol=0)
+    assert ours.scalings == [rotary.attention_scaling]

@@ -100,7 +100,26 @@ ROPES = {
                  "long_factor": [2.0 + i / 8 for i in range(8)], "original_max_position_embeddings": 32},
     "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 16},
+    # Gemma4's: rope on the first fraction of the frequencies, the rest turn by angle zero
+    "proportional": {"rope_type": "proportional", "partial_rotary_factor": 0.25},
 }
+
+
+def test_every_rope_type_transformers_computes_is_tested() -> None:
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    assert set(ROPE_INIT_FUNCTIONS) <= set(ROPES)
+
+
+@pytest.mark.parametrize("kind", ["axial", "no_such_rope"])  # axial: multimodal positions, no initialiser
+def test_a_rope_type_without_an_initialiser_is_refused_by_name(kind: str, tmp_path) -> None:
+    tiny_model("llama").save_pretrained(tmp_path / "src")
+    config = json.loads((tmp_path / "src" / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": kind, "rope_theta": 10000.0}
+    (tmp_path / "src" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(Inexpressible, match=f"rope type '{kind}'") as e:
+        UnifiedForCausalLM.from_pretrained(tmp_path / "src")
+    assert e.value.feature == "rope_parameters"
 
 
 @pytest.mark.parametrize("rope", list(ROPES))
@@ -244,6 +263,20 @@ def test_attention_softcap_runs_eager_under_sdpa_and_says_so_once(tmp_path, capl
             torch.testing.assert_close(logits(sdpa), logits(eager))
     said = [r for r in caplog.records if "attn_softcap" in r.getMessage()]
     assert len(said) == 1 and "eager" in said[0].getMessage()
+
+
+@pytest.mark.parametrize(("name", "said"), [("flash_attention_2", "does not support Flash Attention 2"),
+                                            ("no_such_kernel", "no_such_kernel")])
+def test_an_attention_backend_the_model_lacks_is_refused_by_name(name: str, said: str, tmp_path) -> None:
+    """transformers refuses it when the model is built; one set afterwards is refused at forward,
+    not replaced by sdpa."""
+    tiny_model("llama").save_pretrained(tmp_path / "src")
+    with pytest.raises(ValueError, match=said):
+        UnifiedForCausalLM.from_pretrained(tmp_path / "src", attn_implementation=name)
+    model = UnifiedForCausalLM.from_pretrained(tmp_path / "src")
+    model.config._attn_implementation = name
+    with pytest.raises(ValueError, match=name):
+        logits(model)
 
 
 def _layout_with(layout: str, path, **changes) -> object:

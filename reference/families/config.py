@@ -114,7 +114,7 @@ class Window(Codec):
             window = None
         kinds = list(cfg.get("layer_types") or ())  # none listed: the window is on every layer
         windowed = tuple(i for i, kind in enumerate(kinds) if kind == "sliding_attention")
-        some = len(windowed) < len(kinds)
+        some = 0 < len(windowed) < len(kinds)  # none windowed is no window (Qwen2's max_window_layers)
         if window is not None and some and not self.mixed_layers:
             raise InputError(f"{where}: a window on only some layers (layer_types) is not supported")
         if window is not None and window >= cfg.get("max_position_embeddings", window + 1):
@@ -167,6 +167,29 @@ class Value(Codec):
 
     def write(self, spec: ModelSpec) -> dict[str, Any]:
         return {self.field: getattr(spec, self.feature)}
+
+
+@dataclass(frozen=True)
+class Refused(Codec):
+    """A switch of the family's config that no spec feature computes: a config that turns it on
+    is refused on read, naming it (Gemma's use_bidirectional_attention, for embedding models)."""
+
+    field: str
+    why: str
+
+    def read(self, cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
+        if cfg.get(self.field):
+            raise ReferenceError(f"{where}: {self.field}={cfg[self.field]!r} ({self.why}) is not supported")
+        return {}
+
+    def variants(self) -> list[dict[str, Any]]:
+        return []
+
+    def express(self, spec: ModelSpec) -> dict[str, Any]:
+        return {}
+
+    def write(self, spec: ModelSpec) -> dict[str, Any]:
+        return {}
 
 
 @dataclass(frozen=True)

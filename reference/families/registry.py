@@ -22,6 +22,7 @@ from reference.families.config import (
     LegacyRope,
     LongContext,
     QueryScalar,
+    Refused,
     RotaryFraction,
     Scaled,
     Value,
@@ -44,10 +45,13 @@ from reference.families.keymap import (
 )
 
 LLAMA_BIAS = (Flag("attention_bias", ("qkv_bias", "o_bias")), Flag("mlp_bias", ("mlp_bias",)))
+# Gemma's classes attend to later tokens with it (Gemma3 in every backend, Gemma and Gemma2 under sdpa)
+BIDIRECTIONAL = Refused("use_bidirectional_attention", "attention to later tokens")
+GLM_BIAS = Flag("attention_bias", ("qkv_bias",), default=True)  # q, k and v; o never has one
 GEMMA2_FIELDS = {**LLAMA_FIELDS, "hidden_act": "hidden_activation"}
 _GEMMA_CODECS = (Fixed("norm_offset", True), Derived("embedding_multiplier", "hidden_size", 0.5),
-                 QueryScalar(), Fixed("post_norms", True), Value("final_softcap", "final_logit_softcapping"),
-                 Window(mixed_layers=True))
+                 BIDIRECTIONAL, QueryScalar(), Fixed("post_norms", True),
+                 Value("final_softcap", "final_logit_softcapping"), Window(mixed_layers=True))
 GEMMA2_CODECS = (*_GEMMA_CODECS, Value("attn_softcap", "attn_logit_softcapping"))
 # Gemma3's attention never applies its config's attn_logit_softcapping, so it is not read.
 GEMMA3_CODECS = (*_GEMMA_CODECS, Fixed("qk_norm", True), LayerTypeRope())
@@ -57,16 +61,17 @@ NO_HEAD_DIM = {k: v for k, v in LAYERNORM_FIELDS.items() if k != "head_dim"}  # 
 ROWS = (
     Family(model_type="llama", architecture="LlamaForCausalLM", keys=LLAMA_KEYS, codecs=LLAMA_BIAS),
     Family(model_type="qwen2", architecture="Qwen2ForCausalLM", keys=LLAMA_KEYS,
-           codecs=(Fixed("qkv_bias", True), Window(switch="use_sliding_window"))),
+           codecs=(Fixed("qkv_bias", True), Window(switch="use_sliding_window", mixed_layers=True))),
     Family(model_type="qwen3", architecture="Qwen3ForCausalLM", keys=LLAMA_KEYS,
-           codecs=(LLAMA_BIAS[0], Fixed("qk_norm", True), Window(switch="use_sliding_window"))),
+           codecs=(LLAMA_BIAS[0], Fixed("qk_norm", True),
+                   Window(switch="use_sliding_window", mixed_layers=True))),
     Family(model_type="mistral", architecture="MistralForCausalLM", keys=LLAMA_KEYS,
            codecs=(Window(),)),
     Family(model_type="phi3", architecture="Phi3ForCausalLM", keys=PHI3_KEYS,
            codecs=(RotaryFraction(), Window())),
     Family(model_type="gemma", architecture="GemmaForCausalLM", keys=LLAMA_KEYS, tie_default=True,
            codecs=(LLAMA_BIAS[0], Fixed("norm_offset", True),
-                   Derived("embedding_multiplier", "hidden_size", 0.5))),
+                   Derived("embedding_multiplier", "hidden_size", 0.5), BIDIRECTIONAL)),
     # Checkpoint layouts with no class in transformers (trust_remote_code in the wild).
     Family(model_type="baichuan", architecture="BaichuanForCausalLM", keys=BAICHUAN_KEYS,
            codecs=(Fixed("normalized_head", True), BaichuanPositions(), LegacyRope())),
@@ -94,15 +99,15 @@ ROWS = (
            fields=GEMMA2_FIELDS, tie_default=True,
            codecs=(LLAMA_BIAS[0], *GEMMA3_CODECS)),
     Family(model_type="glm", architecture="GlmForCausalLM", keys=GLM_KEYS,
-           codecs=(Fixed("qkv_bias", True), RotaryFraction(0.5), Fixed("interleaved_rope", True))),
+           codecs=(GLM_BIAS, RotaryFraction(0.5), Fixed("interleaved_rope", True))),
     Family(model_type="glm4", architecture="Glm4ForCausalLM", keys=GLM4_KEYS,
-           codecs=(Fixed("qkv_bias", True), RotaryFraction(0.5), Fixed("interleaved_rope", True),
+           codecs=(GLM_BIAS, RotaryFraction(0.5), Fixed("interleaved_rope", True),
                    Fixed("post_norms", True))),
     # LayerNorm families: parallel blocks off one norm or two, non-gated MLPs, biases.
     Family(model_type="cohere", architecture="CohereForCausalLM", keys=LLAMA_KEYS, tie_default=True,
            fields=LAYERNORM_FIELDS,
-           codecs=(LLAMA_BIAS[0], Fixed("layernorm", True), Fixed("parallel_block", True),
-                   Fixed("shared_norm", True), Fixed("interleaved_rope", True),
+           codecs=(LLAMA_BIAS[0], Fixed("layernorm", True), Fixed("norm_moments", True),
+                   Fixed("parallel_block", True), Fixed("shared_norm", True), Fixed("interleaved_rope", True),
                    Value("logit_scale", "logit_scale", 0.0625), Flag("use_qk_norm", ("qk_norm",)),
                    Fixed("qk_norm_scope", "each_head"))),
     Family(model_type="stablelm", architecture="StableLmForCausalLM", keys=STABLELM_KEYS,

@@ -61,6 +61,8 @@ class ModelSpec:
     layernorm: bool = False  # every norm is mean-centred LayerNorm instead of RMSNorm
     norm_bias: bool = False  # the block and final norms add a bias (LayerNorm's; StableLM, Phi)
     norm_params: bool = True  # False: the norms have no weight and no bias at all (OLMo)
+    norm_moments: bool = False  # LayerNorm written out as (x - mean) * rsqrt(var + eps) * w in fp32
+    # (Cohere), not torch's layer_norm (nn.LayerNorm): the same in exact arithmetic, not in fp32
     gated_mlp: bool = True  # down(act(gate(x)) * up(x)); False: down(act(up(x))), no gate
     lm_head_bias: bool = False  # the output projection adds a bias (Phi)
     logit_scale: float = 1.0  # logits * this (Cohere); not logits_divisor: x * s and x / (1 / s)

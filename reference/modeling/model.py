@@ -59,26 +59,37 @@ class RMSNorm(nn.Module):
 class LayerNorm(nn.Module):
     """(x - mean) / std over the last dim, times w plus b where the spec has them: torch's
     layer_norm, as nn.LayerNorm (StableLM, Phi, GPT-NeoX) and OLMo's parameter-free one compute
-    it. A weight per head, (heads, head_dim), multiplies in fp32 after the norm (Cohere's q/k)."""
+    it, or written out in fp32 (`moments`, Cohere's). A weight per head, (heads, head_dim),
+    multiplies in fp32 after the norm (Cohere's q/k)."""
 
-    def __init__(self, shape: tuple[int, ...], eps: float, params: bool, bias: bool) -> None:
+    def __init__(self, shape: tuple[int, ...], eps: float, params: bool, bias: bool,
+                 moments: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(shape)) if params else None
         self.bias = nn.Parameter(torch.zeros(shape)) if bias else None
-        self.eps = eps
+        self.eps, self.moments = eps, moments
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight is None or self.weight.ndim == 1:
+        if not self.moments and (self.weight is None or self.weight.ndim == 1):
             return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
-        h = F.layer_norm(x.float(), x.shape[-1:], None, None, self.eps)  # (B, T, H, D)
-        h = h * self.weight.float() + (0.0 if self.bias is None else self.bias.float())
+        if self.moments:
+            h = x.float()
+            centred = h - h.mean(-1, keepdim=True)
+            h = centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + self.eps)
+        else:
+            h = F.layer_norm(x.float(), x.shape[-1:], None, None, self.eps)  # (B, T, H, D)
+        if self.weight is not None:
+            h = self.weight.float() * h
+        if self.bias is not None:
+            h = h + self.bias.float()
         return h.to(x.dtype)
 
 
 def _norm(spec: ModelSpec, *shape: int, bias: bool | None = None) -> nn.Module:
     """The spec's kind of norm over the last dim of `shape`; `bias` None is the spec's own."""
     if spec.layernorm:
-        return LayerNorm(shape, spec.norm_eps, spec.norm_params, spec.norm_bias if bias is None else bias)
+        return LayerNorm(shape, spec.norm_eps, spec.norm_params, spec.norm_bias if bias is None else bias,
+                         spec.norm_moments)
     return RMSNorm(shape, spec.norm_eps, spec.norm_offset)
 
 
@@ -223,7 +234,9 @@ class UnifiedForCausalLM(PreTrainedModel, GenerationMixin):
 
     def _backend(self) -> str:
         chosen = getattr(self.config, "_attn_implementation", None) or "sdpa"
-        chosen = chosen if chosen in attention.BACKENDS else "sdpa"
+        if chosen not in attention.BACKENDS:  # transformers refuses it at construction; set later
+            raise ValueError(f"attn_implementation {chosen!r} is not one of the unified model's backends "
+                             f"({', '.join(attention.BACKENDS)})")
         if self.spec.attn_softcap is not None and chosen not in attention.SERVES_SOFTCAP:
             if not self._said_fallback:
                 log.warning("%s attention cannot apply attn_softcap=%s: this model runs eager attention",

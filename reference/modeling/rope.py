@@ -27,8 +27,10 @@ def rotary_dim(spec: ModelSpec) -> int:
     return int(spec.head_dim * spec.rotary_fraction)
 
 
-def inverse_frequencies(config: UnifiedConfig, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
-    """(inv_freq over the rotary dims, attention scaling of cos/sin) for a sequence of seq_len."""
+def inverse_frequencies(config: UnifiedConfig,
+                        seq_len: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+    """(inv_freq over the rotary dims, attention scaling of cos/sin) for a sequence of seq_len, a
+    0-d tensor as transformers passes it: "dynamic" rounds its base differently from an int's."""
     spec = config.model_spec()
     kind = spec.rope_parameters.get("rope_type", "default")
     if kind == "default":
@@ -38,7 +40,9 @@ def inverse_frequencies(config: UnifiedConfig, seq_len: int | None = None) -> tu
     if kind not in ROPE_INIT_FUNCTIONS:
         from reference.errors import Inexpressible
 
-        raise Inexpressible("unified", "rope_parameters", f"rope type '{kind}' is not known to transformers")
+        known = ", ".join(["default", *ROPE_INIT_FUNCTIONS])
+        raise Inexpressible("unified", "rope_parameters",
+                            f"rope type '{kind}' has no initialiser in transformers (known: {known})")
     if kind == "longrope":  # transformers picks the long factors past the original length only
         original = spec.rope_parameters.get("original_max_position_embeddings", spec.max_position_embeddings)
         long = (seq_len or 0) > original
@@ -88,7 +92,7 @@ class Rotary(torch.nn.Module):
         """(B or 1, 1, rotary_dim / 2) inverse frequencies of rope i, and its cos/sin scaling."""
         inv_freq, scaling = getattr(self, f"inv_freq{i or ''}"), self.scalings[i]
         if self.kinds[i] in STATEFUL:
-            inv_freq, scaling = inverse_frequencies(self.configs[i], int(positions.max()) + 1)
+            inv_freq, scaling = inverse_frequencies(self.configs[i], positions.max() + 1)
         trained = self.spec.long_context_scaling
         if lengths is not None and trained is not None and int(lengths.max()) > trained:
             alphas = torch.tensor([ntk_alpha(int(n), trained) for n in lengths.tolist()])
