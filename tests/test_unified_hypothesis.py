@@ -22,7 +22,7 @@ from harness import UNIFIED_HELD
 from hypothesis import given, reject, settings
 from hypothesis import strategies as st
 
-from reference.errors import ReferenceError
+from reference.errors import InputError
 from reference.families.config import (
     AttentionScale,
     Codec,
@@ -229,7 +229,7 @@ def check(family: str, tie: bool, seed: int, overrides: dict[str, Any]) -> None:
         original.save_pretrained(tmp)
         refused = _refusal(family, overrides)
         if refused is not None:
-            with pytest.raises(ReferenceError, match=refused):
+            with pytest.raises(InputError, match=refused):
                 UnifiedForCausalLM.from_pretrained(tmp, attn_implementation="eager")
             return
         model = UnifiedForCausalLM.from_pretrained(tmp, attn_implementation="eager")

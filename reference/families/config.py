@@ -179,7 +179,7 @@ class Refused(Codec):
 
     def read(self, cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
         if cfg.get(self.field):
-            raise ReferenceError(f"{where}: {self.field}={cfg[self.field]!r} ({self.why}) is not supported")
+            raise InputError(f"{where}: {self.field}={cfg[self.field]!r} ({self.why}) is not supported")
         return {}
 
     def variants(self) -> list[dict[str, Any]]:
