@@ -22,6 +22,7 @@ COMMANDS = {
     "families": ("reference.families.cli", "list every family and what each target can hold"),
     "demo": ("reference.demo", "build tiny models, convert them, prove the logits match"),
     "train": ("reference.train.cli", "SFT with per-channel loss curves"),
+    "inspect": ("reference.inspect_cli", "probe one forward: layer change, logit lens, attention"),
 }
 
 

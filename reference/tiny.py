@@ -121,3 +121,29 @@ def logits(model: torch.nn.Module, input_ids: torch.Tensor | None = None) -> tor
     ids = golden_input() if input_ids is None else input_ids
     with torch.no_grad():
         return model(input_ids=ids).logits.float()
+
+
+TEXT = (
+    "the quick brown fox jumps over the lazy dog while a small cat sleeps on the warm mat "
+    "near the old red barn where farmers store grain and hay for the long cold winter months "
+    "children play outside in the bright morning sun and birds sing songs from tall green trees "
+    "every river flows down to the sea carrying stones sand and stories from distant mountains "
+    "people read books write letters cook dinner walk home and dream about faraway places "
+    "engineers measure weights compare logits and trust nothing they have not checked twice"
+)
+
+
+def tiny_tokenizer(vocab_size: int = SHAPE["vocab_size"]) -> Any:
+    """A BPE tokenizer of exactly `vocab_size` tokens, trained on TEXT: readable word pieces for
+    the tiny models (the probes' tables and plots), unknown characters as <unk>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<unk>", "</s>"],
+                                  show_progress=False)
+    tok.train_from_iterator([TEXT], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+                                   eos_token="</s>")

@@ -9,6 +9,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 BACKENDS = ("eager", "sdpa")
 
@@ -121,3 +122,13 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
 
 SERVES_SOFTCAP = ("eager",)
 KERNELS = {"eager": eager, "sdpa": sdpa}
+
+
+class Kernel(nn.Module):
+    """The chosen kernel as a module (no parameters), so that a forward hook sees exactly what
+    it computes from: reference.modeling.probes records q, k and the mask there."""
+
+    def forward(self, backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                mask: torch.Tensor | None, scale: float,
+                softcap: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return KERNELS[backend](q, k, v, mask, scale, softcap)

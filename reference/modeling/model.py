@@ -34,6 +34,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from reference.families.spec import ModelSpec
 from reference.modeling import attention
 from reference.modeling.config import UnifiedConfig
+from reference.modeling.probes import Probes
 from reference.modeling.rope import Rotary, apply_rotary
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,7 @@ class Attention(nn.Module):
         self.softcap = spec.attn_softcap
         self.rotate, self.interleaved = not spec.alibi, spec.interleaved_rope  # ALiBi: no rope
         self.long_context = spec.long_context_scaling
+        self.kernel = attention.Kernel()
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
                 cache: Cache | None, backend: str) -> torch.Tensor:
@@ -135,7 +137,7 @@ class Attention(nn.Module):
             k, v = cache.update(k, v, self.layer)  # (B, KV, S, D), S = past + T
         if self.long_context is not None and not self.training:  # Qwen v1's log-n attention (eval only)
             q = q * attention.log_n(self.long_context, k.shape[2] - t, k.shape[2], q.device).to(q.dtype)
-        out, _ = attention.KERNELS[backend](q, k, v, mask, self.scale, self.softcap)  # (B, H, T, D)
+        out, _ = self.kernel(backend, q, k, v, mask, self.scale, self.softcap)  # (B, H, T, D)
         return self.o(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -189,8 +191,9 @@ class Block(GradientCheckpointingLayer):
         return self._add(self._add(x, a), m)
 
 
-class UnifiedForCausalLM(PreTrainedModel, GenerationMixin):
-    """A causal LM of any dense family, from its ModelSpec (`config.spec`)."""
+class UnifiedForCausalLM(Probes, PreTrainedModel, GenerationMixin):
+    """A causal LM of any dense family, from its ModelSpec (`config.spec`); its debug probes
+    (record, show_*) are reference.modeling.probes'."""
 
     config_class = UnifiedConfig
     base_model_prefix = ""
