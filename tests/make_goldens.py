@@ -72,7 +72,9 @@ def layout_variants(model_type: str, path: Path) -> Iterator[torch.Tensor]:
         noisy = path.parent / f"{path.name}-noise{seed}"
         noisy.mkdir()
         safetensors.torch.save_file(tensors, noisy / "model.safetensors")
-        (noisy / "config.json").write_text((path / "config.json").read_text())
+        for side in path.iterdir():  # config.json and any remote code beside it
+            if side.suffix != ".safetensors":
+                (noisy / side.name).write_text(side.read_text())
         yield layouts.forward(model_type, noisy, golden_input())
 
 

@@ -14,7 +14,7 @@ from reference.converters.conversion import prepare
 from reference.converters.hf_target import HFTarget
 from reference.converters.plan import Lazy, plan_target, read_canonical
 from reference.converters.safetensors_io import Entry
-from reference.converters.source import Source
+from reference.converters.source import Source, passthrough
 from reference.families.registry import FAMILIES
 from reference.families.resolve import as_loaded
 
@@ -186,3 +186,63 @@ def test_the_spec_holds_what_the_transformers_class_computes_at_real_size(name: 
     ours = Rotary(unified_config)
     torch.testing.assert_close(ours.inv_freq, rotary.inv_freq, rtol=0, atol=0)
     assert ours.scalings == [rotary.attention_scaling]
+
+
+# ChatGLM's remote-code configs (no class in transformers): the fields that shape the tensors.
+_CHATGLM = {"model_type": "chatglm", "architectures": ["ChatGLMModel"], "hidden_size": 4096,
+            "num_attention_heads": 32, "multi_query_attention": True, "multi_query_group_num": 2,
+            "kv_channels": 128, "ffn_hidden_size": 13696, "layernorm_epsilon": 1e-5, "rmsnorm": True,
+            "add_qkv_bias": True, "add_bias_linear": False, "post_layer_norm": True, "original_rope": True,
+            "apply_residual_connection_post_layernorm": False, "tie_word_embeddings": False}
+CHATGLM_CONFIGS = {
+    "ChatGLM3-6B": {**_CHATGLM, "num_layers": 28, "padded_vocab_size": 65024, "seq_length": 8192,
+                    "pad_token_id": 0, "eos_token_id": 2},
+    "GLM-4-9B-chat": {**_CHATGLM, "num_layers": 40, "padded_vocab_size": 151552, "seq_length": 131072,
+                      "rope_ratio": 500, "layernorm_epsilon": 1.5625e-07, "pad_token_id": 151329,
+                      "eos_token_id": [151329, 151336, 151338]},
+}
+# GLM-4's modeling_chatglm.py multiplies the rope base by rope_ratio (the line that says so).
+CHATGLM_CODE = {"modeling_chatglm.py": "        base = base * self.rope_ratio\n"}
+
+
+def chatglm_state(config: dict) -> dict[str, torch.Tensor]:
+    """The tensors the published ChatGLMForConditionalGeneration saves, as data-free stand-ins."""
+    h, ff, v = config["hidden_size"], config["ffn_hidden_size"], config["padded_vocab_size"]
+    d, heads, groups = config["kv_channels"], config["num_attention_heads"], config["multi_query_group_num"]
+    qkv = (heads + 2 * groups) * d
+    shapes = {"transformer.embedding.word_embeddings.weight": (v, h),
+              "transformer.rotary_pos_emb.inv_freq": (d // 4,),
+              "transformer.encoder.final_layernorm.weight": (h,), "transformer.output_layer.weight": (v, h)}
+    for i in range(config["num_layers"]):
+        p = f"transformer.encoder.layers.{i}."
+        shapes |= {p + "input_layernorm.weight": (h,), p + "self_attention.query_key_value.weight": (qkv, h),
+                   p + "self_attention.query_key_value.bias": (qkv,),
+                   p + "self_attention.dense.weight": (h, heads * d),
+                   p + "post_attention_layernorm.weight": (h,),
+                   p + "mlp.dense_h_to_4h.weight": (2 * ff, h), p + "mlp.dense_4h_to_h.weight": (h, ff)}
+    return {k: torch.empty(s, dtype=torch.bfloat16, device="meta") for k, s in shapes.items()}
+
+
+@pytest.mark.parametrize("name", list(CHATGLM_CONFIGS))
+def test_chatglm_every_key_once_both_ways_at_real_size(name: str) -> None:
+    """ChatGLM3-6B and GLM-4-9B-chat -> glm -> chatglm: every key once, the shapes of
+    transformers' GlmForCausalLM there and of the published layout back (inv_freq made again)."""
+    config = CHATGLM_CONFIGS[name]
+    state = chatglm_state(config)
+    family = FAMILIES["chatglm"]
+    spec = family.read(config, name, CHATGLM_CODE)
+    entries = {k: Entry(Path(name), 0, 0, t.dtype, tuple(t.shape)) for k, t in state.items()}
+    tensors = read_canonical(entries, family, spec, name)  # every key placed, none missing
+    source = Source(Path(name), family, spec, {},
+                    {k: Lazy(t.meta, lambda: torch.ones(1)) for k, t in tensors.items()}, str)
+    glm_config, glm_keys, values = convert_meta(source, "glm")
+    glm_config |= passthrough(config)  # the token ids, as a conversion writes them
+    want = meta_state(glm_config)
+    assert glm_keys == {k: tuple(t.shape) for k, t in want.items()}
+    assert glm_config["rope_parameters"]["rope_theta"] == 10000.0 * config.get("rope_ratio", 1)
+
+    back_config, back_keys, _ = convert_meta(meta_source("glm", glm_config, want, values), "chatglm")
+    assert back_keys == {k: tuple(t.shape) for k, t in state.items()}
+    for field in ("num_layers", "padded_vocab_size", "multi_query_group_num", "kv_channels",
+                  "ffn_hidden_size", "rope_ratio"):
+        assert back_config[field] == config.get(field, 1)

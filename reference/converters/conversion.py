@@ -14,6 +14,7 @@ import torch
 
 from reference.converters.files import atomic_dir, side_files
 from reference.converters.folds import PRECISIONS, FoldCost
+from reference.converters.hf_dir import read_beside
 from reference.converters.hf_target import HFTarget
 from reference.converters.plan import Lazy, adapt, prune_zero_biases, retie
 from reference.converters.safetensors_io import INDEX, SINGLE, Progress
@@ -82,7 +83,7 @@ def resolve_target(to: str, source: Source, max_shard_bytes: int | None, layout:
         return MegatronTarget(source.family.model_type, layout or MegatronLayout())
     family = source.family if to == "hf" else family_named(to)
     own = source.config if source.config and source.config.get("model_type") == family.model_type else None
-    return HFTarget(family, max_shard_bytes, own)
+    return HFTarget(family, max_shard_bytes, own, read_beside(source.path, family) if own else {})
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,12 @@ from pathlib import Path
 from reference.errors import InputError
 
 # Tokenizer, generation and chat-template files are copied verbatim: converters that rebuild
-# them have shipped models with the wrong special tokens.
+# them have shipped models with the wrong special tokens. So is a checkpoint's remote code
+# (`*.py`: ChatGLM's tokenization_chatglm.py, modeling_chatglm.py): the tokenizer loads only
+# with it, and the modeling file says what the config means.
 SIDE_FILES = (
     "tokenizer*", "*.tiktoken", "*.model", "vocab.*", "merges.txt", "special_tokens_map.json",
-    "added_tokens.json", "generation_config.json", "chat_template*", "*.jinja",
+    "added_tokens.json", "generation_config.json", "chat_template*", "*.jinja", "*.py",
 )
 
 

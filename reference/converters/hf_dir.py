@@ -42,11 +42,19 @@ def read_config(path: Path) -> dict[str, Any]:
     return cfg
 
 
+def read_beside(path: Path, family: Family) -> dict[str, str]:
+    """The text of the files beside config.json that reading the family's config needs
+    (`Family.beside`), those present: read, never run."""
+    return {name: (path / name).read_text(errors="replace") for name in family.beside
+            if (path / name).is_file()}
+
+
 def open_hf(path: Path) -> HFModel:
     """Config, family, spec and the tensor index of an HF model directory."""
     cfg = read_config(path)
     where = str(path / "config.json")
     family = family_of(cfg, where)
-    family.read(cfg, where)  # the fields a checkpoint must state, before any class fills them
-    spec = family.read(as_loaded(cfg, where), where)
+    files = read_beside(path, family)
+    family.read(cfg, where, files)  # the fields a checkpoint must state, before any class fills them
+    spec = family.read(as_loaded(cfg, where), where, files)
     return HFModel(path, cfg, family, spec, read_dir(path))

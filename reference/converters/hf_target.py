@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,9 @@ class HFTarget:
     # the weights, and it is written back whole while the weights still describe it, so that
     # family -> llama -> family returns every field of the config, not only the tensors.
     source_config: Mapping[str, Any] | None = None
+    # The text of the files beside the source's config.json that reading source_config needs
+    # (Family.beside: ChatGLM's modeling file says what its rope_ratio means).
+    files: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -45,7 +48,7 @@ class HFTarget:
 
     def _origin(self) -> ModelSpec:
         where = f"{self.name} source config"
-        return self.family.read(as_loaded(self.source_config, where), where)
+        return self.family.read(as_loaded(self.source_config, where), where, self.files)
 
     def _describes(self, held: ModelSpec) -> bool:
         """Whether the weights still compute what the first config says; tying aside, which a
@@ -68,7 +71,10 @@ class HFTarget:
             extra["dtype"] = str(dtype).removeprefix("torch.")
         config = self.family.config(held, extra)
         if self.source_config is not None and self._describes(held):
-            # the fields every family shares (token ids, dtype) are as the last hop left them
+            # the fields every family shares (token ids, dtype) are as the last hop left them,
+            # the dtype under the name the first config gave it (transformers 4.x: torch_dtype)
+            if "torch_dtype" in self.source_config and "dtype" not in self.source_config and "dtype" in extra:
+                extra["torch_dtype"] = extra.pop("dtype")
             config = {**self.source_config, **extra}
             if self._origin().tie_word_embeddings != held.tie_word_embeddings:
                 config["tie_word_embeddings"] = held.tie_word_embeddings

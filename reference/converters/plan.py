@@ -13,7 +13,7 @@ from reference.converters.folds import FOLDS, UNTIES, FoldCost, Refold, is_defau
 from reference.converters.safetensors_io import Entry, Planned
 from reference.errors import Inexpressible, InputError
 from reference.families.family import Family
-from reference.families.keymap import Fused, Stacked
+from reference.families.keymap import Computed, Fused, Stacked
 from reference.families.spec import BIAS_KEYS, FEATURES, ModelSpec, bias_shape, canonical_names
 from reference.families.verdict import unified_holds
 
@@ -40,6 +40,9 @@ def read_canonical(
         if isinstance(fused, Stacked):
             stacks.setdefault(names[0], {})[family.keys.row(key)] = entry
             continue
+        if isinstance(fused, Computed):
+            _check_computed(key, entry, fused, spec, where)
+            continue
         if fused is None:
             for name in names:
                 out[name] = Lazy(entry.meta(), entry.load, entry)
@@ -65,6 +68,18 @@ def read_canonical(
         hf = family.keys.hf(extra[0], family.model_type)[0]
         raise InputError(f"{where}: tensor '{hf}' does not fit config.json (unexpected)")
     return {name: out[name] for name in expected}
+
+
+def _check_computed(key: str, entry: Entry, rule: Computed, spec: ModelSpec, where: str) -> None:
+    """A stored buffer the family computes from its config: it must be what the recipe makes
+    (then dropping it loses nothing, and writing it again returns it bitwise)."""
+    want = rule.make(spec, entry.dtype)
+    if tuple(entry.shape) != tuple(want.shape):
+        raise InputError(f"{where}: tensor '{key}' has shape {tuple(entry.shape)}, config.json implies "
+                         f"{tuple(want.shape)}")
+    if entry.length and not torch.equal(entry.load(), want):  # an entry without data: shape only
+        raise InputError(f"{where}: tensor '{key}' is not what the family computes from config.json "
+                         "(it would not be written back as stored)")
 
 
 def _bias_names(spec: ModelSpec, feature: str) -> list[str]:
@@ -193,6 +208,10 @@ def plan_target(
         else:
             lazy = tensors[parts[0]]
         planned.append(_planned(hf, lazy, dtype))
+    like = next(p.dtype for p in planned if p.name == family.keys.hf("embed.weight", family.model_type)[0])
+    for hf, rule in family.keys.computed(held.num_layers):
+        made = rule.make(held, like)
+        planned.append(Planned(hf, made.dtype, tuple(made.shape), lambda m=made: m, None))
     return planned
 
 

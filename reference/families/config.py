@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -31,10 +32,19 @@ PASSTHROUGH = (
 )
 
 
+# Where read_spec puts the text of the files a codec reads beside config.json (`Codec.files`):
+# a view for reading, never written back.
+FILES = "__files__"
+
+
 class Codec:
     """How one family stores some features in its config: read them, name the values the
     family may hold (`variants`, for `reference families`), hold the nearest it can
     (`express`), write them, and name what it cannot write at all (`refuses`)."""
+
+    def files(self) -> tuple[str, ...]:
+        """Files beside config.json whose text `read` needs (in cfg[FILES], by name, when present)."""
+        return ()
 
     def read(self, cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
         raise NotImplementedError
@@ -434,6 +444,139 @@ class BaichuanPositions(Codec):
         return {}
 
 
+@dataclass(frozen=True)
+class Unsupported(Codec):
+    """A config field whose value other than `holds` (`default` when absent) describes a model no
+    spec holds (ChatGLM's LayerNorm, residual after the norm, 2D positions): refused by name
+    on reading; written as `holds`."""
+
+    field: str
+    holds: Any
+    what: str
+    default: Any = None
+
+    def read(self, cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
+        value = cfg.get(self.field, self.default)
+        if value != self.holds:
+            raise InputError(f"{where}: {self.field}={value!r} ({self.what}) is not supported")
+        return {}
+
+    def variants(self) -> list[dict[str, Any]]:
+        return []
+
+    def express(self, spec: ModelSpec) -> dict[str, Any]:
+        return {}
+
+    def write(self, spec: ModelSpec) -> dict[str, Any]:
+        return {} if self.holds is None else {self.field: self.holds}
+
+
+@dataclass(frozen=True)
+class Grouped(Codec):
+    """KV heads held as a switch and a count (ChatGLM's multi_query_attention and
+    multi_query_group_num): with the switch off, every head has its own."""
+
+    switch: str
+    field: str
+
+    def read(self, cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
+        if not cfg.get(self.switch):
+            return {"num_kv_heads": cfg["num_attention_heads"]}
+        if cfg.get(self.field) is None:
+            raise InputError(f"{where}: {self.switch} is on but '{self.field}' is missing")
+        return {"num_kv_heads": cfg[self.field]}
+
+    def variants(self) -> list[dict[str, Any]]:
+        return []
+
+    def express(self, spec: ModelSpec) -> dict[str, Any]:
+        return {}
+
+    def write(self, spec: ModelSpec) -> dict[str, Any]:
+        return {self.switch: spec.num_kv_heads != spec.num_heads, self.field: spec.num_kv_heads}
+
+
+@dataclass(frozen=True)
+class Implies(Codec):
+    """A boolean feature held in its own field, also on when another field is (ChatGLM's
+    add_bias_linear puts a bias on every linear, q, k and v included)."""
+
+    field: str
+    feature: str
+    by: str
+    by_features: tuple[str, ...]
+
+    def read(self, cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
+        return {self.feature: bool(cfg.get(self.field) or cfg.get(self.by))}
+
+    def variants(self) -> list[dict[str, Any]]:
+        return [{self.feature: True}]
+
+    def express(self, spec: ModelSpec) -> dict[str, Any]:
+        return {self.feature: any(getattr(spec, f) for f in (self.feature, *self.by_features))}
+
+    def write(self, spec: ModelSpec) -> dict[str, Any]:
+        return {self.field: getattr(spec, self.feature)}
+
+
+@dataclass(frozen=True)
+class RopeRatio(Codec):
+    """ChatGLM's `rope_ratio` on a rope of base `theta`, which the published modeling code reads
+    two ways: ChatGLM3 and GLM-4 multiply the base by it, ChatGLM2-32k divides the positions by
+    it (linear scaling). Which one, the checkpoint's own `code` file says (read as text, never
+    run); without that file only a ratio of 1 is read. Written back as the ratio either way:
+    the modeling file travels with the checkpoint's side files."""
+
+    field: str = "rope_ratio"
+    code: str = "modeling_chatglm.py"
+    theta: float = 10000.0
+    # Source patterns of the two readings in the published modeling files.
+    scales_base: str = r"base\s*=\s*base\s*\*\s*self\.rope_ratio"
+    scales_positions: str = r"/\s*self\.rope_ratio"
+
+    def files(self) -> tuple[str, ...]:
+        return (self.code,)
+
+    def read(self, cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
+        ratio = cfg.get(self.field) or 1
+        if ratio == 1:
+            return {"rope_parameters": {"rope_type": "default", "rope_theta": self.theta}}
+        text = (cfg.get(FILES) or {}).get(self.code)
+        if text is None:
+            raise InputError(f"{where}: {self.field}={ratio!r} without {self.code} beside config.json: "
+                             "ChatGLM3 / GLM-4 multiply the rope base by it, ChatGLM2-32k divides the "
+                             "positions by it, and only the modeling file says which; not supported")
+        base, positions = (re.search(p, text) is not None for p in (self.scales_base, self.scales_positions))
+        if base == positions:
+            raise InputError(f"{where}: {self.code} does not show whether {self.field}={ratio!r} scales "
+                             "the rope base or the positions; not supported")
+        if base:
+            return {"rope_parameters": {"rope_type": "default", "rope_theta": self.theta * ratio}}
+        return {"rope_parameters": {"rope_type": "linear", "factor": float(ratio), "rope_theta": self.theta}}
+
+    def variants(self) -> list[dict[str, Any]]:
+        return []
+
+    def express(self, spec: ModelSpec) -> dict[str, Any]:
+        return {}
+
+    def refuses(self, spec: ModelSpec) -> dict[str, str]:
+        rope = dict(spec.rope_parameters)
+        kind, theta = rope.pop("rope_type", "default"), rope.pop("rope_theta")
+        factor = rope.pop("factor", None)
+        plain = kind == "default" and factor is None
+        linear = kind == "linear" and theta == self.theta
+        if (plain or linear) and not rope:
+            return {}
+        return {"rope_parameters": f"rope {dict(spec.rope_parameters)} cannot be written as {self.field} "
+                                   f"(a base of {self.theta:g} times it, or linear scaling by it)"}
+
+    def write(self, spec: ModelSpec) -> dict[str, Any]:
+        rope = spec.rope_parameters
+        ratio = rope["factor"] if rope.get("rope_type") == "linear" else rope["rope_theta"] / self.theta
+        return {self.field: int(ratio) if float(ratio).is_integer() else ratio, "rope_parameters": None}
+
+
 def read_rope(cfg: Mapping[str, Any]) -> tuple[dict[str, Any], float]:
     """Rope parameters without the partial-rotary factor, and that factor: from transformers 5
     `rope_parameters`, or the 4.x `rope_theta` + `rope_scaling` pair."""
@@ -454,8 +597,9 @@ def read_spec(
     codecs: tuple[Codec, ...],
     where: str,
     tie_default: bool = False,
+    files: Mapping[str, str] | None = None,
 ) -> ModelSpec:
-    """A ModelSpec from an HF config dict."""
+    """A ModelSpec from an HF config dict (and the text of the files beside it its codecs read)."""
     values: dict[str, Any] = {}
     for name, hf in fields.items():
         if hf in cfg and cfg[hf] is not None:
@@ -471,8 +615,9 @@ def read_spec(
     values.setdefault("max_position_embeddings", 2048)
     values.setdefault("norm_eps", 1e-6)
     values["rope_parameters"], values["rotary_fraction"] = read_rope(cfg)
+    view = {**cfg, FILES: dict(files or {})}
     for codec in codecs:
-        values.update(codec.read(cfg, where))
+        values.update(codec.read(view, where))
     return ModelSpec(**values)
 
 

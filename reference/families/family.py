@@ -28,9 +28,15 @@ class Family:
         """Its name as a holder of models (verdict.Holder): the model_type."""
         return self.model_type
 
-    def read(self, cfg: Mapping[str, Any], where: str) -> ModelSpec:
-        """The spec of an HF config of this family."""
-        return read_spec(cfg, self.fields, self.codecs, where, self.tie_default)
+    def read(self, cfg: Mapping[str, Any], where: str, files: Mapping[str, str] | None = None) -> ModelSpec:
+        """The spec of an HF config of this family; `files`: the text of the files beside it
+        that its codecs read (`beside`), those present."""
+        return read_spec(cfg, self.fields, self.codecs, where, self.tie_default, files)
+
+    @property
+    def beside(self) -> tuple[str, ...]:
+        """Files beside config.json that reading its config needs, when the checkpoint has them."""
+        return tuple(dict.fromkeys(f for codec in self.codecs for f in codec.files()))
 
     def express(self, spec: ModelSpec) -> ModelSpec:
         """The nearest spec this family can hold; differences are for the caller to judge."""

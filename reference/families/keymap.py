@@ -2,7 +2,9 @@
 
 A template holds `{}` where the layer number goes. A rule maps one HF template to one
 canonical template (a rename), to none (a tensor deliberately dropped, e.g. rotary caches),
-or to several through `Fused` (one HF tensor holding several canonical ones as row blocks).
+to several through `Fused` (one HF tensor holding several canonical ones as row blocks), or
+to none through `Computed` (a buffer the family persists but computes from the config alone:
+checked and dropped on the way in, made again on the way out).
 """
 
 from __future__ import annotations
@@ -64,6 +66,16 @@ class Stacked:
     part: str
 
 
+@dataclass(frozen=True)
+class Computed:
+    """A tensor the family stores but computes from the spec alone (ChatGLM's persisted rope
+    `inv_freq`). `make(spec, dtype)` is its recipe, in the dtype of the model's embedding: a
+    stored one must equal it (then it is dropped: it holds nothing the spec does not), and a
+    target of the family gets it made again, so a roundtrip returns it bitwise."""
+
+    make: Callable[[ModelSpec, torch.dtype], torch.Tensor]
+
+
 def concat(*linears: str) -> Callable[[ModelSpec], Blocks]:
     """Blocks of a plain concatenation of linears' rows, named as in `linear_shapes`
     (Phi3's qkv_proj: q, k, v; gate_up_proj: gate, up)."""
@@ -78,7 +90,7 @@ def _pattern(template: str) -> re.Pattern[str]:
     return re.compile("^" + re.escape(template).replace(r"\{\}", r"(\d+)") + "$")
 
 
-Rule = str | Fused | Stacked | None
+Rule = str | Fused | Stacked | Computed | None
 
 
 class KeyMap:
@@ -90,21 +102,21 @@ class KeyMap:
         homes: dict[str, tuple[str, int]] = {}
         for hf, rule in self.rules.items():
             parts = ((rule,) if isinstance(rule, str) else (rule.part,) if isinstance(rule, Stacked)
-                     else rule.parts if rule else ())
+                     else rule.parts if isinstance(rule, Fused) else ())
             for i, c in enumerate(parts):
                 if c in homes:
                     raise ValueError(f"canonical '{c}' has two HF homes")
                 homes[c] = (hf, i)
         self._canonical = [(_pattern(c), home) for c, home in homes.items()]
 
-    def canonical(self, hf_key: str, where: str) -> tuple[list[str], Fused | Stacked | None]:
-        """Canonical names an HF tensor holds ([] if dropped), and how they are fused or
-        stacked (`row` says which row of a Stacked one it is)."""
+    def canonical(self, hf_key: str, where: str) -> tuple[list[str], Fused | Stacked | Computed | None]:
+        """Canonical names an HF tensor holds ([] if dropped or computed), and how they are
+        fused or stacked (`row` says which row of a Stacked one it is)."""
         for pattern, rule in self._hf:
             match = pattern.match(hf_key)
             if match:
-                if rule is None:
-                    return [], None
+                if rule is None or isinstance(rule, Computed):
+                    return [], rule
                 if isinstance(rule, str):
                     return [rule.format(*match.groups())], None
                 if isinstance(rule, Stacked):
@@ -128,6 +140,11 @@ class KeyMap:
             if match:
                 return hf.format(*match.groups(), "{}"), part
         raise InputError(f"{family} has no tensor for canonical '{canonical_key}'")
+
+    def computed(self, num_layers: int) -> list[tuple[str, Computed]]:
+        """Every HF tensor a target of the family makes from the spec, by name."""
+        return [(hf.format(i), rule) for hf, rule in self.rules.items() if isinstance(rule, Computed)
+                for i in (range(num_layers) if "{}" in hf else [0])]
 
     def rule(self, hf_key: str) -> Rule:
         """The rule of an HF name this map produced."""
@@ -298,4 +315,45 @@ GPT_NEOX_KEYS = KeyMap({
     "gpt_neox.layers.{}.attention.bias": None,
     "gpt_neox.layers.{}.attention.masked_bias": None,
     "gpt_neox.layers.{}.attention.rotary_emb.inv_freq": None,
+})
+
+
+def chatglm_inv_freq(spec: ModelSpec, dtype: torch.dtype) -> torch.Tensor:
+    """ChatGLM's `rotary_pos_emb.inv_freq` buffer as its RotaryEmbedding(kv_channels // 2)
+    makes it: always base 10000, computed in the model's dtype (its forward never reads the
+    values, only their dtype, and recomputes the frequencies from the base times rope_ratio)."""
+    import torch
+
+    dim = spec.head_dim // 2
+    return 1.0 / (10000 ** (torch.arange(0, dim, 2).to(dtype) / dim))
+
+
+def chatglm_qkv(spec: ModelSpec) -> Blocks:
+    """ChatGLM's query_key_value: every query head, then the key groups, then the value groups."""
+    return [(0, spec.num_heads * spec.head_dim), (1, spec.num_kv_heads * spec.head_dim),
+            (2, spec.num_kv_heads * spec.head_dim)]
+
+
+def _mlp_parts(kind: str) -> tuple[str, ...]:
+    return tuple(f"layers.{{}}.mlp.{p}.{kind}" for p in ("gate", "up"))
+
+
+# ChatGLM2 / ChatGLM3 / GLM-4 remote code (model_type "chatglm"): GLM's computation under
+# Megatron-style names; mlp.dense_h_to_4h holds the gate rows, then the up rows.
+_CHATGLM_LAYER = "transformer.encoder.layers.{}."
+CHATGLM_KEYS = KeyMap({
+    "transformer.embedding.word_embeddings.weight": "embed.weight",
+    _CHATGLM_LAYER + "input_layernorm.weight": "layers.{}.attn_norm.weight",
+    _CHATGLM_LAYER + "self_attention.query_key_value.weight": Fused(_parts("weight"), chatglm_qkv),
+    _CHATGLM_LAYER + "self_attention.query_key_value.bias": Fused(_parts("bias"), chatglm_qkv),
+    _CHATGLM_LAYER + "self_attention.dense.weight": "layers.{}.attn.o.weight",
+    _CHATGLM_LAYER + "self_attention.dense.bias": "layers.{}.attn.o.bias",
+    _CHATGLM_LAYER + "post_attention_layernorm.weight": "layers.{}.mlp_norm.weight",
+    _CHATGLM_LAYER + "mlp.dense_h_to_4h.weight": Fused(_mlp_parts("weight"), GATE_UP),
+    _CHATGLM_LAYER + "mlp.dense_h_to_4h.bias": Fused(_mlp_parts("bias"), GATE_UP),
+    _CHATGLM_LAYER + "mlp.dense_4h_to_h.weight": "layers.{}.mlp.down.weight",
+    _CHATGLM_LAYER + "mlp.dense_4h_to_h.bias": "layers.{}.mlp.down.bias",
+    "transformer.encoder.final_layernorm.weight": "norm.weight",
+    "transformer.output_layer.weight": "lm_head.weight",
+    "transformer.rotary_pos_emb.inv_freq": Computed(chatglm_inv_freq),
 })

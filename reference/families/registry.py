@@ -17,20 +17,25 @@ from reference.families.config import (
     Derived,
     Fixed,
     Flag,
+    Grouped,
     Implied,
+    Implies,
     LayerTypeRope,
     LegacyRope,
     LongContext,
     QueryScalar,
     Refused,
+    RopeRatio,
     RotaryFraction,
     Scaled,
+    Unsupported,
     Value,
     Window,
 )
 from reference.families.family import Family
 from reference.families.keymap import (
     BAICHUAN_KEYS,
+    CHATGLM_KEYS,
     GLM4_KEYS,
     GLM_KEYS,
     GPT_NEOX_KEYS,
@@ -56,6 +61,24 @@ GEMMA2_CODECS = (*_GEMMA_CODECS, Value("attn_softcap", "attn_logit_softcapping")
 # Gemma3's attention never applies its config's attn_logit_softcapping, so it is not read.
 GEMMA3_CODECS = (*_GEMMA_CODECS, Fixed("qk_norm", True), LayerTypeRope())
 LAYERNORM_FIELDS = {**LLAMA_FIELDS, "norm_eps": "layer_norm_eps"}
+# ChatGLM2 / ChatGLM3 / GLM-4 remote code: GLM's computation (half rotary on interleaved pairs).
+CHATGLM_FIELDS = {"vocab_size": "padded_vocab_size", "hidden_size": "hidden_size",
+                  "intermediate_size": "ffn_hidden_size", "num_layers": "num_layers",
+                  "num_heads": "num_attention_heads", "head_dim": "kv_channels",
+                  "max_position_embeddings": "seq_length", "norm_eps": "layernorm_epsilon",
+                  "tie_word_embeddings": "tie_word_embeddings"}
+CHATGLM_CODECS = (
+    Grouped("multi_query_attention", "multi_query_group_num"),
+    Implies("add_qkv_bias", "qkv_bias", by="add_bias_linear", by_features=("o_bias", "mlp_bias")),
+    Flag("add_bias_linear", ("o_bias", "mlp_bias")),
+    Fixed("rotary_fraction", 0.5), Fixed("interleaved_rope", True), RopeRatio(),
+    # the published code never reads original_rope: both values compute the same
+    Unsupported("rmsnorm", True, "LayerNorm instead of RMSNorm", default=True),
+    Unsupported("apply_residual_connection_post_layernorm", False, "the residual taken after the norm",
+                default=False),
+    Unsupported("post_layer_norm", True, "no final norm", default=True),
+    Unsupported("position_encoding_2d", None, "ChatGLM-6B v1's 2D positions"),
+)
 NO_HEAD_DIM = {k: v for k, v in LAYERNORM_FIELDS.items() if k != "head_dim"}  # head_dim = hidden / heads
 
 ROWS = (
@@ -85,6 +108,8 @@ ROWS = (
                    "tie_word_embeddings": "tie_word_embeddings"},
            codecs=(Scaled("intermediate_size", "intermediate_size", 2), Fixed("qkv_bias", True),
                    LegacyRope("rotary_emb_base"), LongContext())),
+    Family(model_type="chatglm", architecture="ChatGLMModel", keys=CHATGLM_KEYS, fields=CHATGLM_FIELDS,
+           codecs=CHATGLM_CODECS),
     Family(model_type="granite", architecture="GraniteForCausalLM", keys=LLAMA_KEYS,
            codecs=(*LLAMA_BIAS, Value("embedding_multiplier", "embedding_multiplier", 1.0),
                    AttentionScale("attention_multiplier", "attention_multiplier", 1.0),

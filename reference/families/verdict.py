@@ -76,9 +76,17 @@ CLASS_DEFAULTS = Path(__file__).with_name("class_defaults.json")
 def typical_config(model_type: str) -> dict[str, Any]:
     """A 7B-shaped config of the family as its transformers config class fills it in (as
     written for a layout with no class in transformers)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from reference.families.config import LLAMA_FIELDS
+    from reference.families.registry import family_named
     from reference.families.resolve import as_loaded
 
-    return as_loaded({**_DIMS, "model_type": model_type}, model_type)
+    own: dict[str, Any] = {}
+    if model_type not in CONFIG_MAPPING:  # no class to fill them in: the family's own names too
+        fields = family_named(model_type).fields
+        own = {fields[c]: _DIMS[hf] for c, hf in LLAMA_FIELDS.items() if hf in _DIMS and c in fields}
+    return as_loaded({**own, **_DIMS, "model_type": model_type}, model_type)
 
 
 @functools.cache
