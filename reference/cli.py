@@ -22,6 +22,7 @@ COMMANDS = {
     "families": ("reference.families.cli", "list every family and what each target can hold"),
     "demo": ("reference.demo", "build tiny models, convert them, prove the logits match"),
     "train": ("reference.train.cli", "SFT with per-channel loss curves"),
+    "generate": ("reference.generate", "stream a continuation of a prompt from a model directory"),
 }
 
 
