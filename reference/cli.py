@@ -23,6 +23,7 @@ COMMANDS = {
     "demo": ("reference.demo", "build tiny models, convert them, prove the logits match"),
     "train": ("reference.train.cli", "SFT with per-channel loss curves"),
     "inspect": ("reference.inspect_cli", "probe one forward: layer change, logit lens, attention"),
+    "generate": ("reference.generate", "stream a continuation of a prompt from a model directory"),
 }
 
 

@@ -16,7 +16,7 @@ from reference.converters.files import atomic_dir, side_files
 from reference.converters.folds import PRECISIONS, FoldCost
 from reference.converters.hf_dir import read_beside
 from reference.converters.hf_target import HFTarget
-from reference.converters.plan import Lazy, adapt, prune_zero_biases, retie
+from reference.converters.plan import SCORE, Lazy, adapt, prune_zero_biases, refuse_score, retie
 from reference.converters.safetensors_io import INDEX, SINGLE, Progress
 from reference.converters.source import RECORD, Source, open_source
 from reference.converters.unified_dir import UnifiedTarget
@@ -114,6 +114,11 @@ def prepare(source: Source, target: Target, allow: Collection[str] = (),
     if source.family.keys is None:
         raise InputError(f"{source.path}: the tensor layout of {source.family.model_type} "
                              "is not mapped yet")
+    if SCORE in source.tensors and isinstance(target, HFTarget):
+        refuse_score(target.name, f"{source.path} (a reward model) --to {target.name}")
+    elif SCORE in source.tensors and not isinstance(target, UnifiedTarget):
+        raise InputError(f"{source.path}: a reward model (score.weight) cannot be written as {target.name}; "
+                         "convert it to its family or to unified")
     tensors, spec = prune_zero_biases(source.tensors, source.spec)
     tensors, spec = retie(tensors, spec, target.express(spec))
     held = target.express(spec)

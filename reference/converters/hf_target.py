@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from reference.converters.plan import Lazy, plan_target
+from reference.converters.plan import SCORE, Lazy, plan_target, refuse_score, sequence_classifier
 from reference.converters.safetensors_io import Progress, write_dir
 from reference.families.family import Family
 from reference.families.resolve import as_loaded
@@ -64,12 +64,19 @@ class HFTarget:
         out: Path,
         progress: Progress | None = None,
     ) -> tuple[int, int]:
-        """Write into `out`; returns (tensors, bytes) written."""
+        """Write into `out`; returns (tensors, bytes) written. With a score head, the family's
+        sequence-classification checkpoint (num_labels=1)."""
+        score = SCORE in tensors
+        if score:
+            refuse_score(self.name, f"--to {self.name}")
         planned = plan_target(tensors, self.family, held, dtype)
         extra = dict(extra)
         if dtype is not None:
             extra["dtype"] = str(dtype).removeprefix("torch.")
         config = self.family.config(held, extra)
+        if score:
+            config.update(architectures=[sequence_classifier(self.name)], id2label={"0": "LABEL_0"},
+                          label2id={"LABEL_0": 0})
         if self.source_config is not None and self._describes(held):
             # the fields every family shares (token ids, dtype) are as the last hop left them,
             # the dtype under the name the first config gave it (transformers 4.x: torch_dtype)

@@ -29,11 +29,51 @@ class Lazy:
     entry: Entry | None = None
 
 
+# A sequence-classification checkpoint (`<Family>ForSequenceClassification`, num_labels=1): the
+# causal LM's trunk keys under the same base prefix, no lm_head, and this scalar value head.
+SCORE = "score.weight"
+
+
+def sequence_classifier(model_type: str) -> str | None:
+    """transformers' sequence-classification class of a family, if it has one."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+
+    return MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.get(model_type)
+
+
+def expected_names(spec: ModelSpec, score: bool) -> list[str]:
+    """The tensors a checkpoint of `spec` holds: canonical_names, or with a score head the
+    trunk's (no lm_head, nor its bias) and `score.weight` last."""
+    names = list(canonical_names(spec))
+    return [n for n in names if not n.startswith("lm_head.")] + [SCORE] if score else names
+
+
+def check_score(meta: torch.Tensor, spec: ModelSpec, where: str) -> None:
+    """A score head is a scalar one: (1, hidden)."""
+    if tuple(meta.shape) != (1, spec.hidden_size):
+        raise InputError(f"{where}: '{SCORE}' has shape {tuple(meta.shape)}, not (1, {spec.hidden_size}): "
+                         "only a scalar head (num_labels=1) is held")
+
+
+def refuse_score(model_type: str, where: str) -> None:
+    """A family transformers has no sequence-classification class for holds no score head."""
+    if sequence_classifier(model_type) is None:
+        raise InputError(f"{where}: {model_type} has no sequence-classification class in transformers, "
+                         f"so its checkpoints hold no '{SCORE}' (a reward model of it can only be "
+                         "kept in the unified format)")
+
+
 def read_canonical(
     entries: Mapping[str, Entry], family: Family, spec: ModelSpec, where: str
 ) -> dict[str, Lazy]:
-    """The canonical tensors of a checkpoint, checked against what its spec must hold."""
+    """The canonical tensors of a checkpoint, checked against what its spec must hold; a
+    sequence-classification checkpoint's `score.weight` is taken as it is, in place of lm_head."""
     out: dict[str, Lazy] = {}
+    score = entries.get(SCORE)
+    if score is not None:
+        refuse_score(family.model_type, where)
+        check_score(score.meta(), spec, where)
+        entries = {k: v for k, v in entries.items() if k != SCORE}
     stacks: dict[str, dict[int, Entry]] = {}
     for key, entry in entries.items():
         names, fused = family.keys.canonical(key, where)
@@ -59,7 +99,9 @@ def read_canonical(
                          lambda es=stacked: torch.stack([e.load() for e in es]))
     if spec.tie_word_embeddings:
         out.pop("lm_head.weight", None)  # a tied head is the embedding; transformers ignores a saved copy
-    expected = list(canonical_names(spec))
+    if score is not None:
+        out[SCORE] = Lazy(score.meta(), score.load, score)
+    expected = expected_names(spec, score is not None)
     for name in expected:
         if name not in out:
             raise InputError(f"{where}: missing tensor '{family.keys.hf(name, family.model_type)[0]}'")
@@ -169,7 +211,8 @@ def retie(tensors: dict[str, Lazy], spec: ModelSpec, held: ModelSpec) -> tuple[d
     if spec.tie_word_embeddings and any(getattr(spec, f) != getattr(held, f) for f in UNTIES):
         return {**tensors, "lm_head.weight": tensors["embed.weight"]}, spec.replace(tie_word_embeddings=False)
     m = held.embedding_multiplier
-    if (not spec.tie_word_embeddings and is_default("embedding_multiplier", spec.embedding_multiplier)
+    if ("lm_head.weight" in tensors and not spec.tie_word_embeddings
+            and is_default("embedding_multiplier", spec.embedding_multiplier)
             and not is_default("embedding_multiplier", m) and held.logits_divisor == spec.logits_divisor):
         head = tensors["lm_head.weight"].load()
         embed = tensors["embed.weight"].load()
@@ -186,9 +229,11 @@ def retie(tensors: dict[str, Lazy], spec: ModelSpec, held: ModelSpec) -> tuple[d
 def plan_target(
     tensors: Mapping[str, Lazy], family: Family, held: ModelSpec, dtype: torch.dtype | None
 ) -> list[Planned]:
-    """The target's tensors in canonical order (fused ones merged), cast to `dtype` if given."""
+    """The target's tensors in canonical order (fused ones merged), cast to `dtype` if given;
+    a score head, if the tensors have one, last and by its own name (no lm_head then)."""
+    score = SCORE in tensors
     homes: dict[str, dict[int, str]] = {}
-    for name in canonical_names(held):
+    for name in expected_names(held, score)[:-1] if score else canonical_names(held):
         hf, part = family.keys.hf(name, family.model_type)
         homes.setdefault(hf, {})[part] = name
     planned = []
@@ -212,6 +257,8 @@ def plan_target(
     for hf, rule in family.keys.computed(held.num_layers):
         made = rule.make(held, like)
         planned.append(Planned(hf, made.dtype, tuple(made.shape), lambda m=made: m, None))
+    if score:
+        planned.append(_planned(SCORE, tensors[SCORE], dtype))
     return planned
 
 

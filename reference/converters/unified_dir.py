@@ -1,9 +1,10 @@
 """The unified directory format: the unified model's own checkpoint.
 
-Safetensors shards whose tensor names are exactly `canonical_names(spec)` (no prefix), an index
-when sharded, and config.json with `model_type: "reference_unified"`, the spec under `spec`,
-and the source family's own config.json kept whole under `source_config`, so that converting
-back writes it back.
+Safetensors shards whose tensor names are exactly `canonical_names(spec)` (no prefix; a reward
+model's: the same without `lm_head.*`, plus `score.weight`), an index when sharded, and
+config.json with `model_type: "reference_unified"`, the spec under `spec`, and the source
+family's own config.json kept whole under `source_config`, so that converting back writes it
+back.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from reference.converters.hf_dir import read_config
-from reference.converters.plan import Lazy
+from reference.converters.plan import SCORE, Lazy, check_score, expected_names
 from reference.converters.safetensors_io import Planned, Progress, read_dir, write_dir
 from reference.errors import InputError
 from reference.families.registry import family_named, family_of
-from reference.families.spec import ModelSpec, canonical_names
+from reference.families.spec import ModelSpec
 from reference.families.verdict import Unified
 
 if TYPE_CHECKING:
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 
 MODEL_TYPE = "reference_unified"
 ARCHITECTURE = "UnifiedForCausalLM"
+REWARD_ARCHITECTURE = "UnifiedForRewardModel"  # with a score head: the trunk's names + score.weight
 
 
 def held(spec: ModelSpec) -> ModelSpec:
@@ -65,7 +67,10 @@ def read_unified(path: Path) -> Source:
     source_config = cfg.get("source_config")
     family = family_of(source_config, where) if source_config else family_named("llama")
     entries = read_dir(path)
-    expected = list(canonical_names(spec))
+    score = SCORE in entries
+    if score:
+        check_score(entries[SCORE].meta(), spec, str(path))
+    expected = expected_names(spec, score)
     missing = [n for n in expected if n not in entries]
     if missing:
         raise InputError(f"{path}: missing tensor '{missing[0]}'")
@@ -77,9 +82,10 @@ def read_unified(path: Path) -> Source:
 
 
 def unified_config(spec: ModelSpec, source_config: Mapping[str, Any] | None,
-                   extra: Mapping[str, Any]) -> dict[str, Any]:
+                   extra: Mapping[str, Any], score: bool = False) -> dict[str, Any]:
     """config.json of a unified directory (what UnifiedConfig.to_dict holds, without transformers)."""
-    return {"architectures": [ARCHITECTURE], "model_type": MODEL_TYPE, **extra,
+    architecture = REWARD_ARCHITECTURE if score else ARCHITECTURE
+    return {"architectures": [architecture], "model_type": MODEL_TYPE, **extra,
             "spec": dataclasses.asdict(spec), "source_config": dict(source_config) if source_config else None}
 
 
@@ -100,7 +106,8 @@ class UnifiedTarget:
     def write(self, tensors: Mapping[str, Lazy], held: ModelSpec, extra: Mapping[str, Any],
               dtype: torch.dtype | None, out: Path, progress: Progress | None = None) -> tuple[int, int]:
         planned = []
-        for name in canonical_names(held):
+        score = SCORE in tensors
+        for name in expected_names(held, score):
             lazy = tensors[name]
             cast = dtype is not None and lazy.meta.is_floating_point() and lazy.meta.dtype != dtype
             if cast:
@@ -112,6 +119,6 @@ class UnifiedTarget:
         if dtype is not None:
             extra["dtype"] = str(dtype).removeprefix("torch.")
         write_dir(planned, out, self.max_shard_bytes, progress)
-        config = unified_config(held, self.source_config, extra)
+        config = unified_config(held, self.source_config, extra, score)
         (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         return len(planned), sum(t.nbytes for t in planned)

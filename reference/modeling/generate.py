@@ -124,7 +124,7 @@ def stream_generate(
             positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, -ids.shape[1]:]
             with torch.no_grad():
                 logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-                               use_cache=True, logits_to_keep=1).logits[:, -1]
+                               use_cache=True, logits_to_keep=1).logits[:, -1].to(device)  # (B, V)
             if do_sample:
                 token = _sample(logits, temperature, top_k, top_p, generator).to(device)
             else:

@@ -191,16 +191,15 @@ class Block(GradientCheckpointingLayer):
         return self._add(self._add(x, a), m)
 
 
-class UnifiedForCausalLM(Probes, PreTrainedModel, GenerationMixin):
-    """A causal LM of any dense family, from its ModelSpec (`config.spec`); its debug probes
-    (record, show_*) are reference.modeling.probes'."""
+class UnifiedModel(PreTrainedModel):
+    """The trunk every head shares: embedding, blocks and final norm, from the ModelSpec
+    (`config.spec`); `set_device` spreads it over several devices."""
 
     config_class = UnifiedConfig
     base_model_prefix = ""
     supports_gradient_checkpointing = True
     _no_split_modules = ["Block"]
     _supports_sdpa = True
-    _tied_weights_keys = {"lm_head.weight": "embed.weight"}
 
     def __init__(self, config: UnifiedConfig) -> None:
         super().__init__(config)
@@ -208,10 +207,8 @@ class UnifiedForCausalLM(Probes, PreTrainedModel, GenerationMixin):
         self.embed = nn.Embedding(spec.vocab_size, spec.hidden_size)
         self.layers = nn.ModuleList(Block(spec, i) for i in range(spec.num_layers))
         self.norm = _norm(spec, spec.hidden_size)
-        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=spec.lm_head_bias)
         self.rotary = Rotary(config)
         self._said_fallback = False
-        self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
         std = getattr(self.config, "initializer_range", 0.02)
@@ -232,9 +229,6 @@ class UnifiedForCausalLM(Probes, PreTrainedModel, GenerationMixin):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed = value
 
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head
-
     def _backend(self) -> str:
         chosen = getattr(self.config, "_attn_implementation", None) or "sdpa"
         if chosen not in attention.BACKENDS:  # transformers refuses it at construction; set later
@@ -249,42 +243,55 @@ class UnifiedForCausalLM(Probes, PreTrainedModel, GenerationMixin):
         return chosen
 
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        x = self.embed(input_ids)
+        x = self.embed(input_ids.to(self.embed.weight.device))
         m = self.spec.embedding_multiplier
         # rounded to the model dtype first, as Gemma applies sqrt(hidden)
         return x if m == 1.0 else x * torch.tensor(m, dtype=x.dtype, device=x.device)
 
-    def _head(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.lm_head.weight
-        logits = F.linear(x, F.normalize(w, dim=-1) if self.spec.normalized_head else w, self.lm_head.bias)
-        if self.spec.logit_scale != 1.0:
-            logits = logits * self.spec.logit_scale
-        if self.spec.logits_divisor != 1.0:
-            logits = logits / self.spec.logits_divisor
-        return attention.tanh_softcap(logits, self.spec.final_softcap)
+    def set_device(self, devices: str | torch.device | list[str | torch.device],
+                   weights: list[float] | None = None) -> UnifiedModel:
+        """Spread the blocks over `devices` in contiguous runs (reference.modeling.placement),
+        the embedding on the first device and the final norm and head on the last; one device
+        puts everything back on it. A tied head shares the embedding's weight, so it stays with
+        the embedding on the first device. Activations, rope, masks and each block's KV cache
+        follow the blocks in forward."""
+        from reference.modeling.placement import plan
 
-    def forward(
+        listed = [devices] if isinstance(devices, (str, torch.device)) else list(devices)
+        listed = [torch.device(d) for d in listed]
+        if len(listed) == 1:
+            return self.to(listed[0])
+        self.embed.to(listed[0])
+        self.rotary.to(listed[0])
+        for layer, index in zip(self.layers, plan(len(self.layers), len(listed), weights), strict=True):
+            layer.to(listed[index])
+        self.norm.to(listed[-1])
+        for head in self._heads():
+            head.to(listed[-1])
+        return self
+
+    def _heads(self) -> list[nn.Module]:
+        """The modules after the final norm that own their weights (set_device puts them last)."""
+        return []
+
+    def trunk(
         self,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        use_cache: bool | None = None,
-        logits_to_keep: int = 0,
-        past_key_values: Cache | None = None,
-        **kwargs: Any,
-    ) -> CausalLMOutputWithPast:
+    ) -> torch.Tensor:
+        """The final norm's output (B, T, hidden), on the device of the last block."""
         x = self._embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, hidden)
         b, t, _ = x.shape
-        cache = cache if cache is not None else past_key_values
-        if cache is None and use_cache:
-            cache = DynamicCache()
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(x.device)
         past = cache.get_seq_length() if cache is not None else 0
         query_pos = torch.arange(past, past + t, device=x.device)
         if position_ids is None:
             position_ids = query_pos[None].expand(b, -1)
+        position_ids = position_ids.to(x.device)
         backend = self._backend()
         padded = attention_mask is not None and not bool(attention_mask.all())
         key_pos = torch.arange(past + t, device=x.device)
@@ -306,8 +313,80 @@ class UnifiedForCausalLM(Probes, PreTrainedModel, GenerationMixin):
             lengths = attention_mask.sum(-1) if attention_mask is not None else key_pos[-1:] + 1
         ropes = self.rotary(position_ids, x.dtype, lengths)  # [full layers', windowed layers']
         for layer, window in zip(self.layers, windows, strict=True):
+            device = _device_of(layer, x.device)
+            if device != x.device:  # a block boundary of set_device: everything a block reads moves
+                x = x.to(device)
+                ropes = [(cos.to(device), sin.to(device)) for cos, sin in ropes]
+                masks = {w: None if m is None else m.to(device) for w, m in masks.items()}
             x = layer(x, ropes[window is not None], masks[window], cache, backend)
-        x = self.norm(x)
+        return self.norm(x.to(_device_of(self.norm, x.device)))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *args: Any, dtype: Any = None, torch_dtype: Any = None,
+                        attn_implementation: str | None = None, **kwargs: Any) -> Any:
+        """Load a unified directory, or any supported family's directory as it is
+        (reference.modeling.load): built on the meta device, tensors assigned, no random init.
+        `dtype` casts floating tensors ("auto" or None keeps each as stored)."""
+        from reference.modeling.load import load
+
+        for unsupported in ("device_map", "quantization_config"):
+            if kwargs.get(unsupported) is not None:
+                raise ValueError(f"{cls.__name__}.from_pretrained: {unsupported} is not supported")
+        dtype = dtype if dtype is not None else torch_dtype
+        if isinstance(dtype, str):
+            dtype = None if dtype == "auto" else getattr(torch, dtype)
+        return load(path, dtype, attn_implementation, cls)
+
+
+def _device_of(module: nn.Module, default: torch.device) -> torch.device:
+    """Where a module's parameters live (a parameter-free norm runs where its input is)."""
+    p = next(module.parameters(), None)
+    return default if p is None else p.device
+
+
+class UnifiedForCausalLM(Probes, UnifiedModel, GenerationMixin):
+    """A causal LM of any dense family, from its ModelSpec (`config.spec`)."""
+
+    _tied_weights_keys = {"lm_head.weight": "embed.weight"}
+
+    def __init__(self, config: UnifiedConfig) -> None:
+        super().__init__(config)
+        self.lm_head = nn.Linear(self.spec.hidden_size, self.spec.vocab_size, bias=self.spec.lm_head_bias)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def _heads(self) -> list[nn.Module]:
+        return [] if self.spec.tie_word_embeddings else [self.lm_head]
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.lm_head.weight
+        x = x.to(w.device)
+        logits = F.linear(x, F.normalize(w, dim=-1) if self.spec.normalized_head else w, self.lm_head.bias)
+        if self.spec.logit_scale != 1.0:
+            logits = logits * self.spec.logit_scale
+        if self.spec.logits_divisor != 1.0:
+            logits = logits / self.spec.logits_divisor
+        return attention.tanh_softcap(logits, self.spec.final_softcap)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        past_key_values: Cache | None = None,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        cache = cache if cache is not None else past_key_values
+        if cache is None and use_cache:
+            cache = DynamicCache()
+        x = self.trunk(input_ids, attention_mask, position_ids, cache, inputs_embeds)  # (B, T, hidden)
         logits = self._head(x[:, -logits_to_keep:] if logits_to_keep else x)
         loss = None
         if labels is not None:
@@ -320,19 +399,3 @@ class UnifiedForCausalLM(Probes, PreTrainedModel, GenerationMixin):
         from reference.modeling.generate import stream_generate
 
         return stream_generate(self, input_ids, **kwargs)
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, *args: Any, dtype: Any = None, torch_dtype: Any = None,
-                        attn_implementation: str | None = None, **kwargs: Any) -> UnifiedForCausalLM:
-        """Load a unified directory, or any supported family's directory as it is
-        (reference.modeling.load): built on the meta device, tensors assigned, no random init.
-        `dtype` casts floating tensors ("auto" or None keeps each as stored)."""
-        from reference.modeling.load import load
-
-        for unsupported in ("device_map", "quantization_config"):
-            if kwargs.get(unsupported) is not None:
-                raise ValueError(f"UnifiedForCausalLM.from_pretrained: {unsupported} is not supported")
-        dtype = dtype if dtype is not None else torch_dtype
-        if isinstance(dtype, str):
-            dtype = None if dtype == "auto" else getattr(torch, dtype)
-        return load(path, dtype, attn_implementation)
