@@ -32,8 +32,8 @@ from reference.families.config import (
     Implied,
     LayerTypeRope,
     QueryScalar,
-    Refused,
     RotaryFraction,
+    Unsupported,
     Value,
     Window,
 )
@@ -99,8 +99,9 @@ def _query_scalar(draw: st.DrawFn, codec: QueryScalar, shape: Shape) -> dict[str
     return {codec.field: draw(st.sampled_from([shape.head_dim, 24, 256]))}
 
 
-def _refused(draw: st.DrawFn, codec: Refused, shape: Shape) -> dict[str, Any]:
-    return {codec.field: draw(st.booleans())}  # on: the unified model must refuse it by name
+def _unsupported(draw: st.DrawFn, codec: Unsupported, shape: Shape) -> dict[str, Any]:
+    # the value the family holds, or another: the unified model must refuse that one by name
+    return {codec.field: draw(st.sampled_from([codec.holds, not codec.holds]))}
 
 
 def _none(draw: st.DrawFn, codec: Codec, shape: Shape) -> dict[str, Any]:
@@ -111,7 +112,7 @@ def _none(draw: st.DrawFn, codec: Codec, shape: Shape) -> dict[str, Any]:
 # as the rope of each layer type; Fixed, Derived and Implied leave nothing to draw.
 STRATEGIES: dict[type, Callable[[st.DrawFn, Any, Shape], dict[str, Any]]] = {
     Flag: _flag, Value: _value, AttentionScale: _value, Window: _window, QueryScalar: _query_scalar,
-    Refused: _refused,
+    Unsupported: _unsupported,
     RotaryFraction: _none, LayerTypeRope: _none, Fixed: _none, Derived: _none, Implied: _none,
 }
 
@@ -213,7 +214,8 @@ def configs(draw: st.DrawFn, family: str) -> dict[str, Any]:
 
 def _refusal(family: str, overrides: dict[str, Any]) -> str | None:
     """The field a refusal of these overrides must name, or None when they must load."""
-    refused = [c.field for c in FAMILIES[family].codecs if isinstance(c, Refused) and overrides.get(c.field)]
+    refused = [c.field for c in FAMILIES[family].codecs
+               if isinstance(c, Unsupported) and c.field in overrides and overrides[c.field] != c.holds]
     return refused[0] if refused else None
 
 

@@ -180,29 +180,6 @@ class Value(Codec):
 
 
 @dataclass(frozen=True)
-class Refused(Codec):
-    """A switch of the family's config that no spec feature computes: a config that turns it on
-    is refused on read, naming it (Gemma's use_bidirectional_attention, for embedding models)."""
-
-    field: str
-    why: str
-
-    def read(self, cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
-        if cfg.get(self.field):
-            raise InputError(f"{where}: {self.field}={cfg[self.field]!r} ({self.why}) is not supported")
-        return {}
-
-    def variants(self) -> list[dict[str, Any]]:
-        return []
-
-    def express(self, spec: ModelSpec) -> dict[str, Any]:
-        return {}
-
-    def write(self, spec: ModelSpec) -> dict[str, Any]:
-        return {}
-
-
-@dataclass(frozen=True)
 class Implied(Codec):
     """A dimension the family's config has no field for: its class always uses `value` (OLMo's
     norm eps), or with `value` None what read_spec derives from the others when the field is
@@ -446,9 +423,9 @@ class BaichuanPositions(Codec):
 
 @dataclass(frozen=True)
 class Unsupported(Codec):
-    """A config field whose value other than `holds` (`default` when absent) describes a model no
-    spec holds (ChatGLM's LayerNorm, residual after the norm, 2D positions): refused by name
-    on reading; written as `holds`."""
+    """A config field whose value other than `holds` (`default` when absent or null) describes a
+    model no spec holds (ChatGLM's LayerNorm, residual after the norm, 2D positions; Gemma's
+    use_bidirectional_attention): refused by name on reading; written as `holds`."""
 
     field: str
     holds: Any
@@ -456,7 +433,8 @@ class Unsupported(Codec):
     default: Any = None
 
     def read(self, cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
-        value = cfg.get(self.field, self.default)
+        value = cfg.get(self.field)
+        value = self.default if value is None else value
         if value != self.holds:
             raise InputError(f"{where}: {self.field}={value!r} ({self.what}) is not supported")
         return {}

@@ -24,7 +24,6 @@ from reference.families.config import (
     LegacyRope,
     LongContext,
     QueryScalar,
-    Refused,
     RopeRatio,
     RotaryFraction,
     Scaled,
@@ -51,7 +50,7 @@ from reference.families.keymap import (
 
 LLAMA_BIAS = (Flag("attention_bias", ("qkv_bias", "o_bias")), Flag("mlp_bias", ("mlp_bias",)))
 # Gemma's classes attend to later tokens with it (Gemma3 in every backend, Gemma and Gemma2 under sdpa)
-BIDIRECTIONAL = Refused("use_bidirectional_attention", "attention to later tokens")
+BIDIRECTIONAL = Unsupported("use_bidirectional_attention", False, "attention to later tokens", default=False)
 GLM_BIAS = Flag("attention_bias", ("qkv_bias",), default=True)  # q, k and v; o never has one
 GEMMA2_FIELDS = {**LLAMA_FIELDS, "hidden_act": "hidden_activation"}
 _GEMMA_CODECS = (Fixed("norm_offset", True), Derived("embedding_multiplier", "hidden_size", 0.5),
