@@ -1,6 +1,6 @@
 """Sequence parallelism on real gloo ranks against one process: each rank's logits and the
 gradient of its slice of the input embeddings equal the single-process run's slice (fp32,
-assert_close defaults), Ulysses, MHA and GQA, windows shorter than the sequence, and
+assert_close defaults), Ulysses and ring, MHA and GQA, windows shorter than the sequence, and
 lengths the degree does not divide. A representative handful: each case spawns its ranks."""
 
 from __future__ import annotations
@@ -59,6 +59,8 @@ WINDOW = {"sliding_window": 4, "window_layers": (0,)}  # layer 0 windowed, layer
 CASES = [  # world, mode, seq, backend, features
     (2, "ulysses", 11, "sdpa", {**MHA, **WINDOW}),
     (4, "ulysses", 13, "eager", {**GQA, "alibi": True, "attn_softcap": 5.0}),
+    (2, "ring", 11, "sdpa", {**GQA, **WINDOW}),
+    (4, "ring", 14, "eager", {**MHA, **WINDOW, "attn_softcap": 5.0}),
 ]
 
 
@@ -78,8 +80,7 @@ def _refusals(rank: int, world: int, port: int) -> None:
         model.enable_sequence_parallel(mode="ulysses")
     with pytest.raises(ValueError, match="mode 'tree'"):
         model.enable_sequence_parallel(mode="tree")
-    model = build("sdpa", num_heads=8, num_kv_heads=2)
-    model.enable_sequence_parallel(mode="ulysses")
+    model.enable_sequence_parallel(mode="ring")  # ring has no such constraint
     ids = torch.zeros(1, 3, dtype=torch.long)
     with pytest.raises(ValueError, match="labels"):
         model(ids, labels=ids)

@@ -10,8 +10,12 @@ no communication.
 - ulysses: one all-to-all turns sequence shards of q, k and v into head shards of the whole
   sequence, the chosen kernel runs on them, and one all-to-all turns the output back. KV heads
   are repeated up to a multiple of the degree when the degree does not divide them.
-It is differentiable: the all-to-all is an autograd Function whose backward is the same
-communication the other way.
+- ring: each rank keeps its queries; the K/V blocks go round the ring (send to the next rank,
+  receive from the previous), each block's attention is merged into the running output by
+  log-sum-exp. The causal load is not balanced: rank r computes r + 1 useful blocks of n.
+
+Both are differentiable: the all-to-all and the ring pass are autograd Functions whose backward
+is the same communication the other way.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from torch import nn
 from reference.families.spec import ModelSpec
 from reference.modeling import attention
 
-MODES = ("ulysses",)
+MODES = ("ulysses", "ring")
 
 
 class _AllToAll(torch.autograd.Function):
@@ -43,6 +47,30 @@ class _AllToAll(torch.autograd.Function):
         out = grad.new_empty(sum(ctx.send))
         dist.all_to_all_single(out, grad.contiguous(), ctx.send, ctx.recv, group=ctx.group)
         return out, None, None, None
+
+
+class _RingPass(torch.autograd.Function):
+    """Send x to rank `to`, receive a tensor of `shape` from rank `frm` (global ranks); backward
+    sends the gradient to `frm` and receives x's gradient from `to`."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, shape: tuple[int, ...], to: int, frm: int,  # noqa: ANN001, ANN205
+                group: dist.ProcessGroup | None):
+        ctx.shape, ctx.to, ctx.frm, ctx.group = x.shape, to, frm, group
+        return _exchange(x.contiguous(), x.new_empty(shape), to, frm, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+        out = _exchange(grad.contiguous(), grad.new_empty(ctx.shape), ctx.frm, ctx.to, ctx.group)
+        return out, None, None, None, None
+
+
+def _exchange(send: torch.Tensor, recv: torch.Tensor, to: int, frm: int,
+              group: dist.ProcessGroup | None) -> torch.Tensor:
+    ops = [dist.P2POp(dist.isend, send, to, group), dist.P2POp(dist.irecv, recv, frm, group)]
+    for work in dist.batch_isend_irecv(ops):
+        work.wait()
+    return recv
 
 
 class SequenceParallel:
@@ -120,6 +148,43 @@ class Ulysses(nn.Module):
         return self._to_sequence(out), None
 
 
+class Ring(nn.Module):
+    """Attention of this rank's queries over K/V blocks passed round the ring, merged by
+    log-sum-exp; the scores as the eager kernel computes them (softcap, then the mask)."""
+
+    def __init__(self, sp: SequenceParallel) -> None:
+        super().__init__()
+        self.sp = sp
+
+    def forward(self, backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                mask: torch.Tensor | None, scale: float,
+                softcap: float | None) -> tuple[torch.Tensor, None]:
+        sp = self.sp
+        n, rank, lengths = sp.degree, sp.rank, sp.lengths
+        starts = [sum(lengths[:j]) for j in range(n)]
+        to, frm = sp.global_rank((rank + 1) % n), sp.global_rank((rank - 1) % n)
+        groups = q.shape[1] // k.shape[1]
+        block = torch.stack([k, v])  # (2, B, KV, T_src, D), first this rank's own
+        out = lse = None
+        for step in range(n):
+            src = (rank - step) % n
+            if step:
+                shape = (*block.shape[:3], lengths[src], block.shape[4])
+                block = _RingPass.apply(block, shape, to, frm, sp.group)
+            kb, vb = attention.repeat_kv(block[0], groups), attention.repeat_kv(block[1], groups)
+            scores = attention.tanh_softcap(torch.matmul(q, kb.transpose(2, 3)) * scale, softcap)
+            scores = (scores + mask[..., starts[src]: starts[src] + lengths[src]]).float()  # (B, H, T, T_src)
+            block_lse = torch.logsumexp(scores, -1, keepdim=True)
+            block_out = torch.matmul(torch.exp(scores - block_lse), vb.float())
+            if out is None:
+                out, lse = block_out, block_lse
+            else:
+                merged = torch.logaddexp(lse, block_lse)
+                out = out * torch.exp(lse - merged) + block_out * torch.exp(block_lse - merged)
+                lse = merged
+        return out.to(q.dtype), None
+
+
 def enable(model: nn.Module, group: dist.ProcessGroup | None, mode: str) -> None:
     """Wrap every block's attention kernel for `mode` over `group` (None: the default group);
     what does not combine is refused here, before any work."""
@@ -131,11 +196,11 @@ def enable(model: nn.Module, group: dist.ProcessGroup | None, mode: str) -> None
     degree = dist.get_world_size(group)
     if mode == "ulysses" and spec.num_heads % degree:
         raise ValueError(f"ulysses sequence parallel: {spec.num_heads} attention heads are not divisible by "
-                         f"the degree {degree}; use a degree that divides them")
+                         f"the degree {degree}; use a degree that divides them, or mode='ring'")
     if spec.long_context_scaling is not None:
         raise ValueError("sequence parallel does not combine with long_context_scaling (Qwen v1's log-n "
                          "attention and dynamic NTK): they are computed from the local length")
     sp = SequenceParallel(group, mode, spec)
     for layer in model.layers:
-        layer.attn.kernel = Ulysses(sp)
+        layer.attn.kernel = Ulysses(sp) if mode == "ulysses" else Ring(sp)
     model._sequence_parallel = sp
