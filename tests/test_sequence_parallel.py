@@ -86,6 +86,8 @@ def _refusals(rank: int, world: int, port: int) -> None:
         model(ids, labels=ids)
     with pytest.raises(ValueError, match="KV cache"):
         model(ids, use_cache=True)
+    with pytest.raises(ValueError, match="probes do not combine"), model.record():
+        pass
     with pytest.raises(ValueError, match=r"tensor_split splits it: \[4, 4, 3, 3\]"):
         model(torch.zeros(1, 3 + (rank == 0) * 2, dtype=torch.long))  # 5, 3, 3, 3
 
