@@ -209,6 +209,7 @@ class UnifiedModel(PreTrainedModel):
         self.norm = _norm(spec, spec.hidden_size)
         self.rotary = Rotary(config)
         self._said_fallback = False
+        self._sequence_parallel = None  # reference.modeling.sequence_parallel, once enabled
 
     def _init_weights(self, module: nn.Module) -> None:
         std = getattr(self.config, "initializer_range", 0.02)
@@ -270,6 +271,16 @@ class UnifiedModel(PreTrainedModel):
             head.to(listed[-1])
         return self
 
+    def enable_sequence_parallel(self, group: Any = None, mode: str = "ulysses") -> UnifiedModel:
+        """Split the sequence over the ranks of `group` (a torch.distributed group; None: the
+        default one): each rank then passes its `torch.tensor_split` slice of the sequence and
+        gets back that slice's outputs. `mode` "ulysses" (all-to-all to head shards) or "ring"
+        (K/V passed round the ring); reference.modeling.sequence_parallel."""
+        from reference.modeling.sequence_parallel import enable
+
+        enable(self, group, mode)
+        return self
+
     def _heads(self) -> list[nn.Module]:
         """The modules after the final norm that own their weights (set_device puts them last)."""
         return []
@@ -288,18 +299,26 @@ class UnifiedModel(PreTrainedModel):
         if attention_mask is not None:
             attention_mask = attention_mask.to(x.device)
         past = cache.get_seq_length() if cache is not None else 0
-        query_pos = torch.arange(past, past + t, device=x.device)
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        sp = self._sequence_parallel
+        if sp is None:
+            query_pos = torch.arange(past, past + t, device=x.device)
+            own, key_pos = query_pos, torch.arange(past + t, device=x.device)
+        else:  # global positions: this slice's own, the queries its kernel sees, every key's
+            if cache is not None or padded:
+                raise ValueError("sequence parallel does not combine with a KV cache or a padding "
+                                 "attention_mask")
+            own, query_pos, key_pos = sp.positions(t, x.device)
         if position_ids is None:
-            position_ids = query_pos[None].expand(b, -1)
+            position_ids = own[None].expand(b, -1)
         position_ids = position_ids.to(x.device)
         backend = self._backend()
-        padded = attention_mask is not None and not bool(attention_mask.all())
-        key_pos = torch.arange(past + t, device=x.device)
 
         def mask(window: int | None) -> torch.Tensor | None:
             """The additive mask of layers with this window (B or 1, 1 or H, T, S); None is plain
-            causal attention, which the kernels serve with no mask tensor at all."""
-            if not (padded or self.spec.alibi or (window is not None and past + t > window)):
+            causal attention, which the kernels serve with no mask tensor at all (always a mask
+            under sequence parallelism: the ring kernel reads its columns block by block)."""
+            if sp is None and not (padded or self.spec.alibi or (window is not None and past + t > window)):
                 return None
             m = attention.additive(attention.allowed(query_pos, key_pos, attention_mask, window), x.dtype)
             if self.spec.alibi:
@@ -384,6 +403,9 @@ class UnifiedForCausalLM(Probes, UnifiedModel, GenerationMixin):
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         cache = cache if cache is not None else past_key_values
+        if self._sequence_parallel is not None and labels is not None:  # the shift crosses slices
+            raise ValueError("sequence parallel does not combine with labels: compute the loss from the "
+                             "returned logits with labels shifted over the whole sequence")
         if cache is None and use_cache:
             cache = DynamicCache()
         x = self.trunk(input_ids, attention_mask, position_ids, cache, inputs_embeds)  # (B, T, hidden)

@@ -61,6 +61,8 @@ class Probes:
     @contextmanager
     def record(self) -> Iterator[None]:
         """Record every forward run inside the block; the probes read the most recent one."""
+        if getattr(self, "_sequence_parallel", None) is not None:  # each rank sees its slice only
+            raise ValueError("the probes do not combine with sequence parallelism: record in one process")
         handles = []
 
         def start(_module: Any, args: tuple, kwargs: dict) -> None:
