@@ -99,7 +99,9 @@ def tiny_model(model_type: str, *, tie: bool = False, seed: int = 0, **overrides
     from transformers import AutoModelForCausalLM
 
     config = tiny_config(model_type, tie=tie, **overrides)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
+    # eager attention, and transformers' eager experts loop (its default is grouped_mm)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager",
+                                             experts_implementation="eager")
     fill(model, seed)
     return model.eval()
 

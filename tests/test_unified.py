@@ -167,7 +167,8 @@ BF16_GAP = {"olmo2": "OLMo2: fp32 norm-weight and rope order not in the spec",
                                     if f in BF16_GAP else f for f in HELD])
 def test_bf16_checkpoints_stay_bf16_and_match_transformers_in_bf16(family: str, tmp_path) -> None:
     tiny_model(family, tie=True).to(torch.bfloat16).save_pretrained(tmp_path / "src")
-    original = AutoModelForCausalLM.from_pretrained(tmp_path / "src", attn_implementation="eager")
+    original = AutoModelForCausalLM.from_pretrained(tmp_path / "src", attn_implementation="eager",
+                                                    experts_implementation="eager")
     model = UnifiedForCausalLM.from_pretrained(tmp_path / "src", attn_implementation="eager")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     with torch.no_grad():

@@ -27,6 +27,7 @@ from reference.families.config import (
     AttentionScale,
     Codec,
     Derived,
+    Experts,
     Fixed,
     Flag,
     Implied,
@@ -110,9 +111,25 @@ def _none(draw: st.DrawFn, codec: Codec, shape: Shape) -> dict[str, Any]:
 
 # RotaryFraction is drawn with the rope (rope_parameters' partial_rotary_factor), LayerTypeRope
 # as the rope of each layer type; Fixed, Derived and Implied leave nothing to draw.
+def _experts(draw: st.DrawFn, codec: Experts, shape: Shape) -> dict[str, Any]:
+    """A mixture's size, top-k, renormalisation, shared expert and dense layers, as the family has them."""
+    n = draw(st.integers(2, 6))
+    out: dict[str, Any] = {codec.count: n, "num_experts_per_tok": draw(st.integers(1, min(n, 3)))}
+    if codec.size != "intermediate_size":
+        out[codec.size] = draw(st.integers(4, 40))
+    if isinstance(codec.renormalise, str):
+        out[codec.renormalise] = draw(st.booleans())
+    if codec.shared:
+        out[codec.shared] = draw(st.integers(4, 40))
+    if codec.layers:
+        out["decoder_sparse_step"] = draw(st.integers(1, 2))
+        out["mlp_only_layers"] = draw(st.lists(st.integers(0, shape.layers - 1), unique=True, max_size=1))
+    return out
+
+
 STRATEGIES: dict[type, Callable[[st.DrawFn, Any, Shape], dict[str, Any]]] = {
     Flag: _flag, Value: _value, AttentionScale: _value, Window: _window, QueryScalar: _query_scalar,
-    Unsupported: _unsupported,
+    Unsupported: _unsupported, Experts: _experts,
     RotaryFraction: _none, LayerTypeRope: _none, Fixed: _none, Derived: _none, Implied: _none,
 }
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from reference.errors import InputError
-from reference.families.spec import ModelSpec
+from reference.families.spec import ModelSpec, MoE
 
 # canonical field -> HF field, for every Llama-shaped config.
 LLAMA_FIELDS: Mapping[str, str] = {
@@ -177,6 +177,69 @@ class Value(Codec):
 
     def write(self, spec: ModelSpec) -> dict[str, Any]:
         return {self.field: getattr(spec, self.feature)}
+
+
+@dataclass(frozen=True)
+class Experts(Codec):
+    """A mixture of experts (ModelSpec.num_experts and its `moe` record) in a family's
+    fields: the count in `count` (or `count_also`, the name older configs use), each
+    expert's size in `size`, the renormalisation of the top-k in `renormalise` (a field, or
+    True where the family always renormalises), the shared expert's size in `shared`, and
+    Qwen-MoE's layer pattern (decoder_sparse_step, mlp_only_layers) where `layers`. What a
+    family has no field for it holds at its one value."""
+
+    count: str
+    size: str
+    default: int
+    renormalise: str | bool
+    fp32_weights: bool = False
+    shared: str | None = None
+    layers: bool = False
+    count_also: str | None = None
+
+    def read(self, cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
+        n = cfg.get(self.count, cfg.get(self.count_also or self.count, self.default))
+        renormalise = (self.renormalise if isinstance(self.renormalise, bool)
+                       else bool(cfg.get(self.renormalise, False)))
+        moe = MoE(top_k=cfg["num_experts_per_tok"], expert_size=cfg[self.size],
+                  norm_topk_prob=renormalise, fp32_weights=self.fp32_weights,
+                  shared_size=cfg.get(self.shared, 0) if self.shared else 0,
+                  sparse_step=cfg.get("decoder_sparse_step", 1) if self.layers else 1,
+                  dense_layers=tuple(cfg.get("mlp_only_layers") or ()) if self.layers else ())
+        return {"num_experts": n, "moe": moe}
+
+    def variants(self) -> list[dict[str, Any]]:
+        return []
+
+    def express(self, spec: ModelSpec) -> dict[str, Any]:
+        if spec.moe is None:  # a dense MLP, or routing unknown here: the family's own mixture instead
+            return {"num_experts": self.default, "moe": MoE(top_k=1, expert_size=spec.intermediate_size)}
+        m = spec.moe
+        fixed = self.renormalise if isinstance(self.renormalise, bool) else m.norm_topk_prob
+        return {"num_experts": spec.num_experts, "moe": MoE(
+            top_k=m.top_k, expert_size=m.expert_size, norm_topk_prob=fixed, fp32_weights=self.fp32_weights,
+            shared_size=m.shared_size if self.shared else 0,
+            sparse_step=m.sparse_step if self.layers else 1,
+            dense_layers=m.dense_layers if self.layers else ())}
+
+    def write(self, spec: ModelSpec) -> dict[str, Any]:
+        assert spec.moe is not None  # express holds a mixture, and only a held spec is written
+        m = spec.moe
+        out: dict[str, Any] = {self.count: spec.num_experts, "num_experts_per_tok": m.top_k,
+                               self.size: m.expert_size}
+        if isinstance(self.renormalise, str):
+            out[self.renormalise] = m.norm_topk_prob
+        if self.shared:
+            out[self.shared] = m.shared_size
+        if self.layers:
+            out.update(decoder_sparse_step=m.sparse_step, mlp_only_layers=list(m.dense_layers))
+        return out
+
+    def refuses(self, spec: ModelSpec) -> dict[str, str]:
+        m = spec.moe
+        if m is not None and self.size == "intermediate_size" and m.expert_size != spec.intermediate_size:
+            return {"moe": f"experts of {m.expert_size} rows beside a dense size of {spec.intermediate_size}"}
+        return {}
 
 
 @dataclass(frozen=True)

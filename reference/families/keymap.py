@@ -213,6 +213,29 @@ BAICHUAN_KEYS = KeyMap(_llama_rules(
 ))
 
 
+# Mixtures of experts: a second `{}` numbers the expert, within the layer's.
+_EXPERT = {"gate": "layers.{}.mlp.experts.{}.gate.weight", "up": "layers.{}.mlp.experts.{}.up.weight",
+           "down": "layers.{}.mlp.experts.{}.down.weight"}
+_LLAMA_RULES = _llama_rules(_LLAMA_ATTN, _LLAMA_MLP)
+MIXTRAL_KEYS = KeyMap({
+    **{h: c for h, c in _LLAMA_RULES.items() if ".mlp." not in h},
+    "model.layers.{}.block_sparse_moe.gate.weight": "layers.{}.mlp.router.weight",
+    "model.layers.{}.block_sparse_moe.experts.{}.w1.weight": _EXPERT["gate"],
+    "model.layers.{}.block_sparse_moe.experts.{}.w3.weight": _EXPERT["up"],
+    "model.layers.{}.block_sparse_moe.experts.{}.w2.weight": _EXPERT["down"],
+})
+# Qwen2-MoE, Qwen3-MoE, OLMoE: the router is mlp.gate, beside the dense MLP's mlp.gate_proj of
+# the layers without experts; Qwen2-MoE adds a shared expert and its gate.
+MOE_KEYS = KeyMap({
+    **_LLAMA_RULES,
+    "model.layers.{}.mlp.gate.weight": "layers.{}.mlp.router.weight",
+    **{f"model.layers.{{}}.mlp.experts.{{}}.{p}_proj.weight": c for p, c in _EXPERT.items()},
+    **{f"model.layers.{{}}.mlp.shared_expert.{p}_proj.weight": f"layers.{{}}.mlp.shared.{p}.weight"
+       for p in ("gate", "up", "down")},
+    "model.layers.{}.mlp.shared_expert_gate.weight": "layers.{}.mlp.shared_gate.weight",
+})
+
+
 def grouped_qkv(spec: ModelSpec) -> Blocks:
     """InternLM2's wqkv: per KV head, its group's query heads, then its key, then its value."""
     group = spec.num_heads // spec.num_kv_heads

@@ -13,6 +13,29 @@ from typing import Any
 
 
 @dataclass(frozen=True, kw_only=True)
+class MoE:
+    """A mixture of experts in place of the MLP (ModelSpec.num_experts of them): softmax over
+    a router's logits, the top_k experts of each token, their outputs summed by those weights."""
+
+    top_k: int
+    expert_size: int  # each expert's intermediate size (Mixtral: intermediate_size)
+    norm_topk_prob: bool = False  # the top_k weights renormalised to sum to 1 (Mixtral always)
+    fp32_weights: bool = False  # the routing weights stay fp32 (Mixtral); False: cast to the model
+    # dtype before they scale the experts' outputs (Qwen-MoE, OLMoE): the same in fp32, not in bf16
+    shared_size: int = 0  # a shared expert every token goes through, gated by sigmoid(shared_gate(x))
+    # (Qwen2-MoE); 0: none
+    sparse_step: int = 1  # layer i is a mixture when (i + 1) % sparse_step == 0 (decoder_sparse_step)
+    dense_layers: tuple[int, ...] = ()  # layers with the dense MLP whatever the step (mlp_only_layers)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dense_layers", tuple(self.dense_layers))  # a JSON list compares unequal
+
+    def on(self, layer: int) -> bool:
+        """Whether a layer's MLP is the mixture (else the dense MLP of intermediate_size)."""
+        return layer not in self.dense_layers and (layer + 1) % self.sparse_step == 0
+
+
+@dataclass(frozen=True, kw_only=True)
 class ModelSpec:
     """Dimensions plus named features; a feature at its default is one Llama also has."""
 
@@ -70,8 +93,9 @@ class ModelSpec:
     clip_qkv: float | None = None  # q, k and v clamped to [-c, c] after projection (OLMo)
     interleaved_rope: bool = False  # rope on (even, odd) pairs instead of halves (GLM, Cohere)
     sliding_rope_parameters: Mapping[str, Any] | None = None  # the windowed layers' own rope (Gemma3)
-    num_experts: int = 0  # a mixture of experts in place of the MLP
     latent_attention: bool = False  # MLA: low-rank latent KV with decoupled rope (DeepSeek-V2/3)
+    num_experts: int = 0  # a mixture of experts in place of the MLP; `moe` says how it routes
+    moe: MoE | None = None  # None with experts: routing the spec does not describe (DeepSeek's)
     alibi: bool = False  # ALiBi position bias instead of rope (Baichuan2-13B)
     normalized_head: bool = False  # lm_head rows L2-normalised before use (Baichuan2's NormHead)
     # Last, so that a refusal names an architectural feature before these; each is exact
@@ -94,6 +118,10 @@ class ModelSpec:
             object.__setattr__(self, "branches_first", False)
         if not self.norm_params and self.norm_bias:
             raise ValueError("norm_bias needs norm_params: a norm without parameters has no bias")
+        if not self.num_experts:
+            object.__setattr__(self, "moe", None)
+        if isinstance(self.moe, Mapping):  # from a unified config.json
+            object.__setattr__(self, "moe", MoE(**self.moe))
         if self.window_layers is not None:  # a list from JSON compares unequal to the tuple
             object.__setattr__(self, "window_layers", tuple(self.window_layers))
 
@@ -150,6 +178,11 @@ def canonical_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     h, d = spec.hidden_size, spec.head_dim
     q, kv = spec.num_heads * d, spec.num_kv_heads * d
     rows = linear_shapes(spec)
+    experts: dict[str, dict[str, tuple[int, int]]] = {}
+    if spec.moe is not None:  # the linears of a mixture's experts, its shared expert and router
+        for kind, size in (("experts", spec.moe.expert_size), ("shared", spec.moe.shared_size)):
+            experts[kind] = {"gate": (size, h), "up": (size, h), "down": (h, size)}
+        experts["mlp"] = {"router": (spec.num_experts, h), "shared_gate": (1, h)}
     out: dict[str, tuple[int, ...]] = {}
     heads = {"q_norm": (spec.num_heads, q), "k_norm": (spec.num_kv_heads, kv)}
     for name in canonical_names(spec):
@@ -163,6 +196,9 @@ def canonical_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
             out[name] = {"head": (d,), "each_head": (n, d), "all": (whole,)}[spec.qk_norm_scope]
         elif parts[-2].endswith("norm"):
             out[name] = (h,)
+        elif parts[2] == "mlp" and (parts[3] in experts or parts[3] in experts.get("mlp", {})):
+            kind = parts[3] if parts[3] in ("experts", "shared") else "mlp"
+            out[name] = experts[kind][parts[-2]]
         elif parts[-1] == "bias":
             out[name] = rows[parts[-2]][:1]
         else:
@@ -194,10 +230,18 @@ def canonical_names(spec: ModelSpec) -> Iterator[str]:
             yield from norm(f"layers.{i}.attn.{p}", spec.qk_norm, spec.qk_norm_bias)
         yield from norm(f"layers.{i}.attn_post_norm", spec.post_norms)
         yield from norm(f"layers.{i}.mlp_norm", spec.pre_norms and not spec.shared_norm)
-        for p in ("gate", "up", "down") if spec.gated_mlp else ("up", "down"):
-            yield f"layers.{i}.mlp.{p}.weight"
-            if spec.mlp_bias:
-                yield f"layers.{i}.mlp.{p}.bias"
+        if spec.moe is not None and spec.moe.on(i):
+            yield f"layers.{i}.mlp.router.weight"
+            for e in range(spec.num_experts):
+                yield from (f"layers.{i}.mlp.experts.{e}.{p}.weight" for p in ("gate", "up", "down"))
+            if spec.moe.shared_size:
+                yield from (f"layers.{i}.mlp.shared.{p}.weight" for p in ("gate", "up", "down"))
+                yield f"layers.{i}.mlp.shared_gate.weight"
+        else:
+            for p in ("gate", "up", "down") if spec.gated_mlp else ("up", "down"):
+                yield f"layers.{i}.mlp.{p}.weight"
+                if spec.mlp_bias:
+                    yield f"layers.{i}.mlp.{p}.bias"
         yield from norm(f"layers.{i}.mlp_post_norm", spec.post_norms)
     yield from norm("norm")
     if not spec.tie_word_embeddings:

@@ -34,6 +34,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from reference.families.spec import ModelSpec
 from reference.modeling import attention
 from reference.modeling.config import UnifiedConfig
+from reference.modeling.moe import MoE
 from reference.modeling.probes import Probes
 from reference.modeling.rope import Rotary, apply_rotary
 
@@ -144,12 +145,13 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """down(act(gate(x)) * up(x)), or without a gate down(act(up(x))) (GPT-NeoX's fc1 -> fc2)."""
 
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, size: int | None = None) -> None:
         super().__init__()
+        size = spec.intermediate_size if size is None else size  # an expert's own size (moe.py)
         if spec.gated_mlp:
-            self.gate = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias)
-        self.up = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias)
-        self.down = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=spec.mlp_bias)
+            self.gate = nn.Linear(spec.hidden_size, size, bias=spec.mlp_bias)
+        self.up = nn.Linear(spec.hidden_size, size, bias=spec.mlp_bias)
+        self.down = nn.Linear(size, spec.hidden_size, bias=spec.mlp_bias)
         self.act = ACT2FN[spec.hidden_act]
         self.gated = spec.gated_mlp
 
@@ -168,7 +170,9 @@ class Block(GradientCheckpointingLayer):
 
         self.attn_norm, self.attn = norm(spec.pre_norms), Attention(spec, layer)
         self.attn_post_norm = norm(spec.post_norms)
-        self.mlp_norm, self.mlp = norm(spec.pre_norms and not spec.shared_norm), MLP(spec)
+        self.mlp_norm = norm(spec.pre_norms and not spec.shared_norm)
+        sparse = spec.num_experts and (spec.moe is None or spec.moe.on(layer))
+        self.mlp = MoE(spec, lambda size: MLP(spec, size)) if sparse else MLP(spec)
         self.mlp_post_norm = norm(spec.post_norms)
         self.residual = spec.residual_multiplier
         self.parallel, self.shared_norm = spec.parallel_block, spec.shared_norm
