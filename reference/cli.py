@@ -24,6 +24,7 @@ COMMANDS = {
     "train": ("reference.train.cli", "SFT with per-channel loss curves"),
     "inspect": ("reference.inspect_cli", "probe one forward: layer change, logit lens, attention"),
     "generate": ("reference.generate", "stream a continuation of a prompt from a model directory"),
+    "infer": ("reference.infer.cli", "batch inference over many model replicas, each row exactly once"),
 }
 
 

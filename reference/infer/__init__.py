@@ -1,0 +1,5 @@
+"""Data-parallel batch inference: many model replicas, each row exactly once, resumable."""
+
+from reference.infer.runner import Infer
+
+__all__ = ["Infer"]

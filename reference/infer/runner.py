@@ -1,0 +1,182 @@
+"""Infer: split devices and cores among worker processes, hand out length-sorted batches as
+workers ask for them, re-run the batch of a worker that died, merge the committed parts by id
+into the output in input order. A rerun skips every id already committed."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import queue
+import shutil
+import sys
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+from reference.errors import InputError
+from reference.infer.rows import Row, check_manifest, file_sha256, read_done, read_rows, write_atomically
+from reference.infer.worker import Job, main
+
+BACKENDS = ("hf", "unified")
+ENGINES = ("local",)
+
+
+class WorkersFailed(RuntimeError):
+    """Every worker has died or could not start; the committed rows are kept for a rerun."""
+
+
+def plan_devices(devices: list[str] | None, workers: int) -> list[list[str]]:
+    """Each worker's devices: an even split, or the CPU for all."""
+    if workers < 1:
+        raise InputError(f"--workers {workers}: give at least 1")
+    if not devices:
+        return [["cpu"]] * workers
+    if len(devices) % workers:
+        raise InputError(f"--workers {workers} does not divide the {len(devices)} devices "
+                         f"({','.join(devices)}); give a worker count that divides them")
+    k = len(devices) // workers
+    return [devices[w * k:(w + 1) * k] for w in range(workers)]
+
+
+def batches(rows: list[Row], size: int) -> list[list[Row]]:
+    """Rows sorted by length into batches of `size`, longest first (the slow ones start early)."""
+    ordered = sorted(rows, key=lambda r: (-r.size, r.line))
+    return [ordered[i:i + size] for i in range(0, len(ordered), size)]
+
+
+@dataclass
+class Infer:
+    """Generate a continuation for every row of `data_path` into `output_path` with
+    `num_workers` replicas; `.run()` returns the number of rows generated in this run."""
+
+    model_path: str | Path
+    data_path: str | Path
+    output_path: str | Path
+    num_workers: int
+    devices: list[str] | None = None
+    batch_size: int = 8
+    max_new_tokens: int = 256
+    backend: str = "hf"
+    engine: str = "local"
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def check(self) -> tuple[list[Row], list[list[str]]]:
+        """Everything that can be refused, refused before any work."""
+        if self.backend not in BACKENDS:
+            raise InputError(f"backend {self.backend!r}: this build has {', '.join(BACKENDS)}")
+        if self.engine not in ENGINES:
+            raise InputError(f"engine {self.engine!r}: this build has {', '.join(ENGINES)}")
+        if self.batch_size < 1 or self.max_new_tokens < 1:
+            raise InputError("batch size and max new tokens must be at least 1")
+        if not Path(self.model_path).is_dir():
+            raise InputError(f"{self.model_path}: no such model directory")
+        plan = plan_devices(self.devices, self.num_workers)
+        return read_rows(Path(self.data_path)), plan
+
+    def run(self) -> int:
+        rows, plan = self.check()
+        out = Path(self.output_path)
+        manifest = {"data_sha256": file_sha256(Path(self.data_path)),
+                    "model_path": str(Path(self.model_path).resolve()), "backend": self.backend,
+                    "max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample,
+                    "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        check_manifest(out.with_name(out.name + ".manifest.json"), manifest, out)
+        parts = out.with_name(out.name + ".parts")
+        parts.mkdir(exist_ok=True)
+        done = read_done(parts, out)
+        todo = [r for r in rows if r.key not in done]
+        generated = 0
+        if todo:
+            job = Job(str(self.model_path), self.backend, self.max_new_tokens, self.do_sample,
+                      self.temperature, self.top_p, self.seed, str(parts), uuid.uuid4().hex[:12])
+            generated = self._schedule(job, plan, batches(todo, self.batch_size), len(rows), len(done))
+            done = read_done(parts, out)
+        missing = [r.id for r in rows if r.key not in done]
+        if missing:
+            raise WorkersFailed(f"{len(missing)} rows have no result (first: {missing[0]!r}); "
+                                "rerun to resume")
+        write_atomically(out, [json.dumps(done[r.key], ensure_ascii=False) for r in rows])
+        shutil.rmtree(parts)
+        return generated
+
+    def _schedule(self, job: Job, plan: list[list[str]], work: list[list[Row]], total: int,
+                  already: int) -> int:
+        """Run the workers until every batch is committed; returns the rows they committed."""
+        from tqdm import tqdm
+
+        ctx = multiprocessing.get_context("spawn")
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        on_cpu = sum(devs[0] == "cpu" for devs in plan)
+        threads = max(1, cores // max(on_cpu, 1))
+        outbox = ctx.Queue()
+        inboxes = [ctx.Queue() for _ in plan]
+        procs = [ctx.Process(target=main, args=(w, devs, threads, job, inboxes[w], outbox), daemon=True)
+                 for w, devs in enumerate(plan)]
+        for p in procs:
+            p.start()
+        pending = deque(enumerate(work))
+        sizes = {b: len(rows) for b, rows in pending}
+        held: dict[int, tuple[int, list[Row]] | None] = dict.fromkeys(range(len(procs)))
+        idle: deque[int] = deque()  # workers waiting while nothing is pending: a dead one's rows may come
+        finished: set[int] = set()  # batches committed
+        gone: set[int] = set()  # workers that exited
+        bar = tqdm(total=total, initial=already, unit="row", desc="infer", disable=not sys.stderr.isatty(),
+                   dynamic_ncols=True)
+
+        def hand_out() -> None:
+            while idle and pending:
+                w = idle.popleft()
+                if w not in gone:
+                    held[w] = pending.popleft()
+                    inboxes[w].put(held[w])
+
+        try:
+            while len(finished) < len(work):
+                try:
+                    msg = outbox.get(timeout=0.2)
+                except queue.Empty:
+                    msg = None
+                if msg and msg[0] == "fatal":
+                    raise WorkersFailed(f"worker {msg[1]} could not start: {msg[2]}")
+                if msg and msg[0] == "done":
+                    _, w, b, n = msg
+                    held[w] = None
+                    if b not in finished:
+                        finished.add(b)
+                        bar.update(n)
+                if msg and msg[0] == "ready" and msg[1] not in gone:
+                    idle.append(msg[1])
+                for w, p in enumerate(procs):
+                    if w in gone or p.exitcode is None:
+                        continue
+                    gone.add(w)
+                    task, held[w] = held[w], None
+                    if task is None or task[0] in finished:
+                        continue
+                    if (Path(job.parts) / f"{job.run_id}-{task[0]:06d}.jsonl").is_file():
+                        finished.add(task[0])  # committed; the report was lost with the worker
+                        bar.update(sizes[task[0]])
+                        continue
+                    bar.write(f"reference infer: worker {w} (pid {p.pid}) died (exit code {p.exitcode}) "
+                              f"with {len(task[1])} rows unfinished; the other workers take them",
+                              file=sys.stderr)
+                    pending.appendleft(task)
+                hand_out()
+                if len(gone) == len(procs) and len(finished) < len(work):
+                    raise WorkersFailed("every worker has died; the committed rows are kept, rerun to resume")
+        finally:
+            bar.close()
+            for w, p in enumerate(procs):
+                if p.exitcode is None:
+                    inboxes[w].put(None)
+            for p in procs:
+                p.join(timeout=5)
+                if p.exitcode is None:
+                    p.kill()
+        return sum(sizes[b] for b in finished)
