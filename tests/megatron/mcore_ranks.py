@@ -189,3 +189,33 @@ def run_group(rank: int, world: int, port: int, cases_file: str, out_dir: str) -
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(results))
     dist.barrier()  # rank 0 hosts the store: nobody leaves before everyone has written
     dist.destroy_process_group()
+
+
+def save_dist_group(rank: int, world: int, port: int, cases_file: str) -> None:
+    """Entry point of one rank: every case's legacy files loaded strictly into GPTModel, then
+    saved by megatron-core's own `dist_checkpointing.save` (torch_dist) to case["dist"], as
+    Megatron-LM's `save_checkpoint` lays it out (tracker, iter_0000001, args in common.pt)."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
+
+    join_gloo(rank, world, port, TIMEOUT_S)
+    side_steps()
+    torch.cuda.synchronize = lambda *a, **k: None  # the save path's preload_tensors (notes)
+    for case in json.loads(Path(cases_file).read_text()):
+        ps.initialize_model_parallel(tensor_model_parallel_size=case["tp"],
+                                     pipeline_model_parallel_size=case["pp"])
+        models = _load(case)
+        args = torch.load(_rank_file(case, 0, 0), weights_only=False)["args"]
+        root = Path(case["dist"])
+        where = root / "iter_0000001"
+        where.mkdir(parents=True, exist_ok=True)  # the target must exist before save
+        state = {"args": args, "checkpoint_version": 3.0, "iteration": 1,
+                 "model": models[0].sharded_state_dict()}
+        dist_checkpointing.save(state, str(where))
+        if rank == 0:
+            (root / "latest_checkpointed_iteration.txt").write_text("1")
+        dist.barrier()
+        ps.destroy_model_parallel()
+    dist.destroy_process_group()

@@ -1,5 +1,5 @@
-"""Megatron-Core checkpoints (Megatron-LM's `torch` format), with tensor, pipeline and virtual
-pipeline parallelism, in the local or the TransformerEngine key layout."""
+"""Megatron-Core checkpoints (Megatron-LM's `torch` format; its `torch_dist` format read), with
+tensor, pipeline and virtual pipeline parallelism, in the local or the TransformerEngine key layout."""
 
 from __future__ import annotations
 
@@ -25,7 +25,9 @@ def __getattr__(name: str) -> Any:
 
 
 def is_megatron_dir(path: Path) -> bool:
-    """A Megatron-LM checkpoint directory has latest_checkpointed_iteration.txt."""
+    """A Megatron-LM checkpoint root has latest_checkpointed_iteration.txt; an iteration
+    directory of the `torch_dist` format counts too."""
+    from reference.converters.megatron.dist import is_dist_dir
     from reference.converters.megatron.stage import TRACKER
 
-    return (Path(path) / TRACKER).is_file()
+    return (Path(path) / TRACKER).is_file() or is_dist_dir(Path(path))

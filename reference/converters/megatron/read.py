@@ -225,7 +225,12 @@ def _lazy_tensors(ck: Checkpoint) -> tuple[dict[str, Lazy], dict[str, str]]:
 
 def read_megatron(path: Path) -> Source:
     """A Megatron-LM checkpoint directory as a Source: recorded family, spec from the args,
-    canonical tensors merged over TP (vocabulary trimmed) when pulled."""
+    canonical tensors merged over TP (vocabulary trimmed) when pulled. A `torch_dist`
+    checkpoint is read by `dist.read_dist`."""
+    from reference.converters.megatron.dist import is_dist_checkpoint, read_dist
+
+    if is_dist_checkpoint(Path(path)):
+        return read_dist(Path(path))
     ck = _open(Path(path))
     family, extra = _family(ck.root, ck.spec)
     _check_rank_dirs(ck)

@@ -1,0 +1,305 @@
+"""Reading a Megatron-LM `torch_dist` checkpoint (PyTorch Distributed Checkpoint) as lazy
+canonical tensors, in one process, without megatron-core.
+
+megatron-core saves every tensor once, by its global shape, whatever TP/PP saved it: the TP 1
+layout (linear_qkv grouped per query group, linear_fc1 as [gate; up], the vocabulary padded),
+with the decoder layers stacked as one `[L, ...]` tensor per parameter. A canonical tensor is
+read as one layer's slice through `torch.distributed.checkpoint`'s own reader and a load
+planner that asks for that slice only, so one layer's tensors are in memory at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import types
+import warnings
+from argparse import Namespace
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import load as dcp_load
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import LoadPlan
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+from reference.converters.megatron import stage as S
+from reference.converters.megatron.args import spec_from_args
+from reference.converters.megatron.keys import EMBEDDING, OUTPUT, TE_RENAMES, KeyTable
+from reference.converters.megatron.read import _family
+from reference.converters.plan import Lazy
+from reference.converters.source import Source
+from reference.errors import InputError
+from reference.families.spec import ModelSpec, canonical_shapes
+
+METADATA = ".metadata"
+COMMON = "common.pt"
+BACKEND = "metadata.json"  # megatron-core's record of the sharded backend
+# Entries of a training checkpoint that are not the model's weights.
+NOT_MODEL = ("optimizer.", "rng_state", "rerun_state_machine_state")
+
+
+def is_dist_dir(path: Path) -> bool:
+    """An iteration directory megatron-core's `dist_checkpointing.save` wrote."""
+    return any((path / name).is_file() for name in (METADATA, BACKEND, COMMON)) or any(path.glob("*.distcp"))
+
+
+def is_dist_checkpoint(path: Path) -> bool:
+    """A `torch_dist` iteration directory, or a root whose tracker names one."""
+    tracker = path / S.TRACKER
+    if not tracker.is_file():
+        return is_dist_dir(path)
+    text = tracker.read_text().strip()
+    return (text == "release" or text.isdigit()) and is_dist_dir(path / S.iteration_dir(text))
+
+
+# --- args from common.pt, unpickled without running code ------------------------------------
+
+_PLAIN = {("argparse", "Namespace"): Namespace, ("types", "SimpleNamespace"): types.SimpleNamespace,
+          ("collections", "OrderedDict"): OrderedDict, ("torch._utils", "_rebuild_tensor_v2"):
+          torch._utils._rebuild_tensor_v2, ("torch", "Size"): torch.Size}
+
+
+def _enum_value(value: Any) -> Any:
+    """A megatron-core enum member (`AttnBackend.flash`) as its plain value."""
+    if not isinstance(value, int | str | float | bool):
+        raise pickle.UnpicklingError(f"a megatron global built from {type(value).__name__}, "
+                                     "not an enum value")
+    return value
+
+
+class _Unpickler(pickle.Unpickler):
+    """Only plain values, tensors, dtypes and Namespaces; megatron-core enums become their values
+    (megatron-core is never imported)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _PLAIN:
+            return _PLAIN[(module, name)]
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if module.split(".")[0] == "megatron":
+            return _enum_value
+        raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in {COMMON}")
+
+
+_PICKLE = types.SimpleNamespace(Unpickler=_Unpickler, __name__="reference_restricted_pickle",
+                                load=pickle.load)
+
+
+def load_common(path: Path) -> dict[str, Any]:
+    """megatron-core's common.pt (everything but the sharded tensors), restricted."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_PICKLE)
+    except FileNotFoundError:
+        raise InputError(f"{path}: missing (megatron-core writes it beside {METADATA})") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise InputError(f"{path}: not readable ({reason})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("args"), Namespace):
+        raise InputError(f"{path}: no 'args' Namespace (not a Megatron-LM checkpoint)")
+    return state
+
+
+# --- slices through torch.distributed.checkpoint ----------------------------------------------
+
+
+class _SlicePlanner(DefaultLoadPlanner):
+    """Reads the box `offsets`/`sizes` of every named tensor into the state dict's tensor."""
+
+    def __init__(self, boxes: dict[str, ChunkStorageMetadata]) -> None:
+        super().__init__()
+        self.boxes = boxes
+
+    def create_local_plan(self) -> LoadPlan:
+        items = []
+        for fqn, box in self.boxes.items():
+            items += create_read_items_for_chunk_list(fqn, self.metadata.state_dict_metadata[fqn], [box])
+        return LoadPlan(items)
+
+    def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
+        return self.state_dict[index.fqn]  # the box itself: read items are offset within it
+
+
+class _Reader(FileSystemReader):
+    """A FileSystemReader that reads `.metadata` once."""
+
+    def __init__(self, path: Path, metadata: Metadata) -> None:
+        super().__init__(str(path))
+        self.cached = metadata
+
+    def read_metadata(self) -> Metadata:
+        return self.cached
+
+
+@dataclass(frozen=True)
+class Where:
+    """A Megatron tensor in the checkpoint: its key, and the layer if the key is stacked."""
+
+    key: str
+    layer: int | None
+
+
+class _Slices:
+    """One tensor (or one layer of a stacked one) at a time, the last one kept: a fused tensor
+    is pulled once per canonical part."""
+
+    def __init__(self, where: Path, metadata: Metadata) -> None:
+        self.reader = _Reader(where, metadata)
+        self.metadata = metadata
+        self.last: tuple[Where, torch.Tensor] | None = None
+
+    def get(self, at: Where) -> torch.Tensor:
+        if self.last is not None and self.last[0] == at:
+            return self.last[1]
+        md = self.metadata.state_dict_metadata[at.key]
+        assert isinstance(md, TensorStorageMetadata)
+        sizes, offsets = list(md.size), [0] * len(md.size)
+        if at.layer is not None:
+            sizes[0], offsets[0] = 1, at.layer
+        out = torch.empty(sizes, dtype=md.properties.dtype)
+        box = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp_load({at.key: out}, storage_reader=self.reader, planner=_SlicePlanner({at.key: box}),
+                     no_dist=True)
+        tensor = out[0] if at.layer is not None else out
+        self.last = (at, tensor)
+        return tensor
+
+
+# --- the checkpoint ---------------------------------------------------------------------------
+
+
+def _iteration_dir(path: Path) -> tuple[Path, Path]:
+    """(checkpoint root, iteration directory) of a root with the tracker or an iter_ directory."""
+    if (path / S.TRACKER).is_file():
+        tracker = (path / S.TRACKER).read_text().strip()
+        if tracker != "release" and not tracker.isdigit():
+            raise InputError(f"{path / S.TRACKER}: '{tracker}' is neither an iteration nor 'release'")
+        where = path / S.iteration_dir(tracker)
+        if not where.is_dir():
+            raise InputError(f"{where}: missing (named by {S.TRACKER})")
+        return path, where
+    return path.parent, path
+
+
+def _metadata(where: Path) -> Metadata:
+    backend = where / BACKEND
+    if backend.is_file():
+        kind = json.loads(backend.read_text()).get("sharded_backend")
+        if kind != "torch_dist":
+            raise InputError(f"{backend}: sharded_backend {kind!r} is not read (only 'torch_dist')")
+    if not (where / METADATA).is_file():
+        raise InputError(f"{where / METADATA}: missing (the index of the .distcp files)")
+    try:
+        metadata = FileSystemReader(str(where)).read_metadata()
+    except Exception as e:  # a corrupt pickle raises anything
+        raise InputError(f"{where / METADATA}: not readable ({type(e).__name__}: {e})") from None
+    ends: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(ends.items()):
+        file = where / name
+        if not file.is_file():
+            raise InputError(f"{file}: missing (named by {METADATA})")
+        if file.stat().st_size < end:
+            raise InputError(f"{file}: truncated ({file.stat().st_size} bytes, {METADATA} says {end})")
+    return metadata
+
+
+def _stacked(template: str) -> str:
+    """`decoder.layers.{}.mlp.linear_fc2.weight` -> `decoder.layers.mlp.linear_fc2.weight`."""
+    return template.replace("{}.", "")
+
+
+def _locate(rule_key: str, layer: int | None, keys: set[str]) -> Where | None:
+    """Where megatron-core put a rule's tensor: stacked `[L, ...]`, or per layer; local-spec
+    norms are saved under their TransformerEngine names."""
+    names = [rule_key, TE_RENAMES.get(rule_key, rule_key)]
+    for name in names:
+        if layer is None:
+            if name in keys:
+                return Where(name, None)
+        elif _stacked(name) in keys:
+            return Where(_stacked(name), layer)
+        elif name.format(layer) in keys:
+            return Where(name.format(layer), None)
+    return None
+
+
+def _plan(where: Path, metadata: Metadata, spec: ModelSpec,
+          padded: int) -> tuple[dict[str, Lazy], dict[str, str]]:
+    """Canonical name -> Lazy slice; checks every model tensor's global shape and that every
+    one is read."""
+    md = metadata.state_dict_metadata
+    tensors_md = {k: v for k, v in md.items()
+                  if isinstance(v, TensorStorageMetadata) and not k.startswith(NOT_MODEL)}
+    keys = set(tensors_md)
+    table = KeyTable("local")
+    whole = S.Stage(0, 0, spec.num_layers, True, True)
+    shapes = canonical_shapes(spec)
+    dtype = tensors_md[EMBEDDING].properties.dtype if EMBEDDING in tensors_md else None
+    slices = _Slices(where, metadata)
+    tensors: dict[str, Lazy] = {}
+    homes: dict[str, str] = {}
+    used: set[str] = set()
+    for slot in S.slots(spec, table, whole):
+        if slot.key == OUTPUT and spec.tie_word_embeddings:
+            continue  # a tied head is the embedding
+        template, layer = slot.rule.key, None
+        if "{}" in template:
+            layer = int(slot.key.split(".")[2])
+        at = _locate(template, layer, keys)
+        if at is None:
+            raise InputError(f"{where}: no tensor '{_stacked(template) if layer is not None else template}'"
+                             f" in {METADATA}; the args imply it")
+        used.add(at.key)
+        metas = [torch.empty(shapes[n], device="meta") for n in slot.sources]
+        want = list(S.shard(slot.rule.split, metas, spec, 1, 0, padded).shape)
+        stored = tensors_md[at.key]
+        if at.layer is not None:
+            want = [spec.num_layers, *want]
+        if list(stored.size) != want:
+            raise InputError(f"{where}: '{at.key}' has global shape {list(stored.size)}, "
+                             f"the args imply {want}")
+        dtype = dtype or stored.properties.dtype
+        if stored.properties.dtype != dtype:
+            raise InputError(f"{where}: '{at.key}' is {stored.properties.dtype}, the embedding {dtype}")
+        label = f"'{at.key}'" + (f"[{at.layer}]" if at.layer is not None else "")
+
+        def load(at: Where = at, rule: Any = slot.rule, label: str = label) -> list[torch.Tensor]:
+            return S.unshard(rule.split, [slices.get(at)], spec, f"{where}: {label}")
+
+        for part, name in enumerate(slot.sources):
+            meta = torch.empty(shapes[name], dtype=dtype, device="meta")
+            tensors[name] = Lazy(meta, lambda f=load, i=part: f()[i])
+            homes[name] = f"{where.name} {label}"
+    if spec.tie_word_embeddings:
+        used.add(OUTPUT)  # a tied copy, if saved, is not read
+    extra = sorted(keys - used)
+    if extra:
+        raise InputError(f"{where}: '{extra[0]}' in {METADATA} is not read "
+                         "(unknown, or the args do not imply it)")
+    return tensors, homes
+
+
+def read_dist(path: Path) -> Source:
+    """A Megatron-LM `torch_dist` checkpoint (its root or an iter_ directory) as a Source."""
+    root, where = _iteration_dir(Path(path))
+    metadata = _metadata(where)
+    args = load_common(where / COMMON)["args"]
+    spec = spec_from_args(args, str(where / COMMON))
+    padded = getattr(args, "padded_vocab_size", None) or spec.vocab_size
+    family, extra = _family(root, spec)
+    tensors, homes = _plan(where, metadata, spec, padded)
+    return Source(root, family, spec, extra, tensors, lambda name: homes.get(name, name))
