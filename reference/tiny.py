@@ -58,6 +58,9 @@ TINY: dict[str, dict[str, Any]] = {
     "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
                   "shared_expert_intermediate_size": 48},
     "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32},
+    # OLMoE's q/k norms span hidden_size, so head_dim stays hidden / heads; experts of intermediate_size
+    "olmoe": {"num_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 32, "head_dim": None,
+              "pad_token_id": 0, "eos_token_id": 2},
     "deepseek_v2": {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
                     "kv_lora_rank": 16, "q_lora_rank": 24, "qk_nope_head_dim": 8,
                     "qk_rope_head_dim": 8, "v_head_dim": 16, "n_group": 1, "topk_group": 1,

@@ -16,7 +16,7 @@ MOE = [f for f in UNIFIED_HELD if FAMILIES[f].read(tiny_model(f).config.to_dict(
 
 
 def test_the_moe_rows_are_held() -> None:
-    assert {"mixtral", "qwen2_moe", "qwen3_moe"} <= set(MOE)
+    assert {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe"} <= set(MOE)
 
 
 @pytest.mark.parametrize("family", MOE)

@@ -196,7 +196,7 @@ def test_greedy_generate_equals_transformers_with_left_padding(family: str, over
 # (query_pre_attn_scalar 16) and windows layer 0; OLMo2's has no bias; GLM's rotates whole heads;
 # StableLM's, Phi's and Cohere's have no q/k norm (Cohere's no bias), StableLM's a sequential block,
 # GPT-NeoX's a parallel one; Starcoder2's has no window (12 tokens pass a window of 5); OLMo's does
-# not clip.
+# not clip; OLMoE's neither clips nor renormalises its top-k, and has no bias.
 VARIANTS = {
     "glm-half-rotary": ("glm", HALF_ROTARY),
     "glm4-half-rotary": ("glm4", HALF_ROTARY),
@@ -223,6 +223,8 @@ VARIANTS = {
     "olmo-clip-qkv": ("olmo", {"clip_qkv": 0.5}),
     "olmo-bias": ("olmo", {"attention_bias": True}),
     "cohere-qk-norm-bias": ("cohere", {"use_qk_norm": True, "attention_bias": True}),
+    "olmoe-clip-qkv-renormalised-bias": ("olmoe", {"clip_qkv": 0.5, "norm_topk_prob": True,
+                                                   "attention_bias": True}),
 }
 
 
@@ -242,7 +244,7 @@ def test_variants_of_held_families_load_exactly_and_convert_back_bitwise(variant
 
 
 @pytest.mark.parametrize("family", ["gemma2", "olmo2", "glm", "glm4", "gemma3_text", "cohere", "stablelm",
-                                    "starcoder2", "phi", "gpt_neox", "olmo"])
+                                    "starcoder2", "phi", "gpt_neox", "olmo", "olmoe"])
 def test_a_held_family_config_written_from_the_spec_reads_back_the_same(family: str) -> None:
     """Without the source's config.json to copy (a unified directory from elsewhere), the
     family's config is written from the spec alone: its class must read the same spec from it."""

@@ -179,6 +179,13 @@ ROWS = (
                    Experts("num_local_experts", "moe_intermediate_size", 128, renormalise="norm_topk_prob",
                            layers=True, count_also="num_experts"),
                    Window(switch="use_sliding_window"))),
+    # OLMoE: OLMo2's q/k norm over all heads, then OLMo's clip; a pre-norm block; head_dim is
+    # hidden / heads (the norms span hidden_size)
+    Family(model_type="olmoe", architecture="OlmoeForCausalLM", keys=MOE_KEYS,
+           fields={k: v for k, v in LLAMA_FIELDS.items() if k != "head_dim"},
+           codecs=(LLAMA_BIAS[0], Fixed("qk_norm", True), Fixed("qk_norm_scope", "all"),
+                   Value("clip_qkv", "clip_qkv"), Fixed("clip_after_qk_norm", True), Implied("head_dim"),
+                   Experts("num_experts", "intermediate_size", 64, renormalise="norm_topk_prob"))),
     Family(model_type="deepseek_v2", architecture="DeepseekV2ForCausalLM", keys=None,
            codecs=(Fixed("latent_attention", True), Value("num_experts", "n_routed_experts", 64))),
     Family(model_type="deepseek_v3", architecture="DeepseekV3ForCausalLM", keys=None,

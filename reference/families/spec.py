@@ -91,6 +91,7 @@ class ModelSpec:
     logit_scale: float = 1.0  # logits * this (Cohere); not logits_divisor: x * s and x / (1 / s)
     # round differently, and the model computes what the family does
     clip_qkv: float | None = None  # q, k and v clamped to [-c, c] after projection (OLMo)
+    clip_after_qk_norm: bool = False  # the clamp after the q/k norm instead of before it (OLMoE)
     interleaved_rope: bool = False  # rope on (even, odd) pairs instead of halves (GLM, Cohere)
     sliding_rope_parameters: Mapping[str, Any] | None = None  # the windowed layers' own rope (Gemma3)
     latent_attention: bool = False  # MLA: low-rank latent KV with decoupled rope (DeepSeek-V2/3)
@@ -113,6 +114,8 @@ class ModelSpec:
         if not self.qk_norm:
             object.__setattr__(self, "qk_norm_scope", "head")
             object.__setattr__(self, "qk_norm_bias", False)
+        if self.clip_qkv is None or not self.qk_norm:  # no clamp, or no norm to order it against
+            object.__setattr__(self, "clip_after_qk_norm", False)
         if not self.parallel_block:
             object.__setattr__(self, "shared_norm", False)
             object.__setattr__(self, "branches_first", False)

@@ -111,7 +111,7 @@ class Attention(nn.Module):
             q_shape, k_shape = shapes[self.qk_norm]
             self.q_norm = _norm(spec, *q_shape, bias=spec.qk_norm_bias)
             self.k_norm = _norm(spec, *k_shape, bias=spec.qk_norm_bias)
-        self.clip = spec.clip_qkv
+        self.clip, self.clip_after_norm = spec.clip_qkv, spec.clip_after_qk_norm
         self.layer, self.head_dim = layer, d
         self.scale = spec.head_dim ** -0.5 if spec.attention_multiplier is None else spec.attention_multiplier
         self.softcap = spec.attn_softcap
@@ -124,13 +124,15 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         shape = (b, t, -1, self.head_dim)
         q, k, v = self.q(x), self.k(x), self.v(x)  # (B, T, H * D)
-        if self.clip is not None:
+        if self.clip is not None and not self.clip_after_norm:
             q, k, v = (y.clamp(-self.clip, self.clip) for y in (q, k, v))
         if self.qk_norm == "all":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.view(shape), k.view(shape), v.view(shape)  # (B, T, H, D)
         if self.qk_norm in ("head", "each_head"):
             q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip is not None and self.clip_after_norm:  # OLMoE: the normed q and k clamped
+            q, k, v = (y.clamp(-self.clip, self.clip) for y in (q, k, v))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         if self.rotate:
             q, k = apply_rotary(q, *rope, self.interleaved), apply_rotary(k, *rope, self.interleaved)
