@@ -36,7 +36,7 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 from reference.converters.megatron import stage as S
 from reference.converters.megatron.args import spec_from_args
 from reference.converters.megatron.keys import EMBEDDING, OUTPUT, TE_RENAMES, KeyTable
-from reference.converters.megatron.read import _family
+from reference.converters.megatron.read import _family, load_args_file
 from reference.converters.plan import Lazy
 from reference.converters.source import Source
 from reference.errors import InputError
@@ -98,16 +98,8 @@ _PICKLE = types.SimpleNamespace(Unpickler=_Unpickler, __name__="reference_restri
 
 def load_common(path: Path) -> dict[str, Any]:
     """megatron-core's common.pt (everything but the sharded tensors), restricted."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_PICKLE)
-    except FileNotFoundError:
-        raise InputError(f"{path}: missing (megatron-core writes it beside {METADATA})") from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise InputError(f"{path}: not readable ({reason})") from None
-    if not isinstance(state, dict) or not isinstance(state.get("args"), Namespace):
-        raise InputError(f"{path}: no 'args' Namespace (not a Megatron-LM checkpoint)")
-    return state
+    return load_args_file(path, f"missing (megatron-core writes it beside {METADATA})",
+                          weights_only=False, pickle_module=_PICKLE)
 
 
 # --- slices through torch.distributed.checkpoint ----------------------------------------------

@@ -35,19 +35,25 @@ from reference.families.verdict import blocking
 SAFE = [Namespace, SimpleNamespace]
 
 
-def load_rank_file(path: Path) -> dict[str, Any]:
-    """One rank file, memory-mapped: tensor data is read only when touched."""
+def load_args_file(path: Path, missing: str, **load: Any) -> dict[str, Any]:
+    """A torch-saved dict holding Megatron-LM's `args` (a rank file, or torch_dist's common.pt),
+    loaded with `load`'s torch.load options; each failure one line naming the file."""
     try:
-        with torch.serialization.safe_globals(SAFE):
-            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        state = torch.load(path, map_location="cpu", **load)
     except FileNotFoundError:
-        raise InputError(f"{path}: missing rank file") from None
+        raise InputError(f"{path}: {missing}") from None
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise InputError(f"{path}: not a readable torch checkpoint ({reason})") from None
     if not isinstance(state, dict) or not isinstance(state.get("args"), Namespace):
         raise InputError(f"{path}: no 'args' Namespace (not a Megatron-LM checkpoint)")
     return state
+
+
+def load_rank_file(path: Path) -> dict[str, Any]:
+    """One rank file, memory-mapped: tensor data is read only when touched."""
+    with torch.serialization.safe_globals(SAFE):
+        return load_args_file(path, "missing rank file", mmap=True, weights_only=True)
 
 
 @dataclass(frozen=True)
