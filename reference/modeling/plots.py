@@ -50,48 +50,48 @@ def attention(weights: torch.Tensor, tokens: list[str], layer: int, path: Path) 
     return path
 
 
-def cos_distance(distance: torch.Tensor, tokens: list[str], path: Path) -> Path:
-    """(layers, T): 1 - cos(layer input, layer output) at each position."""
-    layers = distance.shape[0]
-    fig = _figure(2.5 + 0.45 * len(tokens), 1.8 + 0.4 * layers)
+def _layer_grid(values: torch.Tensor, labels: list[list[str]], tokens: list[str], path: Path, *,
+                width: float, cmap: str, vmax: float | None, dark_above: float, dark_text: str,
+                light_text: str, colorbar: str, title: str) -> Path:
+    """A (layers, T) heat map with a label written in each cell: layers down, input tokens
+    across. A cell whose value passes `dark_above` gets `dark_text`, the others `light_text`."""
+    layers = values.shape[0]
+    fig = _figure(2.5 + width * len(tokens), 1.8 + 0.45 * layers)
     ax = fig.subplots()
-    image = ax.imshow(distance.float().numpy(), cmap="magma", aspect="auto")
+    image = ax.imshow(values.float().numpy(), cmap=cmap, vmin=0.0 if vmax else None, vmax=vmax,
+                      aspect="auto")
     _token_axis(ax, "x", tokens)
     ax.set_yticks(range(layers), [str(i) for i in range(layers)])
     ax.set_xlabel("position (input token)")
     ax.set_ylabel("layer")
     for i in range(layers):
         for t in range(len(tokens)):
-            value = float(distance[i, t])
-            ax.text(t, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
-                    color="black" if value > 0.6 * float(distance.max()) else "white")
-    fig.colorbar(image, ax=ax, label="1 - cos(input, output)")
-    ax.set_title("Cosine distance between each layer's input and output hidden states")
+            dark = float(values[i, t]) > dark_above
+            ax.text(t, i, labels[i][t], ha="center", va="center", fontsize=7,
+                    color=dark_text if dark else light_text)
+    fig.colorbar(image, ax=ax, label=colorbar)
+    ax.set_title(title)
     fig.savefig(path, dpi=110)
     return path
+
+
+def cos_distance(distance: torch.Tensor, tokens: list[str], path: Path) -> Path:
+    """(layers, T): 1 - cos(layer input, layer output) at each position."""
+    labels = [[f"{float(v):.2f}" for v in row] for row in distance]
+    return _layer_grid(distance, labels, tokens, path, width=0.45, cmap="magma", vmax=None,
+                       dark_above=0.6 * float(distance.max()), dark_text="black", light_text="white",
+                       colorbar="1 - cos(input, output)",
+                       title="Cosine distance between each layer's input and output hidden states")
 
 
 def logit_lens(top_tokens: list[list[str]], top_probs: torch.Tensor, tokens: list[str], path: Path) -> Path:
     """(layers, T): each layer's most likely next token through the final norm and the head,
     coloured by its probability."""
-    layers = top_probs.shape[0]
-    fig = _figure(2.5 + 0.75 * len(tokens), 1.8 + 0.45 * layers)
-    ax = fig.subplots()
-    image = ax.imshow(top_probs.float().numpy(), cmap="Blues", vmin=0.0, vmax=1.0, aspect="auto")
-    _token_axis(ax, "x", tokens)
-    ax.set_yticks(range(layers), [str(i) for i in range(layers)])
-    ax.set_xlabel("position (input token)")
-    ax.set_ylabel("layer")
-    for i in range(layers):
-        for t in range(len(tokens)):
-            p = float(top_probs[i, t])
-            ax.text(t, i, top_tokens[i][t], ha="center", va="center", fontsize=7,
-                    color="white" if p > 0.5 else "black")
-    fig.colorbar(image, ax=ax, label="probability of the top token")
-    ax.set_title("Logit lens: each layer's most likely next token "
-                 "(its output through the final norm and head)")
-    fig.savefig(path, dpi=110)
-    return path
+    return _layer_grid(top_probs, top_tokens, tokens, path, width=0.75, cmap="Blues", vmax=1.0,
+                       dark_above=0.5, dark_text="white", light_text="black",
+                       colorbar="probability of the top token",
+                       title="Logit lens: each layer's most likely next token "
+                             "(its output through the final norm and head)")
 
 
 def write(model: Any, directory: Path, layer: int, tokenizer: Any, row: int = 0) -> list[Path]:
