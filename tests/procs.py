@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import socket
 import time
 from collections.abc import Callable
@@ -11,10 +12,20 @@ import pytest
 
 
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port free on 127.0.0.1 right now, below the kernel's ephemeral range: a port the
+    kernel hands out for outgoing connections (gloo opens many) could be taken again between
+    this check and the rendezvous binding it."""
+    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    rng = random.Random()
+    for _ in range(100):
+        port = rng.randrange(10000, low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free TCP port below the ephemeral range")
 
 
 def spawn(
@@ -28,15 +39,25 @@ def spawn(
     """
     import torch.multiprocessing as mp
 
-    port = free_port()
-    ctx = mp.start_processes(fn, args=(world, port, *args), nprocs=world, join=False, start_method=method)
-    deadline = time.monotonic() + timeout_s
-    while not ctx.join(timeout=max(deadline - time.monotonic(), 0.1)):
-        if time.monotonic() > deadline:
+    for attempt in range(3):
+        port = free_port()
+        ctx = mp.start_processes(fn, args=(world, port, *args), nprocs=world, join=False, start_method=method)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while not ctx.join(timeout=max(deadline - time.monotonic(), 0.1)):
+                if time.monotonic() > deadline:
+                    for p in ctx.processes:
+                        if p.is_alive():
+                            p.kill()
+                    pytest.fail(f"{fn.__name__}: ranks still running after {timeout_s} s (hang)")
+            return
+        except mp.ProcessRaisedException as e:
+            # another job took the port between the check and the bind: a fresh port, not a bug
+            if "EADDRINUSE" not in str(e) or attempt == 2:
+                raise
             for p in ctx.processes:
                 if p.is_alive():
                     p.kill()
-            pytest.fail(f"{fn.__name__}: ranks still running after {timeout_s} s (hang)")
 
 
 def join_gloo(rank: int, world: int, port: int, timeout_s: float = 60) -> None:
