@@ -18,7 +18,7 @@ from reference.converters.megatron.layout import (
     parse_layout_string,
 )
 from reference.errors import Inexpressible, InputError
-from reference.families.spec import MoE, ModelSpec
+from reference.families.spec import ModelSpec, MoE
 
 if TYPE_CHECKING:  # imported where the args are built: `reference families` asks `refuses` only
     import torch

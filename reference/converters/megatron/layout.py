@@ -85,8 +85,9 @@ def check_experts(spec: ModelSpec, layout: MegatronLayout) -> None:
                          "are written for --etp equal to --tp only")
     if layout.layer_spec != "local":
         raise InputError(f"--layer-spec {layout.layer_spec}: experts are written in the local spec only")
-    for what, size, by, flag in (("moe_ffn_hidden_size", spec.moe.expert_size, layout.expert_tp, "--etp"),
-                                 ("moe_shared_expert_intermediate_size", spec.moe.shared_size, layout.tp, "--tp")):
+    m = spec.moe
+    for what, size, by, flag in (("moe_ffn_hidden_size", m.expert_size, layout.expert_tp, "--etp"),
+                                 ("moe_shared_expert_intermediate_size", m.shared_size, layout.tp, "--tp")):
         if size % by:
             raise InputError(f"{flag} {by} does not divide {what} {size}")
 

@@ -110,7 +110,10 @@ def extra_keys(spec: ModelSpec, layer_spec: str, stage: Stage) -> dict[str, str]
     out = {}
     for module, kind in extra_states(layer_spec, spec.qk_norm).items():
         if "{}" in module:
-            out.update({module.format(i) + EXTRA_SUFFIX: kind for i in range(stage.count)})
+            # a mixture's layers have no dense linear_fc1/fc2 (`expert_extra_keys` has theirs)
+            layers = [i for i in range(stage.count) if not (".mlp." in module and spec.moe is not None
+                                                            and spec.moe.on(stage.start + i))]
+            out.update({module.format(i) + EXTRA_SUFFIX: kind for i in layers})
         elif stage.last:
             out[module + EXTRA_SUFFIX] = kind
     return out

@@ -59,13 +59,15 @@ def write_megatron(
     ep = layout.ep
     ranks = [[[(st, S.slots(spec, table, st, e, ep)) for st in every[p::layout.pp]] for e in range(ep)]
              for p in range(layout.pp)]
-    used = {n for eps in ranks for stages in eps for _, slots in stages for slot in slots for n in slot.sources}
+    used = {n for eps in ranks for stages in eps for _, slots in stages for slot in slots
+            for n in slot.sources}
     if used != set(expected):
         raise InputError(f"megatron: canonical tensor '{sorted(set(expected) - used)[0]}' has no place")
 
     def piece(slot: S.Slot, parts: list[Any], tp_rank: int) -> torch.Tensor:
         tp = S.rule_tp(slot.rule, layout.tp, layout.expert_tp)
-        return S.shard(slot.rule.split, parts, S.width_spec(spec, slot.rule), tp, tp_rank, args.padded_vocab_size)
+        return S.shard(slot.rule.split, parts, S.width_spec(spec, slot.rule), tp, tp_rank,
+                       args.padded_vocab_size)
 
     def piece_bytes(slot: S.Slot, tp_rank: int) -> int:  # cut from the data-free stand-ins
         shape = piece(slot, [tensors[n].meta for n in slot.sources], tp_rank).shape
