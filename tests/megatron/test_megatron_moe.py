@@ -96,6 +96,9 @@ def converted(tmp_path_factory) -> Path:
     ids = torch.randint(0, SHAPE["vocab_size"], (2, 10), generator=torch.Generator().manual_seed(7))
     for case in CASES:
         model = tiny_model(case.family, tie=case.tie, **case.overrides)
+        if case.tie:  # as tests/megatron/test_megatron_equivalence.py: a head at an untied head's
+            with torch.no_grad():  # scale, not fill()'s 4x larger embeddings (TP's fp32 noise grows with it)
+                model.get_input_embeddings().weight.mul_(2 * model.config.hidden_size ** -0.5)
         layers = routed(model, ids)
         assert layers, "no router ran"
         for chosen in layers:  # the routing must matter: several experts, different per token

@@ -7,6 +7,7 @@ hyper-parameter that changes what the model computes is written, as a plain valu
 
 from __future__ import annotations
 
+import math
 from argparse import Namespace
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -111,11 +112,14 @@ def moe_from_args(args: Namespace, num_layers: int, where: str) -> dict[str, Any
     pattern = [int(i % freq == 0) for i in range(num_layers)] if isinstance(freq, int) else list(freq)
     if len(pattern) != num_layers:
         raise InputError(f"{where}: args moe_layer_freq {freq!r} does not fit num_layers {num_layers}")
-    dense = tuple(i for i, on in enumerate(pattern) if not on)
+    # The pattern as HF's (decoder_sparse_step, mlp_only_layers) with the fewest dense layers
+    # listed: the largest step every mixture layer keeps, the rest of its layers listed dense.
+    step = math.gcd(*(i + 1 for i, on in enumerate(pattern) if on)) or 1
+    dense = tuple(i for i, on in enumerate(pattern) if not on and (i + 1) % step == 0)
     pre = getattr(args, "moe_router_pre_softmax", False)
     return {"num_experts": experts,
             "moe": MoE(top_k=_get(args, "moe_router_topk", where), expert_size=size, norm_topk_prob=not pre,
-                       shared_size=shared, dense_layers=dense)}
+                       shared_size=shared, sparse_step=step, dense_layers=dense)}
 
 
 def check_heads(spec: ModelSpec) -> None:
