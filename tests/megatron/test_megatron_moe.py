@@ -236,3 +236,20 @@ def test_bad_expert_layouts_fail_in_one_line(tmp_path, capsys) -> None:
     save_file(weights, bad / "model.safetensors", metadata={"format": "pt"})
     _fails(capsys, [str(bad), str(out), "--to", "megatron", "--ep", "2"], key)
     assert not out.exists() and not list(tmp_path.glob("out*"))
+
+
+@pytest.mark.parametrize("arg,value", [("moe_router_score_function", "sigmoid"),
+                                       ("moe_router_topk_scaling_factor", 2.5),
+                                       ("moe_router_enable_expert_bias", True),
+                                       ("moe_router_num_groups", 2),
+                                       ("moe_grouped_gemm", True)])
+def test_routing_megatron_computes_differently_is_refused_by_name(arg, value, tmp_path, capsys) -> None:
+    hf, mg = tmp_path / "hf", tmp_path / "mg"
+    tiny_model("qwen3_moe").save_pretrained(hf)
+    convert(hf, mg, to="megatron", layout=MegatronLayout(ep=2))
+    for path in mg.glob("iter_*/mp_rank_*/*.pt"):
+        state = torch.load(path, weights_only=False)
+        setattr(state["args"], arg, value)
+        torch.save(state, path)
+    _fails(capsys, [str(mg), str(tmp_path / "back"), "--to", "hf"], arg, "mp_rank_00_000")
+    assert not (tmp_path / "back").exists()
