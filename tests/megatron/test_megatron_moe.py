@@ -253,3 +253,18 @@ def test_routing_megatron_computes_differently_is_refused_by_name(arg, value, tm
         torch.save(state, path)
     _fails(capsys, [str(mg), str(tmp_path / "back"), "--to", "hf"], arg, "mp_rank_00_000")
     assert not (tmp_path / "back").exists()
+
+
+def test_damaged_expert_parallel_checkpoint_fails_in_one_line(tmp_path, capsys) -> None:
+    hf, mg = tmp_path / "hf", tmp_path / "mg"
+    tiny_model("mixtral").save_pretrained(hf)
+    convert(hf, mg, to="megatron", layout=MegatronLayout(ep=2))
+    other = mg / "iter_0000001" / "mp_rank_00_001" / "model_optim_rng.pt"
+    state = torch.load(other, weights_only=False)
+    state["model"]["decoder.layers.0.self_attention.linear_proj.weight"].add_(1)
+    torch.save(state, other)
+    back = [str(mg), str(tmp_path / "back"), "--to", "hf"]
+    _fails(capsys, back, "mp_rank_00_001", "linear_proj", "differs")
+    other.unlink()
+    _fails(capsys, back, "mp_rank_00_001", "missing rank file")
+    assert not (tmp_path / "back").exists()

@@ -226,8 +226,17 @@ def _merger(files: _Files, slot: S.Slot, pp_rank: int, ep_rank: int, model: str,
     ck = files.ck
     tp = S.rule_tp(slot.rule, ck.layout.tp, ck.layout.expert_tp)
 
+    # Each EP rank's file holds a copy of what is not an expert: the copies must agree, as
+    # replicated tensors must across TP ranks.
+    copies = range(1, ck.layout.ep) if slot.rule.width != "experts" else ()
+
     def load() -> list[torch.Tensor]:
         pieces = [files.get(t, pp_rank, ep_rank)[model][slot.key] for t in range(tp)]
+        for e in copies:
+            for t, piece in enumerate(pieces):
+                if not torch.equal(files.get(t, pp_rank, e)[model][slot.key], piece):
+                    raise InputError(f"{ck.file(t, pp_rank, e)}: {model} '{slot.key}' differs from "
+                                     f"its copy in {ck.file(t, pp_rank, ep_rank).parent.name}")
         return S.unshard(slot.rule.split, pieces, S.width_spec(ck.spec, slot.rule), where)
 
     return load
