@@ -47,15 +47,16 @@ class Case:
     ep: int
     overrides: dict[str, Any] = field(default_factory=dict, hash=False)
     tag: str = ""
+    vpp: int | None = None
 
     @property
     def id(self) -> str:
         parts = [self.family, "tied" if self.tie else "untied", f"tp{self.tp}", f"pp{self.pp}",
-                 f"ep{self.ep}"]
+                 f"ep{self.ep}"] + [f"vpp{self.vpp}"] * bool(self.vpp)
         return "-".join(parts + [self.tag] * bool(self.tag))
 
     def layout(self) -> MegatronLayout:
-        return MegatronLayout(tp=self.tp, pp=self.pp, ep=self.ep)
+        return MegatronLayout(tp=self.tp, pp=self.pp, ep=self.ep, vpp=self.vpp)
 
 
 DEFAULT = [
@@ -74,6 +75,8 @@ GATE = [
     Case("qwen2_moe", True, 2, 1, 2, DENSE_FIRST, "dense0"),
     Case("qwen3_moe", False, 1, 2, 2, FOUR),
     Case("qwen2_moe", False, 2, 2, 2, {**FOUR, "decoder_sparse_step": 2}, "step2"),
+    Case("qwen3_moe", True, 1, 2, 2, FOUR, vpp=2),
+    Case("qwen2_moe", False, 1, 2, 1, DENSE_FIRST, "dense0", vpp=2),
 ]
 CASES = DEFAULT + GATE * FULL
 
@@ -117,7 +120,7 @@ def mcore_results(converted, tmp_path_factory) -> dict[str, dict[str, Any]]:
 
     work = tmp_path_factory.mktemp("ranks")
     records = [{**asdict(c), "id": c.id, "dir": str(converted / c.id),
-                "ref": str(converted / f"{c.id}.ref.pt"), "vpp": None, "te": False} for c in CASES]
+                "ref": str(converted / f"{c.id}.ref.pt"), "te": False} for c in CASES]
     cases_file = work / "cases.json"
     cases_file.write_text(json.dumps(records))
     merged: dict[str, dict[str, Any]] = {c.id: {"errors": [], "compared": False, "max_diff": None}
