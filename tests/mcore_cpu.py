@@ -31,3 +31,23 @@ def side_steps() -> None:
     torch.cuda.current_device = lambda: "cpu"
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
     tensor_parallel.get_cuda_rng_tracker = lambda *a, **k: NoRngTracker()
+    moe_side_steps()
+
+
+def moe_side_steps() -> None:
+    """The notes' two MoE side-steps: the router's gating linear reads `te_general_gemm`, never
+    defined without TransformerEngine; the MoE layer makes a CUDA side stream for shared experts."""
+    import torch
+    from megatron.core.transformer.moe import moe_utils
+
+    class NoStream:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            pass
+
+        def wait_stream(self, *args: object) -> None:
+            pass
+
+    moe_utils.te_general_gemm = None
+    torch.cuda.Stream = NoStream
+    torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
+    torch.cuda.current_stream = lambda *a, **k: NoStream()

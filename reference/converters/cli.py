@@ -12,7 +12,7 @@ from reference.errors import InputError
 # Flags that only shape a Megatron checkpoint (dest -> MegatronLayout field). They default to
 # None, so that one given with another target is refused by name rather than ignored.
 LAYOUT = {"tp": "tp", "pp": "pp", "vpp": "vpp", "layer_spec": "layer_spec",
-          "make_vocab_size_divisible_by": "vocab_divisor", "pp_layers": "pp_layers"}
+          "make_vocab_size_divisible_by": "vocab_divisor", "pp_layers": "pp_layers", "ep": "ep", "etp": "etp"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -50,6 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                          f"default {d.vocab_divisor})")
     mg.add_argument("--pp-layers", type=_layers, metavar="N,N,...",
                     help="layers per pipeline stage (default: even split)")
+    mg.add_argument("--ep", type=int, help=f"expert-parallel size: a mixture's experts spread over "
+                                           f"this many ranks (default {d.ep})")
+    mg.add_argument("--etp", type=int, help="tensor-parallel size of each expert (default: --tp)")
     p.add_argument("--max-shard-size", type=int, metavar="BYTES",
                    help="largest output shard, for an HF target (default: one file from a single-file "
                         "source, else the source's largest shard; 5 GiB from Megatron)")

@@ -14,7 +14,14 @@ from reference.converters.safetensors_io import Entry, Planned
 from reference.errors import Inexpressible, InputError
 from reference.families.family import Family
 from reference.families.keymap import Computed, Fused, Stacked
-from reference.families.spec import BIAS_KEYS, FEATURES, ModelSpec, bias_shape, canonical_names
+from reference.families.spec import (
+    BIAS_KEYS,
+    FEATURES,
+    ModelSpec,
+    bias_shape,
+    canonical_names,
+    canonical_shapes,
+)
 from reference.families.verdict import unified_holds
 
 
@@ -109,6 +116,13 @@ def read_canonical(
     if extra:
         hf = family.keys.hf(extra[0], family.model_type)[0]
         raise InputError(f"{where}: tensor '{hf}' does not fit config.json (unexpected)")
+    shapes = canonical_shapes(spec)  # e.g. a router of other than num_experts rows: caught here,
+    for name in expected:  # not as a target file that no model of this config loads
+        got = tuple(out[name].meta.shape)
+        if name in shapes and got != tuple(shapes[name]):
+            hf = family.keys.hf(name, family.model_type)[0]
+            raise InputError(f"{where}: tensor '{hf}' has shape {got} where config.json implies "
+                             f"{tuple(shapes[name])}")
     return {name: out[name] for name in expected}
 
 

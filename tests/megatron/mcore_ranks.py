@@ -38,13 +38,33 @@ def te_to_local(model: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# TransformerConfig fields a checkpoint's MoE args set under their own name (Megatron-LM's
+# core_transformer_config_from_args copies every args field a TransformerConfig has).
+MOE_FIELDS = ("moe_router_topk", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size",
+              "moe_shared_expert_gate", "moe_shared_expert_overlap", "moe_layer_freq",
+              "moe_router_pre_softmax", "moe_router_load_balancing_type", "moe_aux_loss_coeff",
+              "moe_z_loss_coeff", "moe_input_jitter_eps",
+              "moe_router_dtype", "moe_token_dispatcher_type", "moe_permute_fusion", "moe_router_fusion",
+              "moe_router_score_function", "moe_router_topk_scaling_factor", "moe_router_num_groups",
+              "moe_router_group_topk", "moe_router_enable_expert_bias", "moe_expert_capacity_factor",
+              "moe_grouped_gemm", "moe_router_force_load_balancing", "moe_apply_probs_on_input",
+              "expert_model_parallel_size", "expert_tensor_parallel_size")
+
+
+def moe_config(args: Any) -> dict[str, Any]:
+    """TransformerConfig's MoE fields from checkpoint args (none for a dense model)."""
+    if not getattr(args, "num_experts", None):
+        return {}
+    return {"num_moe_experts": args.num_experts, **{f: getattr(args, f) for f in MOE_FIELDS}}
+
+
 def _build(args: Any, vp_stage: int | None) -> Any:
     """GPTModel for one (virtual) stage from checkpoint args, as Megatron-LM builds it."""
     import torch
     import torch.nn.functional as F
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
     from megatron.core.transformer import TransformerConfig
 
     assert args.swiglu and args.position_embedding_type == "rope"
@@ -69,10 +89,15 @@ def _build(args: Any, vp_stage: int | None) -> Any:
         hidden_dropout=args.hidden_dropout,
         attention_dropout=args.attention_dropout,
         **CPU_CONFIG,
+        **moe_config(args),
         params_dtype=args.params_dtype,
         pipeline_dtype=args.params_dtype,
     )
-    spec = get_gpt_layer_local_spec(qk_layernorm=args.qk_layernorm, normalization=args.normalization)
+    if config.num_moe_experts:  # per-layer specs, MoE or dense by moe_layer_freq, as Megatron-LM's
+        spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False,
+                                          normalization=args.normalization, vp_stage=vp_stage)
+    else:
+        spec = get_gpt_layer_local_spec(qk_layernorm=args.qk_layernorm, normalization=args.normalization)
     return GPTModel(
         config=config,
         transformer_layer_spec=spec,
@@ -90,10 +115,17 @@ def _build(args: Any, vp_stage: int | None) -> Any:
     ).to(torch.float32).eval()
 
 
-def _rank_file(case: dict[str, Any], tp_rank: int, pp_rank: int) -> Path:
+def world_of(case: dict[str, Any]) -> int:
+    """Ranks a case runs on: TP x PP x EP (experts' TP equal to TP, data parallel = EP)."""
+    return case["tp"] * case["pp"] * case.get("ep", 1)
+
+
+def _rank_file(case: dict[str, Any], tp_rank: int, pp_rank: int, ep_rank: int = 0) -> Path:
     root = Path(case["dir"])
     iteration = (root / "latest_checkpointed_iteration.txt").read_text().strip()
     name = f"mp_rank_{tp_rank:02d}" if case["pp"] == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+    if case.get("ep", 1) > 1:  # Megatron-LM's get_checkpoint_name appends the EP rank
+        name += f"_{ep_rank:03d}"
     return root / f"iter_{int(iteration):07d}" / name / "model_optim_rng.pt"
 
 
@@ -103,7 +135,8 @@ def _load(case: dict[str, Any]) -> list[Any]:
     from megatron.core import parallel_state as ps
 
     state = torch.load(_rank_file(case, ps.get_tensor_model_parallel_rank(),
-                                  ps.get_pipeline_model_parallel_rank()), weights_only=False)
+                                  ps.get_pipeline_model_parallel_rank(),
+                                  ps.get_expert_model_parallel_rank()), weights_only=False)
     args, vpp = state["args"], case["vpp"]
     assert state["checkpoint_version"] == 3.0 and args.tensor_model_parallel_size == case["tp"]
     models = []
@@ -153,7 +186,8 @@ def _case(case: dict[str, Any]) -> dict[str, Any]:
 
     ps.initialize_model_parallel(tensor_model_parallel_size=case["tp"],
                                  pipeline_model_parallel_size=case["pp"],
-                                 virtual_pipeline_model_parallel_size=case["vpp"])
+                                 virtual_pipeline_model_parallel_size=case["vpp"],
+                                 expert_model_parallel_size=case.get("ep", 1))
     result: dict[str, Any] = {"error": None, "compared": False}
     try:
         models = _load(case)
@@ -184,7 +218,7 @@ def run_group(rank: int, world: int, port: int, cases_file: str, out_dir: str) -
 
     join_gloo(rank, world, port, TIMEOUT_S)
     side_steps()
-    cases = [c for c in json.loads(Path(cases_file).read_text()) if c["tp"] * c["pp"] == world]
+    cases = [c for c in json.loads(Path(cases_file).read_text()) if world_of(c) == world]
     results = {c["id"]: _case(c) for c in cases}
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(results))
     dist.barrier()  # rank 0 hosts the store: nobody leaves before everyone has written

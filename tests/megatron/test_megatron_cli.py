@@ -291,7 +291,7 @@ def _one_file(mg: Path) -> None:
 
 def _unknown_key(mg: Path) -> None:
     _edit(mg / ITER / "mp_rank_00_001" / "model_optim_rng.pt",
-          lambda s: s["model"].update({"decoder.layers.0.mlp.router.weight": torch.zeros(2)}))
+          lambda s: s["model"].update({"decoder.layers.0.mlp.experts.weight1": torch.zeros(2)}))
 
 
 def _dropped_key(mg: Path) -> None:
@@ -309,7 +309,7 @@ def _tracker(mg: Path) -> None:
     (_ffn, ["linear_fc1.weight", "has shape", "args imply"]),
     (_layers, ["mp_rank_00_000", "decoder.layers.2.", "the args imply it"]),
     (_one_file, ["mp_rank_01_000", "args differ"]),
-    (_unknown_key, ["mp_rank_00_001", "decoder.layers.0.mlp.router.weight", "unknown"]),
+    (_unknown_key, ["mp_rank_00_001", "decoder.layers.0.mlp.experts.weight1", "unknown"]),
     (_dropped_key, ["mp_rank_00_001", "decoder.layers.1.self_attention.linear_qkv.bias", "missing"]),
     (_tracker, ["latest_checkpointed_iteration.txt", "latest"]),
 ], ids=lambda x: getattr(x, "__name__", "")[1:] or None)

@@ -27,7 +27,7 @@ PROPERTY = settings(max_examples=60, deadline=None)
 
 def _fused(key: str) -> Fused:
     """The block layout of a fused tensor of Megatron's local layer spec."""
-    (split,) = [r.split for r in LOCAL_RULES if r.key.endswith(key)]
+    (split,) = [r.split for r in LOCAL_RULES if r.key.endswith(key) and r.width == "dense"]
     assert isinstance(split, Fused)
     return split
 

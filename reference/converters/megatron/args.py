@@ -7,6 +7,7 @@ hyper-parameter that changes what the model computes is written, as a plain valu
 
 from __future__ import annotations
 
+import math
 from argparse import Namespace
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -18,7 +19,7 @@ from reference.converters.megatron.layout import (
     parse_layout_string,
 )
 from reference.errors import Inexpressible, InputError
-from reference.families.spec import ModelSpec
+from reference.families.spec import ModelSpec, MoE
 
 if TYPE_CHECKING:  # imported where the args are built: `reference families` asks `refuses` only
     import torch
@@ -37,7 +38,88 @@ def refuses(spec: ModelSpec) -> dict[str, str]:
         rope_args(spec.rope_parameters)
     except Inexpressible as e:
         out["rope_parameters"] = e.detail
+    if spec.num_experts and spec.moe is None:
+        out["num_experts"] = ("routing the spec does not describe (DeepSeek's groups and biases); "
+                              "megatron-core's router is not matched to it here")
     return out
+
+
+# megatron-core router options that change which experts a token reaches or their weights, at
+# the only values that compute what the HF families here do (softmax, top-k, no groups, no bias,
+# no scaling, no capacity): a checkpoint with any other is refused by name.
+ROUTER_FIXED: dict[str, Any] = {
+    "moe_router_score_function": "softmax",
+    "moe_router_topk_scaling_factor": None,
+    "moe_router_num_groups": None,
+    "moe_router_group_topk": None,
+    "moe_router_enable_expert_bias": False,
+    "moe_expert_capacity_factor": None,
+    "moe_grouped_gemm": False,  # GroupedMLP stores experts as one tensor: not these keys
+    "moe_router_force_load_balancing": False,  # random logits, for benchmarks
+    "moe_apply_probs_on_input": False,  # weights scale the expert's input, not its output
+}
+
+
+def moe_args(spec: ModelSpec, layout: MegatronLayout) -> dict[str, Any]:
+    """Megatron-LM's MoE arguments for `spec` (none for a dense model). megatron-core's
+    top-k routing (moe_utils.topk_routing_with_score_function) with pre-softmax is HF's
+    softmax-then-top-k without renormalisation (Qwen2-MoE's norm_topk_prob false); without it,
+    top-k of the logits then softmax over those k, which is softmax-then-top-k renormalised
+    (Mixtral, Qwen3-MoE): exp(l_i) / sum_k exp(l_k) either way."""
+    m = spec.moe
+    if m is None:
+        return {"num_experts": None, "expert_model_parallel_size": 1,
+                "expert_tensor_parallel_size": layout.tp}
+    pattern = [int(m.on(i)) for i in range(spec.num_layers)]
+    return {
+        "num_experts": spec.num_experts,
+        "moe_router_topk": m.top_k,
+        "moe_ffn_hidden_size": m.expert_size,
+        "moe_shared_expert_intermediate_size": m.shared_size or None,
+        "moe_shared_expert_gate": bool(m.shared_size),  # Qwen2-MoE gates it by sigmoid(gate(x))
+        "moe_shared_expert_overlap": False,
+        # HF's decoder_sparse_step counts (i + 1) % step, Megatron's int i % freq: always a list
+        "moe_layer_freq": 1 if all(pattern) else pattern,
+        "moe_router_pre_softmax": not m.norm_topk_prob,
+        "moe_router_load_balancing_type": "aux_loss",  # training only; the forward ignores it
+        "moe_aux_loss_coeff": 0.0,
+        "moe_z_loss_coeff": None,
+        "moe_input_jitter_eps": None,
+        "moe_router_dtype": None,
+        "moe_token_dispatcher_type": "allgather",
+        "moe_permute_fusion": False,
+        "moe_router_fusion": False,
+        **ROUTER_FIXED,
+        "expert_model_parallel_size": layout.ep,
+        "expert_tensor_parallel_size": layout.expert_tp,
+    }
+
+
+def moe_from_args(args: Namespace, num_layers: int, where: str) -> dict[str, Any]:
+    """ModelSpec fields of a checkpoint's MoE args (none for a dense one); routing that
+    megatron-core computes differently from every HF family here raises, naming the arg."""
+    experts = getattr(args, "num_experts", None)
+    if not experts:
+        return {}
+    for name, want in ROUTER_FIXED.items():
+        _require(args, name, want, want, where)
+    size = getattr(args, "moe_ffn_hidden_size", None) or _get(args, "ffn_hidden_size", where)
+    shared = getattr(args, "moe_shared_expert_intermediate_size", None) or 0
+    if shared and not getattr(args, "moe_shared_expert_gate", False):
+        raise InputError(f"{where}: args moe_shared_expert_gate=False is not read (a shared expert "
+                         "without its sigmoid gate: no HF family here computes it)")
+    freq = getattr(args, "moe_layer_freq", 1)
+    pattern = [int(i % freq == 0) for i in range(num_layers)] if isinstance(freq, int) else list(freq)
+    if len(pattern) != num_layers:
+        raise InputError(f"{where}: args moe_layer_freq {freq!r} does not fit num_layers {num_layers}")
+    # The pattern as HF's (decoder_sparse_step, mlp_only_layers) with the fewest dense layers
+    # listed: the largest step every mixture layer keeps, the rest of its layers listed dense.
+    step = math.gcd(*(i + 1 for i, on in enumerate(pattern) if on)) or 1
+    dense = tuple(i for i, on in enumerate(pattern) if not on and (i + 1) % step == 0)
+    pre = getattr(args, "moe_router_pre_softmax", False)
+    return {"num_experts": experts,
+            "moe": MoE(top_k=_get(args, "moe_router_topk", where), expert_size=size, norm_topk_prob=not pre,
+                       shared_size=shared, sparse_step=step, dense_layers=dense)}
 
 
 def check_heads(spec: ModelSpec) -> None:
@@ -117,7 +199,7 @@ def build_args(spec: ModelSpec, layout: MegatronLayout, counts: Sequence[int],
         use_legacy_models=False,
         use_mcore_models=True,
         ckpt_format="torch",
-        num_experts=None,
+        **moe_args(spec, layout),
         multi_latent_attention=False,
     )
 
@@ -144,8 +226,6 @@ def spec_from_args(args: Namespace, where: str) -> ModelSpec:
     for flag in ("apply_layernorm_1p", "rotary_interleaved", "multi_latent_attention"):
         _require(args, flag, False, False, where)
     _require(args, "rotary_seq_len_interpolation_factor", None, None, where)
-    if getattr(args, "num_experts", None):
-        raise InputError(f"{where}: args num_experts={args.num_experts} is not read (dense models only)")
     heads, hidden = _get(args, "num_attention_heads", where), _get(args, "hidden_size", where)
     groups = args.num_query_groups if getattr(args, "group_query_attention", False) else heads
     theta = float(getattr(args, "rotary_base", 10000))
@@ -173,6 +253,7 @@ def spec_from_args(args: Namespace, where: str) -> ModelSpec:
         mlp_bias=bias,
         qk_norm=getattr(args, "qk_layernorm", False),
         rotary_fraction=float(getattr(args, "rotary_percent", 1.0)),
+        **moe_from_args(args, _get(args, "num_layers", where), where),
     )
 
 
@@ -194,7 +275,10 @@ def layout_from_args(args: Namespace, where: str) -> tuple[MegatronLayout, tuple
         raise InputError(f"{where}: args pipeline layout {counts} does not fit num_layers {layers} "
                              f"over pp {pp} x vpp {vpp or 1}")
     divisor = getattr(args, "make_vocab_size_divisible_by", 128)
-    return MegatronLayout(tp=tp, pp=pp, vpp=vpp, layer_spec=spec, vocab_divisor=divisor), counts
+    ep = getattr(args, "expert_model_parallel_size", None) or 1
+    etp = getattr(args, "expert_tensor_parallel_size", None)
+    return MegatronLayout(tp=tp, pp=pp, vpp=vpp, layer_spec=spec, vocab_divisor=divisor, ep=ep,
+                          etp=None if etp in (None, tp) else etp), counts
 
 
 def _uneven(args: Namespace, layers: int, pp: int, chunks: int, where: str) -> tuple[int, ...]:

@@ -291,6 +291,9 @@ def read_dist(path: Path) -> Source:
     metadata = _metadata(where)
     args = load_common(where / COMMON)["args"]
     spec = spec_from_args(args, str(where / COMMON))
+    if spec.num_experts:  # the args now describe experts (the `torch` format reads them); not this one
+        raise InputError(f"{where / COMMON}: args num_experts={spec.num_experts}: experts are read from "
+                         "the torch format only, not torch_dist")
     padded = getattr(args, "padded_vocab_size", None) or spec.vocab_size
     family, extra = _family(root, spec)
     tensors, homes = _plan(where, metadata, spec, padded)

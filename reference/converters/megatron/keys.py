@@ -26,6 +26,10 @@ class Rule:
     key: str
     canonical: tuple[str, ...]
     split: str | Fused
+    # Which MLP width a split sees: "dense" (intermediate_size), "experts" (each routed
+    # expert's; split over expert TP, and a second `{}` numbers the expert: local to its EP rank
+    # in the key, global in the canonical name) or "shared" (the shared expert's, over TP).
+    width: str = "dense"
 
 
 _L = "decoder.layers.{}."
@@ -43,8 +47,24 @@ def _fc1(kind: str) -> Fused:
     return Fused((_MLP + f"gate.{kind}", _MLP + f"up.{kind}"), GATE_UP)
 
 
-def _fused(key: str, fused: Fused) -> Rule:
-    return Rule(key, fused.parts, fused)
+def _fused(key: str, fused: Fused, width: str = "dense") -> Rule:
+    return Rule(key, fused.parts, fused, width)
+
+
+_EXPERT = _MLP + "experts.{}."
+_SHARED = _MLP + "shared."
+# megatron-core's local MoE spec with moe_grouped_gemm=False: a SequentialMLP of local experts.
+MOE_RULES: tuple[Rule, ...] = (
+    Rule(_L + "mlp.router.weight", (_MLP + "router.weight",), "replicated"),
+    _fused(_L + "mlp.experts.local_experts.{}.linear_fc1.weight",
+           Fused((_EXPERT + "gate.weight", _EXPERT + "up.weight"), GATE_UP), "experts"),
+    Rule(_L + "mlp.experts.local_experts.{}.linear_fc2.weight", (_EXPERT + "down.weight",), "cols",
+         "experts"),
+    _fused(_L + "mlp.shared_experts.linear_fc1.weight",
+           Fused((_SHARED + "gate.weight", _SHARED + "up.weight"), GATE_UP), "shared"),
+    Rule(_L + "mlp.shared_experts.linear_fc2.weight", (_SHARED + "down.weight",), "cols", "shared"),
+    Rule(_L + "mlp.shared_experts.gate_weight", (_MLP + "shared_gate.weight",), "replicated"),
+)
 
 
 LOCAL_RULES: tuple[Rule, ...] = (
@@ -61,6 +81,7 @@ LOCAL_RULES: tuple[Rule, ...] = (
     _fused(_L + "mlp.linear_fc1.bias", _fc1("bias")),
     Rule(_L + "mlp.linear_fc2.weight", (_MLP + "down.weight",), "cols"),
     Rule(_L + "mlp.linear_fc2.bias", (_MLP + "down.bias",), "replicated"),
+    *MOE_RULES,
     Rule("decoder.final_layernorm.weight", ("norm.weight",), "replicated"),
     Rule(OUTPUT, ("lm_head.weight",), "vocab"),
 )

@@ -20,6 +20,8 @@ class MegatronLayout:
 
     `pp_layers` gives the decoder layers of every pipeline stage (with `vpp`, of every virtual
     stage, in Megatron's order: virtual stage v of pipeline rank p is entry v * pp + p).
+    `ep` spreads a mixture's experts over expert-parallel ranks; `etp` is the tensor-parallel
+    size of each expert (megatron-core's default, None, is `tp`).
     """
 
     tp: int = 1
@@ -28,6 +30,13 @@ class MegatronLayout:
     layer_spec: str = "local"  # or "te"
     vocab_divisor: int = 128
     pp_layers: tuple[int, ...] | None = None
+    ep: int = 1
+    etp: int | None = None
+
+    @property
+    def expert_tp(self) -> int:
+        """Tensor-parallel size of each expert."""
+        return self.etp or self.tp
 
     @property
     def chunks(self) -> int:
@@ -47,12 +56,40 @@ def check_layout(spec: ModelSpec, layout: MegatronLayout) -> tuple[int, ...]:
     if layout.layer_spec not in LAYER_SPECS:
         raise InputError(f"--layer-spec '{layout.layer_spec}': not one of {', '.join(LAYER_SPECS)}")
     tp = layout.tp
+    dense = spec.moe is None or any(not spec.moe.on(i) for i in range(spec.num_layers))
     for what, size in (("num_attention_heads", spec.num_heads),
                        ("num_query_groups (num_key_value_heads)", spec.num_kv_heads),
-                       ("ffn_hidden_size (intermediate_size)", spec.intermediate_size)):
+                       *((("ffn_hidden_size (intermediate_size)", spec.intermediate_size),) * dense)):
         if size % tp:
             raise InputError(f"--tp {tp} does not divide {what} {size}")
+    check_experts(spec, layout)
     return stage_layers(spec.num_layers, layout)
+
+
+def check_experts(spec: ModelSpec, layout: MegatronLayout) -> None:
+    """Raise, naming the flag, unless the experts fit `layout` (`--ep`, `--etp`)."""
+    for name, value in (("--ep", layout.ep), ("--etp", layout.etp)):
+        if value is not None and value < 1:
+            raise InputError(f"{name} {value}: must be at least 1")
+    if spec.moe is None:
+        given = [f"{n} {v}" for n, v in (("--ep", layout.ep), ("--etp", layout.etp)) if v not in (None, 1)]
+        if given:
+            raise InputError(f"{given[0]}: the model has no experts (a dense model)")
+        return
+    if spec.num_experts % layout.ep:
+        raise InputError(f"--ep {layout.ep} does not divide num_experts {spec.num_experts}")
+    if layout.expert_tp != layout.tp:
+        # Megatron-LM's `torch` format saves one file per rank whose expert-data-parallel rank is
+        # 0; with etp != tp which (tp, ep) pairs those are follows megatron-core's rank generator.
+        raise InputError(f"--etp {layout.etp} with --tp {layout.tp}: the torch format's rank files "
+                         "are written for --etp equal to --tp only")
+    if layout.layer_spec != "local":
+        raise InputError(f"--layer-spec {layout.layer_spec}: experts are written in the local spec only")
+    m = spec.moe
+    for what, size, by, flag in (("moe_ffn_hidden_size", m.expert_size, layout.expert_tp, "--etp"),
+                                 ("moe_shared_expert_intermediate_size", m.shared_size, layout.tp, "--tp")):
+        if size % by:
+            raise InputError(f"{flag} {by} does not divide {what} {size}")
 
 
 def stage_layers(num_layers: int, layout: MegatronLayout) -> tuple[int, ...]:

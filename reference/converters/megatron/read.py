@@ -68,8 +68,13 @@ class Checkpoint:
     table: KeyTable
     dtype: torch.dtype
 
-    def file(self, tp_rank: int, pp_rank: int) -> Path:
-        return S.rank_file(self.root, self.tracker, tp_rank, pp_rank, self.layout.pp)
+    def file(self, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> Path:
+        return S.rank_file(self.root, self.tracker, tp_rank, pp_rank, self.layout.pp, ep_rank, self.layout.ep)
+
+    def ranks(self) -> list[tuple[int, int, int]]:
+        """(tp, pp, ep) rank of every file, in Megatron-LM's order of names."""
+        lay = self.layout
+        return [(t, p, e) for t in range(lay.tp) for p in range(lay.pp) for e in range(lay.ep)]
 
     def stages_of(self, pp_rank: int) -> list[S.Stage]:
         """The virtual stages pipeline rank `pp_rank` holds, as model0, model1, ..."""
@@ -85,10 +90,11 @@ def _tracker(root: Path) -> str:
 
 def _first_file(root: Path, tracker: str) -> Path:
     for pp in (1, 2):  # the directory name says whether the checkpoint is pipelined
-        path = S.rank_file(root, tracker, 0, 0, pp)
-        if path.is_file():
-            return path
-    raise InputError(f"{root / S.iteration_dir(tracker)}: missing rank file mp_rank_00[_000]/{S.FILE}")
+        for ep in (1, 2):  # and whether it is expert-parallel
+            path = S.rank_file(root, tracker, 0, 0, pp, 0, ep)
+            if path.is_file():
+                return path
+    raise InputError(f"{root / S.iteration_dir(tracker)}: missing rank file mp_rank_00[_000][_000]/{S.FILE}")
 
 
 def _dtype(state: dict[str, Any], path: Path) -> torch.dtype:
@@ -113,6 +119,17 @@ def _open(root: Path) -> Checkpoint:
     return Checkpoint(root, tracker, spec, layout, counts, KeyTable(layout.layer_spec), _dtype(state, first))
 
 
+def _routing_dtype(spec: ModelSpec, family: Family) -> ModelSpec:
+    """The spec with the family's dtype of routing weights: megatron-core's args have no such
+    setting (its probabilities take the router's dtype), and in fp32 both compute the same."""
+    if spec.moe is None:
+        return spec
+    held = family.express(spec).moe
+    if held is None:
+        return spec
+    return spec.replace(moe=replace(spec.moe, fp32_weights=held.fp32_weights))
+
+
 def _family(root: Path, spec: ModelSpec) -> tuple[Family, dict[str, Any]]:
     """The family the checkpoint records; else the first whose features are exactly the spec's,
     or else the first that holds them up to biases."""
@@ -132,21 +149,29 @@ def _family(root: Path, spec: ModelSpec) -> tuple[Family, dict[str, Any]]:
 
 def _check_rank_dirs(ck: Checkpoint) -> None:
     """Every rank file the args imply exists, and no other rank directory does."""
-    tp, pp = ck.layout.tp, ck.layout.pp
-    for t in range(tp):
-        for p in range(pp):
-            if not ck.file(t, p).is_file():
-                raise InputError(f"{ck.file(t, p)}: missing rank file (args say tp {tp}, pp {pp})")
-    want = {S.rank_dir(t, p, pp) for t in range(tp) for p in range(pp)}
+    tp, pp, ep = ck.layout.tp, ck.layout.pp, ck.layout.ep
+    said = f"tp {tp}, pp {pp}" + (f", ep {ep}" if ep > 1 else "")
+    for t, p, e in ck.ranks():
+        if not ck.file(t, p, e).is_file():
+            raise InputError(f"{ck.file(t, p, e)}: missing rank file (args say {said})")
+    want = {S.rank_dir(t, p, pp, e, ep) for t, p, e in ck.ranks()}
     where = ck.root / S.iteration_dir(ck.tracker)
     odd = sorted(d.name for d in where.iterdir() if d.name.startswith("mp_rank_") and d.name not in want)
     if odd:
-        raise InputError(f"{where / odd[0]}: rank directory the args do not imply (tp {tp}, pp {pp})")
+        raise InputError(f"{where / odd[0]}: rank directory the args do not imply ({said})")
 
 
-def _check_file(ck: Checkpoint, tp_rank: int, pp_rank: int) -> None:
+def _piece_shape(ck: Checkpoint, slot: S.Slot, tp_rank: int, padded: int) -> list[int]:
+    """The shape the args imply for a slot's piece on TP rank `tp_rank`."""
+    shapes = canonical_shapes(ck.spec)
+    metas = [torch.empty(shapes[n], device="meta") for n in slot.sources]
+    tp = S.rule_tp(slot.rule, ck.layout.tp, ck.layout.expert_tp)
+    return list(S.shard(slot.rule.split, metas, S.width_spec(ck.spec, slot.rule), tp, tp_rank, padded).shape)
+
+
+def _check_file(ck: Checkpoint, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> None:
     """Raise, naming the file and key, unless the file holds exactly what the args imply."""
-    path = ck.file(tp_rank, pp_rank)
+    path = ck.file(tp_rank, pp_rank, ep_rank)
     state = load_rank_file(path)
     args = state["args"]
     said = (spec_from_args(args, str(path)), layout_from_args(args, str(path)))
@@ -158,14 +183,12 @@ def _check_file(ck: Checkpoint, tp_rank: int, pp_rank: int) -> None:
         model = state.get(name)
         if not isinstance(model, dict):
             raise InputError(f"{path}: no '{name}' state dict (args say vpp {ck.layout.vpp})")
-        slots = S.slots(ck.spec, ck.table, st)
-        shapes = canonical_shapes(ck.spec)
+        slots = S.slots(ck.spec, ck.table, st, ep_rank, ck.layout.ep)
         for slot in slots:
             where = f"{path}: {name} '{slot.key}'"
             if slot.key not in model:
                 raise InputError(f"{where} is missing; the args imply it")
-            metas = [torch.empty(shapes[n], device="meta") for n in slot.sources]
-            want = list(S.shard(slot.rule.split, metas, ck.spec, ck.layout.tp, tp_rank, padded).shape)
+            want = _piece_shape(ck, slot, tp_rank, padded)
             got = model[slot.key]
             if list(got.shape) != want:
                 raise InputError(f"{where} has shape {list(got.shape)}, the args imply {want}")
@@ -187,22 +210,34 @@ class _Files:
     def __init__(self, ck: Checkpoint) -> None:
         self.ck = ck
         self.pp_rank: int | None = None
-        self.open: dict[int, dict[str, Any]] = {}
+        self.open: dict[tuple[int, int], dict[str, Any]] = {}
 
-    def get(self, tp_rank: int, pp_rank: int) -> dict[str, Any]:
+    def get(self, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> dict[str, Any]:
         if pp_rank != self.pp_rank:
             self.open.clear()
             self.pp_rank = pp_rank
-        if tp_rank not in self.open:
-            self.open[tp_rank] = load_rank_file(self.ck.file(tp_rank, pp_rank))
-        return self.open[tp_rank]
+        if (tp_rank, ep_rank) not in self.open:
+            self.open[tp_rank, ep_rank] = load_rank_file(self.ck.file(tp_rank, pp_rank, ep_rank))
+        return self.open[tp_rank, ep_rank]
 
 
-def _merger(files: _Files, slot: S.Slot, pp_rank: int, model: str,
+def _merger(files: _Files, slot: S.Slot, pp_rank: int, ep_rank: int, model: str,
             where: str) -> Callable[[], list[torch.Tensor]]:
+    ck = files.ck
+    tp = S.rule_tp(slot.rule, ck.layout.tp, ck.layout.expert_tp)
+
+    # Each EP rank's file holds a copy of what is not an expert: the copies must agree, as
+    # replicated tensors must across TP ranks.
+    copies = range(1, ck.layout.ep) if slot.rule.width != "experts" else ()
+
     def load() -> list[torch.Tensor]:
-        pieces = [files.get(t, pp_rank)[model][slot.key] for t in range(files.ck.layout.tp)]
-        return S.unshard(slot.rule.split, pieces, files.ck.spec, where)
+        pieces = [files.get(t, pp_rank, ep_rank)[model][slot.key] for t in range(tp)]
+        for e in copies:
+            for t, piece in enumerate(pieces):
+                if not torch.equal(files.get(t, pp_rank, e)[model][slot.key], piece):
+                    raise InputError(f"{ck.file(t, pp_rank, e)}: {model} '{slot.key}' differs from "
+                                     f"its copy in {ck.file(t, pp_rank, ep_rank).parent.name}")
+        return S.unshard(slot.rule.split, pieces, S.width_spec(ck.spec, slot.rule), where)
 
     return load
 
@@ -213,15 +248,19 @@ def _lazy_tensors(ck: Checkpoint) -> tuple[dict[str, Lazy], dict[str, str]]:
     shapes = canonical_shapes(ck.spec)
     tensors: dict[str, Lazy] = {}
     homes: dict[str, str] = {}
+    ep = ck.layout.ep
     for pp_rank in range(ck.layout.pp):
         for chunk, st in enumerate(ck.stages_of(pp_rank)):
             model = S.model_key(chunk, ck.layout.vpp)
-            for slot in S.slots(ck.spec, ck.table, st):
+            for ep_rank, slot in ((e, s) for e in range(ep) for s in S.slots(ck.spec, ck.table, st, e, ep)):
                 if slot.key == OUTPUT and ck.spec.tie_word_embeddings:
                     continue  # the last stage's copy of a tied embedding
-                ranks = "mp_rank_*" + (f"_{pp_rank:03d}" if ck.layout.pp > 1 else "")
+                if ep_rank and slot.rule.width != "experts":
+                    continue  # every EP rank's file has a copy of the rest: read EP rank 0's
+                ranks = ("mp_rank_*" + (f"_{pp_rank:03d}" if ck.layout.pp > 1 else "")
+                         + (f"_{ep_rank:03d}" if ep > 1 else ""))
                 where = f"{ranks} {model} '{slot.key}'"
-                load = _merger(files, slot, pp_rank, model, where)
+                load = _merger(files, slot, pp_rank, ep_rank, model, where)
                 for part, name in enumerate(slot.sources):
                     meta = torch.empty(shapes[name], dtype=ck.dtype, device="meta")
                     tensors[name] = Lazy(meta, lambda f=load, i=part: f()[i])
@@ -240,8 +279,8 @@ def read_megatron(path: Path) -> Source:
     ck = _open(Path(path))
     family, extra = _family(ck.root, ck.spec)
     _check_rank_dirs(ck)
-    for pp_rank in range(ck.layout.pp):
-        for tp_rank in range(ck.layout.tp):
-            _check_file(ck, tp_rank, pp_rank)
+    for tp_rank, pp_rank, ep_rank in ck.ranks():
+        _check_file(ck, tp_rank, pp_rank, ep_rank)
     tensors, homes = _lazy_tensors(ck)
-    return Source(ck.root, family, ck.spec, extra, tensors, lambda name: homes.get(name, name))
+    spec = _routing_dtype(ck.spec, family)
+    return Source(ck.root, family, spec, extra, tensors, lambda name: homes.get(name, name))

@@ -28,13 +28,16 @@ def iteration_dir(tracker: str) -> str:
     return "release" if tracker == "release" else f"iter_{int(tracker):07d}"
 
 
-def rank_dir(tp_rank: int, pp_rank: int, pp: int) -> str:
-    """`mp_rank_TT` without pipeline parallelism, `mp_rank_TT_PPP` with it (Megatron-LM)."""
-    return f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+def rank_dir(tp_rank: int, pp_rank: int, pp: int, ep_rank: int = 0, ep: int = 1) -> str:
+    """`mp_rank_TT` without pipeline parallelism, `mp_rank_TT_PPP` with it, and `_EEE` after
+    either with expert parallelism (Megatron-LM's `get_checkpoint_name`)."""
+    name = f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+    return name if ep == 1 else f"{name}_{ep_rank:03d}"
 
 
-def rank_file(root: Path, iteration: str, tp_rank: int, pp_rank: int, pp: int) -> Path:
-    return root / iteration_dir(iteration) / rank_dir(tp_rank, pp_rank, pp) / FILE
+def rank_file(root: Path, iteration: str, tp_rank: int, pp_rank: int, pp: int, ep_rank: int = 0,
+              ep: int = 1) -> Path:
+    return root / iteration_dir(iteration) / rank_dir(tp_rank, pp_rank, pp, ep_rank, ep) / FILE
 
 
 def model_key(chunk: int, vpp: int | None) -> str:
@@ -69,17 +72,24 @@ class Slot:
     sources: tuple[str, ...]
 
 
-def slots(spec: ModelSpec, table: KeyTable, stage: Stage) -> list[Slot]:
-    """The tensors of a stage file: embedding, layer by layer, final norm, output layer."""
+def slots(spec: ModelSpec, table: KeyTable, stage: Stage, ep_rank: int = 0, ep: int = 1) -> list[Slot]:
+    """The tensors of a stage file: embedding, layer by layer, final norm, output layer; of a
+    mixture's experts, those of expert-parallel rank `ep_rank` (of `ep`), numbered from 0."""
     have = set(canonical_names(spec))
+    local = spec.num_experts // ep
     out = []
     for rule in table.rules:
         if "{}" not in rule.key:
             continue
         for i in range(stage.count):
-            names = tuple(c.format(stage.start + i) for c in rule.canonical)
-            if all(n in have for n in names):
-                out.append(Slot(rule.key.format(i), rule, names))
+            if rule.width == "experts":
+                pairs = [((i, j), (stage.start + i, ep_rank * local + j)) for j in range(local)]
+            else:
+                pairs = [((i,), (stage.start + i,))]
+            for key_at, name_at in pairs:
+                names = tuple(c.format(*name_at) for c in rule.canonical)
+                if all(n in have for n in names):
+                    out.append(Slot(rule.key.format(*key_at), rule, names))
     out.sort(key=lambda s: int(s.key.split(".")[2]))  # layer by layer, rules in order
     by_key = {r.key: r for r in table.rules}
     if stage.first:
@@ -100,10 +110,32 @@ def extra_keys(spec: ModelSpec, layer_spec: str, stage: Stage) -> dict[str, str]
     out = {}
     for module, kind in extra_states(layer_spec, spec.qk_norm).items():
         if "{}" in module:
-            out.update({module.format(i) + EXTRA_SUFFIX: kind for i in range(stage.count)})
+            # a mixture's layers have no dense linear_fc1/fc2 (`expert_extra_keys` has theirs)
+            layers = [i for i in range(stage.count) if not (".mlp." in module and spec.moe is not None
+                                                            and spec.moe.on(stage.start + i))]
+            out.update({module.format(i) + EXTRA_SUFFIX: kind for i in layers})
         elif stage.last:
             out[module + EXTRA_SUFFIX] = kind
     return out
+
+
+def expert_extra_keys(slots: Sequence[Slot]) -> dict[str, str]:
+    """`_extra_state` keys of the experts' and shared expert's linears (local spec: None)."""
+    return {slot.key.removesuffix(".weight") + EXTRA_SUFFIX: "none" for slot in slots
+            if slot.rule.width != "dense" and slot.key.endswith(("linear_fc1.weight", "linear_fc2.weight"))}
+
+
+def width_spec(spec: ModelSpec, rule: Rule) -> ModelSpec:
+    """The spec a rule's split sees: its MLP width as `intermediate_size` (`Rule.width`)."""
+    if rule.width == "dense" or spec.moe is None:
+        return spec
+    size = spec.moe.expert_size if rule.width == "experts" else spec.moe.shared_size
+    return spec.replace(intermediate_size=size)
+
+
+def rule_tp(rule: Rule, tp: int, etp: int) -> int:
+    """The tensor-parallel size a rule is split over: expert TP for routed experts."""
+    return etp if rule.width == "experts" else tp
 
 
 def _unknown(split: object) -> InputError:

@@ -19,7 +19,7 @@ if TYPE_CHECKING:  # the writer needs torch; `reference families` asks express a
 
 # Features Megatron-Core computes exactly as the HF families do. Every other feature is held at
 # Llama's value, so a new feature in ModelSpec is refused by name until it is listed here.
-SUPPORTED = ("qkv_bias", "o_bias", "mlp_bias", "qk_norm", "rotary_fraction")
+SUPPORTED = ("qkv_bias", "o_bias", "mlp_bias", "qk_norm", "rotary_fraction", "num_experts", "moe")
 
 
 @dataclass(frozen=True)

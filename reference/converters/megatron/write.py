@@ -53,43 +53,52 @@ def write_megatron(
     dtype = dtype or tensors["embed.weight"].meta.dtype
     args = build_args(spec, layout, counts, dtype)
     table = KeyTable(layout.layer_spec)
-    # Virtual stage v * pp + p is model{v} of pipeline rank p.
+    # Virtual stage v * pp + p is model{v} of pipeline rank p; expert-parallel rank e holds the
+    # experts e * n/ep .. (e + 1) * n/ep - 1 beside a copy of everything else.
     every = S.stages(counts)
-    ranks = [[(st, S.slots(spec, table, st)) for st in every[p::layout.pp]] for p in range(layout.pp)]
-    used = {n for stages in ranks for _, slots in stages for slot in slots for n in slot.sources}
+    ep = layout.ep
+    ranks = [[[(st, S.slots(spec, table, st, e, ep)) for st in every[p::layout.pp]] for e in range(ep)]
+             for p in range(layout.pp)]
+    used = {n for eps in ranks for stages in eps for _, slots in stages for slot in slots
+            for n in slot.sources}
     if used != set(expected):
         raise InputError(f"megatron: canonical tensor '{sorted(set(expected) - used)[0]}' has no place")
 
-    def piece_bytes(slot: S.Slot, tp_rank: int) -> int:  # cut from the data-free stand-ins
-        metas = [tensors[n].meta for n in slot.sources]
-        piece = S.shard(slot.rule.split, metas, spec, layout.tp, tp_rank, args.padded_vocab_size)
-        return math.prod(piece.shape) * dtype.itemsize
+    def piece(slot: S.Slot, parts: list[Any], tp_rank: int) -> torch.Tensor:
+        tp = S.rule_tp(slot.rule, layout.tp, layout.expert_tp)
+        return S.shard(slot.rule.split, parts, S.width_spec(spec, slot.rule), tp, tp_rank,
+                       args.padded_vocab_size)
 
-    total = sum(piece_bytes(slot, tp_rank) for stages in ranks for tp_rank in range(layout.tp)
+    def piece_bytes(slot: S.Slot, tp_rank: int) -> int:  # cut from the data-free stand-ins
+        shape = piece(slot, [tensors[n].meta for n in slot.sources], tp_rank).shape
+        return math.prod(shape) * dtype.itemsize
+
+    total = sum(piece_bytes(slot, tp_rank) for eps in ranks for stages in eps for tp_rank in range(layout.tp)
                 for _, slots in stages for slot in slots) if progress is not None else 0
     n_tensors = n_bytes = 0
-    for pp_rank, stages in enumerate(ranks):
-        for tp_rank in range(layout.tp):  # each rank reads its tensors anew: memory stays at one rank
-            state: dict[str, Any] = {"args": args, "checkpoint_version": S.CHECKPOINT_VERSION,
-                                     "iteration": S.ITERATION}
-            for chunk, (st, slots) in enumerate(stages):
-                model: dict[str, Any] = {}
-                for slot in slots:
-                    parts = [tensors[n].load() for n in slot.sources]
-                    piece = S.shard(slot.rule.split, parts, spec, layout.tp, tp_rank, args.padded_vocab_size)
-                    model[slot.key] = _owned(piece, dtype)
-                    n_tensors += 1
-                    n_bytes += model[slot.key].nbytes
-                    del parts, piece
-                    if progress is not None:
-                        progress(n_bytes, total)
-                for key, kind in S.extra_keys(spec, layout.layer_spec, st).items():
-                    model[key] = extra_state_value(kind)
-                state[S.model_key(chunk, layout.vpp)] = model
-            path = S.rank_file(out, str(S.ITERATION), tp_rank, pp_rank, layout.pp)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(state, path)
-            del state
+    for pp_rank, eps in enumerate(ranks):
+        for ep_rank, stages in enumerate(eps):
+            for tp_rank in range(layout.tp):  # each rank reads its tensors anew: memory stays at one rank
+                state: dict[str, Any] = {"args": args, "checkpoint_version": S.CHECKPOINT_VERSION,
+                                         "iteration": S.ITERATION}
+                for chunk, (st, slots) in enumerate(stages):
+                    model: dict[str, Any] = {}
+                    for slot in slots:
+                        parts = [tensors[n].load() for n in slot.sources]
+                        model[slot.key] = _owned(piece(slot, parts, tp_rank), dtype)
+                        n_tensors += 1
+                        n_bytes += model[slot.key].nbytes
+                        del parts
+                        if progress is not None:
+                            progress(n_bytes, total)
+                    extras = {**S.extra_keys(spec, layout.layer_spec, st), **S.expert_extra_keys(slots)}
+                    for key, kind in extras.items():
+                        model[key] = extra_state_value(kind)
+                    state[S.model_key(chunk, layout.vpp)] = model
+                path = S.rank_file(out, str(S.ITERATION), tp_rank, pp_rank, layout.pp, ep_rank, ep)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(state, path)
+                del state
     (out / S.TRACKER).write_text(f"{S.ITERATION}\n")
     recorded = dict(extra)
     if cast is not None:
