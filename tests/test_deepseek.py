@@ -143,3 +143,17 @@ def test_llama_refuses_latent_attention_by_name_and_points_to_unified(family: st
         convert(tmp_path / "src", tmp_path / "dst", to="llama")
     assert e.value.feature == "latent_attention" and "--to unified" in str(e.value)
     assert not (tmp_path / "dst").exists()
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_a_config_written_from_the_spec_reads_back_the_same(variant: str) -> None:
+    """Without the source's config.json to copy, the family's config is written from the spec
+    alone: its class must read the same spec from it."""
+    from reference.families.registry import FAMILIES
+    from reference.families.resolve import as_loaded
+    from reference.tiny import tiny_config
+
+    family, overrides = VARIANTS[variant]
+    spec = FAMILIES[family].read(tiny_config(family, **overrides).to_dict(), family)
+    written = as_loaded(FAMILIES[family].config(spec, {}), family)
+    assert FAMILIES[family].read(written, family) == spec

@@ -56,9 +56,11 @@ class MoE(nn.Module):
             grouped = choice.view(len(choice), m.groups, -1)  # (N, groups, E / groups)
             best = grouped.max(-1).values if m.group_score == "max" else grouped.topk(2, dim=-1)[0].sum(-1)
             kept = torch.zeros_like(best).scatter_(1, best.topk(m.top_groups, dim=-1)[1], 1.0).bool()
-            # V2 zeroes the other groups' (positive) softmax scores, V3 its biased ones to -inf
-            fill = 0.0 if m.scoring == "softmax" else float("-inf")
-            choice = choice.masked_fill(~kept.repeat_interleave(grouped.shape[-1], dim=1), fill)
+            out = ~kept.repeat_interleave(grouped.shape[-1], dim=1)  # (N, E)
+            if m.scoring == "softmax":  # V2 zeroes the other groups' scores: weights too (a top_k
+                scores = choice = scores.masked_fill(out, 0.0)  # beyond the kept experts weighs 0)
+            else:  # V3 sets their biased scores to -inf, the choice only
+                choice = choice.masked_fill(out, float("-inf"))
         chosen = torch.topk(choice, m.top_k, dim=-1)[1]
         weights = scores.gather(1, chosen)  # the unbiased scores of the chosen
         if m.norm_topk_prob:  # DeepSeek-V3 adds 1e-20 to the sum: no fp32 sum of scores moves by it
