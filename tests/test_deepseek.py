@@ -157,3 +157,70 @@ def test_a_config_written_from_the_spec_reads_back_the_same(variant: str) -> Non
     spec = FAMILIES[family].read(tiny_config(family, **overrides).to_dict(), family)
     written = as_loaded(FAMILIES[family].config(spec, {}), family)
     assert FAMILIES[family].read(written, family) == spec
+
+
+_YARN_40 = {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
+            "beta_slow": 1}
+# Published config.json values, with 4 layers of the 27 / 61 (the layers repeat; meta is cheap,
+# but 256 experts x 61 layers of modules are not).
+PUBLISHED = {
+    "DeepSeek-V2-Lite": {
+        "model_type": "deepseek_v2", "vocab_size": 102400, "hidden_size": 2048, "intermediate_size": 10944,
+        "moe_intermediate_size": 1408, "num_hidden_layers": 4, "num_attention_heads": 16,
+        "num_key_value_heads": 16, "n_shared_experts": 2, "n_routed_experts": 64, "num_experts_per_tok": 6,
+        "first_k_dense_replace": 1, "moe_layer_freq": 1, "kv_lora_rank": 512, "q_lora_rank": None,
+        "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "topk_method": "greedy",
+        "n_group": 1, "topk_group": 1, "routed_scaling_factor": 1.0, "norm_topk_prob": False,
+        "scoring_func": "softmax", "max_position_embeddings": 163840, "rms_norm_eps": 1e-6,
+        "rope_theta": 10000, "rope_scaling": {**_YARN_40, "mscale": 0.707, "mscale_all_dim": 0.707},
+        "tie_word_embeddings": False},
+    "DeepSeek-V3": {
+        "model_type": "deepseek_v3", "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432,
+        "moe_intermediate_size": 2048, "num_hidden_layers": 4, "num_attention_heads": 128,
+        "num_key_value_heads": 128, "n_shared_experts": 1, "n_routed_experts": 256, "num_experts_per_tok": 8,
+        "first_k_dense_replace": 3, "moe_layer_freq": 1, "kv_lora_rank": 512, "q_lora_rank": 1536,
+        "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "topk_method": "noaux_tc",
+        "n_group": 8, "topk_group": 4, "routed_scaling_factor": 2.5, "norm_topk_prob": True,
+        "scoring_func": "sigmoid", "max_position_embeddings": 163840, "rms_norm_eps": 1e-6,
+        "rope_theta": 10000, "rope_scaling": {**_YARN_40, "mscale": 1.0, "mscale_all_dim": 1.0},
+        "tie_word_embeddings": False},
+}
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_the_spec_holds_what_the_transformers_class_computes_at_real_size(name: str) -> None:
+    """On the meta device, at published sizes: every attention and router tensor transformers
+    has maps to a unified tensor of its shape, the experts agree in count and size, and the
+    softmax scale (YaRN's mscale²) and rope frequencies are what the transformers modules hold."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from reference.families.registry import FAMILIES
+    from reference.families.resolve import as_loaded
+    from reference.modeling import UnifiedConfig
+    from reference.modeling.rope import Rotary
+
+    config = PUBLISHED[name]
+    family = FAMILIES[config["model_type"]]
+    spec = family.read(as_loaded(config, name), name)
+    cfg = AutoConfig.for_model(**config)
+    unified_config = UnifiedConfig.from_spec(spec)
+    with torch.device("meta"):
+        original = AutoModelForCausalLM.from_config(cfg)
+        model = UnifiedForCausalLM(unified_config)
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    fused = 0
+    for key, tensor in original.state_dict().items():
+        if ".mlp.experts." in key:  # in memory fused (E, ...): save_pretrained writes them per expert
+            size, h = spec.moe.expert_size, spec.hidden_size  # gate_up_proj, down_proj
+            assert tuple(tensor.shape) in ((spec.num_experts, 2 * size, h), (spec.num_experts, h, size)), key
+            fused += 1
+            continue
+        (canonical,), _ = family.keys.canonical(key, name)
+        assert ours.pop(canonical) == tuple(tensor.shape), key
+    assert fused == 2 * sum(spec.moe.on(i) for i in range(spec.num_layers))
+    assert all(".mlp.experts." in k for k in ours)  # nothing else of ours is left unmatched
+    for theirs, block in zip(original.model.layers, model.layers, strict=True):
+        assert theirs.self_attn.scaling == block.attn.scale != (128 + 64) ** -0.5
+    rotary = type(original.model.rotary_emb)(config=cfg)
+    torch.testing.assert_close(Rotary(unified_config).inv_freq, rotary.inv_freq, rtol=0, atol=0)
+    assert Rotary(unified_config).scalings == [rotary.attention_scaling]
