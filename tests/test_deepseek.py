@@ -113,13 +113,19 @@ def test_yarn_mscale_all_dim_scales_the_softmax(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3"])
-def test_greedy_generate_through_the_cache_equals_transformers(family: str, tmp_path) -> None:
+def test_greedy_generate_and_stream_with_left_padding_equal_transformers(family: str, tmp_path) -> None:
     original = tiny_model(family)
     original.save_pretrained(tmp_path / "src")
     model = UnifiedForCausalLM.from_pretrained(tmp_path / "src", attn_implementation="sdpa")
-    ids = _ids(7)
-    args = {"max_new_tokens": 10, "do_sample": False, "pad_token_id": 0}
-    torch.testing.assert_close(model.generate(ids, **args), original.generate(ids, **args), rtol=0, atol=0)
+    ids = torch.randint(3, 250, (3, 9), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[0, :4], mask[1, :1] = 0, 0  # three prompts of 5, 8 and 9 tokens, padded on the left
+    ids = ids.masked_fill(mask == 0, 0)
+    args = {"attention_mask": mask, "max_new_tokens": 10, "do_sample": False, "pad_token_id": 0}
+    want = original.generate(ids, **args)
+    torch.testing.assert_close(model.generate(ids, **args), want, rtol=0, atol=0)
+    streamed = list(model.stream_generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[]))
+    torch.testing.assert_close(torch.stack(streamed, dim=1), want[:, 9:], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("overrides", [{"norm_topk_prob": True}, {"moe_layer_freq": 2},
