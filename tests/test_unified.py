@@ -244,7 +244,8 @@ def test_variants_of_held_families_load_exactly_and_convert_back_bitwise(variant
 
 
 @pytest.mark.parametrize("family", ["gemma2", "olmo2", "glm", "glm4", "gemma3_text", "cohere", "stablelm",
-                                    "starcoder2", "phi", "gpt_neox", "olmo", "olmoe"])
+                                    "starcoder2", "phi", "gpt_neox", "olmo", "olmoe", "deepseek_v2",
+                                    "deepseek_v3"])
 def test_a_held_family_config_written_from_the_spec_reads_back_the_same(family: str) -> None:
     """Without the source's config.json to copy (a unified directory from elsewhere), the
     family's config is written from the spec alone: its class must read the same spec from it."""

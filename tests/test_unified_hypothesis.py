@@ -26,11 +26,13 @@ from reference.errors import InputError
 from reference.families.config import (
     AttentionScale,
     Codec,
+    DeepSeekExperts,
     Derived,
     Experts,
     Fixed,
     Flag,
     Implied,
+    Latent,
     LayerTypeRope,
     QueryScalar,
     RotaryFraction,
@@ -67,8 +69,9 @@ class Shape:
     """The dimensions drawn for one example, which the feature strategies depend on."""
 
     def __init__(self, layers: int, head_dim: int, fraction: float, max_pos: int,
-                 partial: bool = False) -> None:
+                 partial: bool = False, heads: int = 1) -> None:
         self.layers, self.head_dim, self.fraction, self.max_pos = layers, head_dim, fraction, max_pos
+        self.heads = heads
         self.partial = partial  # the family has partial rotary (a RotaryFraction codec)
 
     @property
@@ -127,9 +130,36 @@ def _experts(draw: st.DrawFn, codec: Experts, shape: Shape) -> dict[str, Any]:
     return out
 
 
+def _latent(draw: st.DrawFn, codec: Latent, shape: Shape) -> dict[str, Any]:
+    """MLA's ranks and head parts; rope on the drawn head_dim, one KV head per query head. The
+    latent rank is even: V2's complex rope views the rope key's rows in pairs."""
+    return {"qk_rope_head_dim": shape.rotary_dim, "head_dim": None, "num_key_value_heads": shape.heads,
+            "q_lora_rank": draw(st.none() | st.integers(4, 32)), "kv_lora_rank": 2 * draw(st.integers(2, 16)),
+            "qk_nope_head_dim": draw(st.sampled_from([4, 8, 12])),
+            "v_head_dim": draw(st.sampled_from([4, 8, 16]))}
+
+
+def _deepseek_experts(draw: st.DrawFn, codec: DeepSeekExperts, shape: Shape) -> dict[str, Any]:
+    """DeepSeek's mixture: groups of 2 or 3 experts (V3 scores a group by its best two), any
+    number of them kept, a top-k up to 4 (beyond the kept experts, too), dense first layers."""
+    groups, per = draw(st.integers(1, 3)), draw(st.integers(2, 3))
+    n = groups * per
+    out: dict[str, Any] = {
+        "n_routed_experts": n, "num_experts_per_tok": draw(st.integers(1, min(n, 4))),
+        "moe_intermediate_size": draw(st.integers(4, 40)), "n_shared_experts": draw(st.integers(1, 2)),
+        "first_k_dense_replace": draw(st.integers(0, shape.layers)), "n_group": groups,
+        "topk_group": draw(st.integers(1, groups)),
+        "routed_scaling_factor": draw(st.sampled_from([1.0, 2.5]))}
+    if codec.renormalise:
+        out["norm_topk_prob"] = draw(st.booleans())
+    if codec.grouped_by is not None:
+        out["topk_method"] = draw(st.sampled_from(["greedy", codec.grouped_by]))
+    return out
+
+
 STRATEGIES: dict[type, Callable[[st.DrawFn, Any, Shape], dict[str, Any]]] = {
     Flag: _flag, Value: _value, AttentionScale: _value, Window: _window, QueryScalar: _query_scalar,
-    Unsupported: _unsupported, Experts: _experts,
+    Unsupported: _unsupported, Experts: _experts, Latent: _latent, DeepSeekExperts: _deepseek_experts,
     RotaryFraction: _none, LayerTypeRope: _none, Fixed: _none, Derived: _none, Implied: _none,
 }
 
@@ -202,7 +232,7 @@ def configs(draw: st.DrawFn, family: str) -> dict[str, Any]:
     partial = any(isinstance(c, RotaryFraction) for c in row.codecs)
     fraction = draw(st.sampled_from(fractions)) if partial else 1.0
     shape = Shape(draw(st.integers(1, 3)), head_dim, fraction, max_pos=draw(st.sampled_from([16, 64])),
-                  partial=partial)
+                  partial=partial, heads=heads)
     out: dict[str, Any] = {
         "num_hidden_layers": shape.layers, "num_attention_heads": heads, "hidden_size": hidden,
         "num_key_value_heads": kv if "num_kv_heads" in names else None,

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from reference.errors import InputError
-from reference.families.spec import ModelSpec, MoE
+from reference.families.spec import MLA, ModelSpec, MoE
 
 # canonical field -> HF field, for every Llama-shaped config.
 LLAMA_FIELDS: Mapping[str, str] = {
@@ -239,6 +239,114 @@ class Experts(Codec):
         m = spec.moe
         if m is not None and self.size == "intermediate_size" and m.expert_size != spec.intermediate_size:
             return {"moe": f"experts of {m.expert_size} rows beside a dense size of {spec.intermediate_size}"}
+        return {}
+
+
+@dataclass(frozen=True)
+class Latent(Codec):
+    """DeepSeek's multi-head latent attention (ModelSpec.latent_attention and its `mla` record):
+    q_lora_rank (null: one q projection), kv_lora_rank, qk_nope_head_dim, v_head_dim; the rope
+    part of a head, qk_rope_head_dim, is the spec's head_dim (as transformers' config sets it)."""
+
+    def read(self, cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
+        mla = MLA(q_rank=cfg.get("q_lora_rank"), kv_rank=cfg["kv_lora_rank"],
+                  nope_dim=cfg["qk_nope_head_dim"], v_dim=cfg["v_head_dim"])
+        # one key and value per query head (kv_b makes them): transformers' class fails on any other
+        # num_key_value_heads, so none other is read
+        return {"latent_attention": True, "mla": mla, "head_dim": cfg["qk_rope_head_dim"],
+                "num_kv_heads": cfg["num_attention_heads"]}
+
+    def variants(self) -> list[dict[str, Any]]:
+        return []
+
+    def express(self, spec: ModelSpec) -> dict[str, Any]:
+        mla = spec.mla or MLA(q_rank=None, kv_rank=spec.head_dim, nope_dim=0, v_dim=spec.head_dim)
+        return {"latent_attention": True, "mla": mla}
+
+    def write(self, spec: ModelSpec) -> dict[str, Any]:
+        assert spec.mla is not None  # express holds one, and only a held spec is written
+        m = spec.mla
+        return {"q_lora_rank": m.q_rank, "kv_lora_rank": m.kv_rank, "qk_nope_head_dim": m.nope_dim,
+                "qk_rope_head_dim": spec.head_dim, "v_head_dim": m.v_dim,
+                "qk_head_dim": m.nope_dim + spec.head_dim, "head_dim": spec.head_dim}
+
+    def refuses(self, spec: ModelSpec) -> dict[str, str]:
+        if spec.num_kv_heads != spec.num_heads:
+            return {"num_kv_heads": f"num_kv_heads={spec.num_kv_heads}: latent attention has one KV head per "
+                                    f"query head ({spec.num_heads})"}
+        return {}
+
+
+@dataclass(frozen=True)
+class DeepSeekExperts(Codec):
+    """DeepSeek's mixture (ModelSpec.num_experts and its `moe` record): n_routed_experts of
+    moe_intermediate_size, n_shared_experts fused into one ungated shared expert, the first
+    first_k_dense_replace layers dense, routed_scaling_factor, routers in fp32 and fp32 weights.
+    V2 scores by softmax and limits the choice to groups under topk_method
+    "group_limited_greedy" (`grouped_by`; "greedy" ignores groups), a group scored by its best
+    expert; V3 ("noaux_tc", `grouped_by` None: always) scores by sigmoid, chooses with its
+    e_score_correction_bias, and scores a group by its best two. transformers' V2 class ignores
+    norm_topk_prob and moe_layer_freq: a config that needs them is refused by name."""
+
+    default: int
+    scoring: str
+    group_score: str
+    grouped_by: str | None
+    choice_bias: bool
+    renormalise: bool  # whether the family's class honours norm_topk_prob (V3)
+
+    def read(self, cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
+        if not self.renormalise and cfg.get("norm_topk_prob"):
+            raise InputError(f"{where}: norm_topk_prob=True, which transformers' class ignores; "
+                             "not supported")
+        if cfg.get("moe_layer_freq", 1) != 1:
+            raise InputError(f"{where}: moe_layer_freq={cfg['moe_layer_freq']!r} (experts every nth layer), "
+                             "which transformers' class ignores; not supported")
+        size = cfg["moe_intermediate_size"]
+        grouped = self.grouped_by is None or cfg.get("topk_method") == self.grouped_by
+        moe = MoE(top_k=cfg["num_experts_per_tok"], expert_size=size,
+                  norm_topk_prob=bool(cfg.get("norm_topk_prob")) if self.renormalise else False,
+                  fp32_weights=True, shared_size=size * (cfg.get("n_shared_experts") or 0),
+                  dense_layers=tuple(range(cfg.get("first_k_dense_replace") or 0)),
+                  scoring=self.scoring, groups=(cfg.get("n_group") or 1) if grouped else 1,
+                  top_groups=(cfg.get("topk_group") or 1) if grouped else 1, group_score=self.group_score,
+                  choice_bias=self.choice_bias, scale=float(cfg.get("routed_scaling_factor", 1.0)),
+                  fp32_router=True, gated_shared=False)
+        return {"num_experts": cfg.get("n_routed_experts", self.default), "moe": moe}
+
+    def variants(self) -> list[dict[str, Any]]:
+        return []
+
+    def express(self, spec: ModelSpec) -> dict[str, Any]:
+        m = spec.moe or MoE(top_k=1, expert_size=spec.intermediate_size)
+        first = 0
+        while first in m.dense_layers:
+            first += 1
+        return {"num_experts": spec.num_experts or self.default, "moe": MoE(
+            top_k=m.top_k, expert_size=m.expert_size, norm_topk_prob=m.norm_topk_prob and self.renormalise,
+            fp32_weights=True, shared_size=m.shared_size, dense_layers=tuple(range(first)),
+            scoring=self.scoring, groups=m.groups, top_groups=m.top_groups, group_score=self.group_score,
+            choice_bias=self.choice_bias, scale=m.scale, fp32_router=True, gated_shared=False)}
+
+    def write(self, spec: ModelSpec) -> dict[str, Any]:
+        assert spec.moe is not None  # express holds a mixture, and only a held spec is written
+        m = spec.moe
+        out: dict[str, Any] = {
+            "n_routed_experts": spec.num_experts, "num_experts_per_tok": m.top_k,
+            "moe_intermediate_size": m.expert_size, "n_shared_experts": m.shared_size // m.expert_size,
+            "first_k_dense_replace": len(m.dense_layers), "routed_scaling_factor": m.scale,
+            "norm_topk_prob": m.norm_topk_prob}
+        if self.grouped_by is None or m.groups > 1:  # else greedy: the groups are not read
+            out.update(n_group=m.groups, topk_group=m.top_groups)
+            if self.grouped_by is not None:
+                out["topk_method"] = self.grouped_by
+        return out
+
+    def refuses(self, spec: ModelSpec) -> dict[str, str]:
+        m = spec.moe
+        if m is not None and m.shared_size % m.expert_size:
+            return {"moe": f"a shared expert of {m.shared_size} rows, not a multiple of the experts' "
+                           f"{m.expert_size}"}
         return {}
 
 

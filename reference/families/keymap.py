@@ -235,6 +235,20 @@ MOE_KEYS = KeyMap({
     "model.layers.{}.mlp.shared_expert_gate.weight": "layers.{}.mlp.shared_gate.weight",
 })
 
+# DeepSeek-V2/3: latent attention's projections and norms; the mixture's router (V3: with its
+# e_score_correction_bias) and its shared experts, fused into one MLP.
+_MLA = {"q_proj": "q", "q_a_proj": "q_a", "q_a_layernorm": "q_a_norm", "q_b_proj": "q_b",
+        "kv_a_proj_with_mqa": "kv_a", "kv_a_layernorm": "kv_a_norm", "kv_b_proj": "kv_b", "o_proj": "o"}
+DEEPSEEK_KEYS = KeyMap({
+    **{h: c for h, c in _LLAMA_RULES.items() if ".self_attn." not in h or "rotary_emb" in h},
+    **{f"model.layers.{{}}.self_attn.{h}.weight": f"layers.{{}}.attn.{c}.weight" for h, c in _MLA.items()},
+    "model.layers.{}.mlp.gate.weight": "layers.{}.mlp.router.weight",
+    "model.layers.{}.mlp.gate.e_score_correction_bias": "layers.{}.mlp.choice_bias",
+    **{f"model.layers.{{}}.mlp.experts.{{}}.{p}_proj.weight": c for p, c in _EXPERT.items()},
+    **{f"model.layers.{{}}.mlp.shared_experts.{p}_proj.weight": f"layers.{{}}.mlp.shared.{p}.weight"
+       for p in ("gate", "up", "down")},
+})
+
 
 def grouped_qkv(spec: ModelSpec) -> Blocks:
     """InternLM2's wqkv: per KV head, its group's query heads, then its key, then its value."""

@@ -14,6 +14,7 @@ from reference.families.config import (
     LLAMA_FIELDS,
     AttentionScale,
     BaichuanPositions,
+    DeepSeekExperts,
     Derived,
     Experts,
     Fixed,
@@ -21,6 +22,7 @@ from reference.families.config import (
     Grouped,
     Implied,
     Implies,
+    Latent,
     LayerTypeRope,
     LegacyRope,
     LongContext,
@@ -36,6 +38,7 @@ from reference.families.family import Family
 from reference.families.keymap import (
     BAICHUAN_KEYS,
     CHATGLM_KEYS,
+    DEEPSEEK_KEYS,
     GLM4_KEYS,
     GLM_KEYS,
     GPT_NEOX_KEYS,
@@ -81,6 +84,9 @@ CHATGLM_CODECS = (
     Unsupported("post_layer_norm", True, "no final norm", default=True),
     Unsupported("position_encoding_2d", None, "ChatGLM-6B v1's 2D positions"),
 )
+DEEPSEEK_NO_BIAS = (
+    Unsupported("attention_bias", False, "biases on latent attention's projections", default=False),
+    Unsupported("mlp_bias", False, "biases on the dense MLP and the shared experts", default=False))
 NO_HEAD_DIM = {k: v for k, v in LAYERNORM_FIELDS.items() if k != "head_dim"}  # head_dim = hidden / heads
 
 ROWS = (
@@ -186,10 +192,17 @@ ROWS = (
            codecs=(LLAMA_BIAS[0], Fixed("qk_norm", True), Fixed("qk_norm_scope", "all"),
                    Value("clip_qkv", "clip_qkv"), Fixed("clip_after_qk_norm", True), Implied("head_dim"),
                    Experts("num_experts", "intermediate_size", 64, renormalise="norm_topk_prob"))),
-    Family(model_type="deepseek_v2", architecture="DeepseekV2ForCausalLM", keys=None,
-           codecs=(Fixed("latent_attention", True), Value("num_experts", "n_routed_experts", 64))),
-    Family(model_type="deepseek_v3", architecture="DeepseekV3ForCausalLM", keys=None,
-           codecs=(Fixed("latent_attention", True), Value("num_experts", "n_routed_experts", 256))),
+    # DeepSeek: latent attention (V2 rotates interleaved pairs always, V3 as rope_interleave
+    # says) and DeepSeek's routing; biases on MLA's projections are not held yet.
+    Family(model_type="deepseek_v2", architecture="DeepseekV2ForCausalLM", keys=DEEPSEEK_KEYS,
+           codecs=(*DEEPSEEK_NO_BIAS, Latent(), Fixed("interleaved_rope", True), Fixed("fp32_rope", True),
+                   DeepSeekExperts(64, "softmax", "max", grouped_by="group_limited_greedy", choice_bias=False,
+                                   renormalise=False))),
+    Family(model_type="deepseek_v3", architecture="DeepseekV3ForCausalLM", keys=DEEPSEEK_KEYS,
+           codecs=(DEEPSEEK_NO_BIAS[0], Latent(),
+                   Flag("rope_interleave", ("interleaved_rope",), default=True),
+                   DeepSeekExperts(256, "sigmoid", "top2", grouped_by=None, choice_bias=True,
+                                   renormalise=True))),
 )
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in ROWS}

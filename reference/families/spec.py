@@ -25,14 +25,50 @@ class MoE:
     shared_size: int = 0  # a shared expert every token goes through, gated by sigmoid(shared_gate(x))
     # (Qwen2-MoE); 0: none
     sparse_step: int = 1  # layer i is a mixture when (i + 1) % sparse_step == 0 (decoder_sparse_step)
-    dense_layers: tuple[int, ...] = ()  # layers with the dense MLP whatever the step (mlp_only_layers)
+    dense_layers: tuple[int, ...] = ()  # layers with the dense MLP whatever the step (mlp_only_layers;
+    # DeepSeek's first_k_dense_replace: the first k)
+    # DeepSeek's routing. Scores are softmax(logits), or sigmoid(logits) (V3); the experts are
+    # chosen by the scores plus `choice_bias` (V3's e_score_correction_bias, a tensor, for the
+    # choice only), within the `top_groups` best of `groups` equal groups of experts when
+    # groups > 1, a group scored by its best expert ("max", V2) or its best two summed ("top2",
+    # V3); the weights are the chosen experts' scores (renormalised if norm_topk_prob), times `scale`.
+    scoring: str = "softmax"
+    groups: int = 1
+    top_groups: int = 1
+    group_score: str = "max"
+    choice_bias: bool = False
+    scale: float = 1.0  # routed_scaling_factor
+    fp32_router: bool = False  # the router's logits from fp32 input and weight (DeepSeek), not the
+    # model dtype's (Mixtral, Qwen-MoE): the same in fp32, not in bf16
+    gated_shared: bool = True  # the shared expert gated by sigmoid(shared_gate(x)) (Qwen2-MoE);
+    # False: added as it is (DeepSeek's shared experts, n_shared_experts of them fused into one)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dense_layers", tuple(self.dense_layers))  # a JSON list compares unequal
+        if self.scoring not in ("softmax", "sigmoid") or self.group_score not in ("max", "top2"):
+            raise ValueError(f"MoE scoring must be 'softmax' or 'sigmoid' and group_score 'max' or 'top2', "
+                             f"not {self.scoring!r} / {self.group_score!r}")
+        if not self.shared_size:  # no shared expert: nothing to gate
+            object.__setattr__(self, "gated_shared", True)
 
     def on(self, layer: int) -> bool:
         """Whether a layer's MLP is the mixture (else the dense MLP of intermediate_size)."""
         return layer not in self.dense_layers and (layer + 1) % self.sparse_step == 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class MLA:
+    """Multi-head latent attention (DeepSeek-V2/3). Each head's query is `nope_dim` dims without
+    rope then ModelSpec.head_dim with it; q is one projection (q_rank None, V2-Lite) or a
+    low-rank one through a norm (q_a -> q_a_norm -> q_b). K and V come from a latent of
+    kv_rank dims (kv_a -> kv_a_norm -> kv_b: per head nope_dim of key, v_dim of value); kv_a
+    also yields one rope key of head_dim dims that every head shares."""
+
+    q_rank: int | None
+    kv_rank: int
+    nope_dim: int  # qk_nope_head_dim
+    v_dim: int  # v_head_dim
+    norm_eps: float = 1e-6  # the latent norms' (transformers builds them with its default, not rms_norm_eps)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,6 +106,9 @@ class ModelSpec:
     residual_multiplier: float = 1.0  # each block's output times this before the residual add
     logits_divisor: float = 1.0  # logits / this (Granite's logits_scaling)
     # Architecture no Llama weight can express: only the unified model holds these.
+    latent_attention: bool = False  # MLA: low-rank latent KV with decoupled rope (DeepSeek-V2/3);
+    # head_dim is then the rope part of each head (as transformers' config sets it)
+    mla: MLA | None = None  # its dimensions, with latent_attention
     pre_norms: bool = True  # a norm on the input of attention and of the MLP (all but OLMo2)
     post_norms: bool = False  # a norm on the output of attention and of the MLP, before the
     # residual add (Gemma2: both placements; OLMo2: post only)
@@ -93,10 +132,11 @@ class ModelSpec:
     clip_qkv: float | None = None  # q, k and v clamped to [-c, c] after projection (OLMo)
     clip_after_qk_norm: bool = False  # the clamp after the q/k norm instead of before it (OLMoE)
     interleaved_rope: bool = False  # rope on (even, odd) pairs instead of halves (GLM, Cohere)
+    fp32_rope: bool = False  # q and k rotated in fp32 by fp32 cos/sin, then cast back (DeepSeek-V2's
+    # complex rope), not in the model dtype: the same in fp32, not in bf16
     sliding_rope_parameters: Mapping[str, Any] | None = None  # the windowed layers' own rope (Gemma3)
-    latent_attention: bool = False  # MLA: low-rank latent KV with decoupled rope (DeepSeek-V2/3)
     num_experts: int = 0  # a mixture of experts in place of the MLP; `moe` says how it routes
-    moe: MoE | None = None  # None with experts: routing the spec does not describe (DeepSeek's)
+    moe: MoE | None = None  # None with experts: routing the spec does not describe
     alibi: bool = False  # ALiBi position bias instead of rope (Baichuan2-13B)
     normalized_head: bool = False  # lm_head rows L2-normalised before use (Baichuan2's NormHead)
     # Last, so that a refusal names an architectural feature before these; each is exact
@@ -125,6 +165,10 @@ class ModelSpec:
             object.__setattr__(self, "moe", None)
         if isinstance(self.moe, Mapping):  # from a unified config.json
             object.__setattr__(self, "moe", MoE(**self.moe))
+        if not self.latent_attention:
+            object.__setattr__(self, "mla", None)
+        if isinstance(self.mla, Mapping):
+            object.__setattr__(self, "mla", MLA(**self.mla))
         if self.window_layers is not None:  # a list from JSON compares unequal to the tuple
             object.__setattr__(self, "window_layers", tuple(self.window_layers))
 
@@ -170,8 +214,15 @@ def linear_shapes(spec: ModelSpec) -> dict[str, tuple[int, int]]:
     """(out, in) features of each linear of a layer, by its canonical short name (q, ..., down)."""
     h, ff, d = spec.hidden_size, spec.intermediate_size, spec.head_dim
     q, kv = spec.num_heads * d, spec.num_kv_heads * d
-    return {"q": (q, h), "k": (kv, h), "v": (kv, h), "o": (h, q), "gate": (ff, h), "up": (ff, h),
+    rows = {"q": (q, h), "k": (kv, h), "v": (kv, h), "o": (h, q), "gate": (ff, h), "up": (ff, h),
             "down": (h, ff)}
+    m = spec.mla
+    if m is not None:  # latent attention's linears (MLA); a head's q and k are nope_dim + head_dim
+        heads, qk = spec.num_heads, m.nope_dim + d
+        rank = m.q_rank or 0
+        rows.update(q=(heads * qk, h), q_a=(rank, h), q_b=(heads * qk, rank), kv_a=(m.kv_rank + d, h),
+                    kv_b=(heads * (m.nope_dim + m.v_dim), m.kv_rank), o=(h, heads * m.v_dim))
+    return rows
 
 
 def canonical_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
@@ -188,12 +239,17 @@ def canonical_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
         experts["mlp"] = {"router": (spec.num_experts, h), "shared_gate": (1, h)}
     out: dict[str, tuple[int, ...]] = {}
     heads = {"q_norm": (spec.num_heads, q), "k_norm": (spec.num_kv_heads, kv)}
+    latent = {"q_a_norm": (rows["q_a"][0],), "kv_a_norm": (spec.mla.kv_rank,)} if spec.mla else {}
     for name in canonical_names(spec):
         parts = name.split(".")
         if name in ("embed.weight", "lm_head.weight"):
             out[name] = (spec.vocab_size, h)
         elif name == "lm_head.bias":
             out[name] = (spec.vocab_size,)
+        elif parts[-1] == "choice_bias":
+            out[name] = (spec.num_experts,)
+        elif parts[-2] in latent:
+            out[name] = latent[parts[-2]]
         elif parts[-2] in heads:
             n, whole = heads[parts[-2]]
             out[name] = {"head": (d,), "each_head": (n, d), "all": (whole,)}[spec.qk_norm_scope]
@@ -225,7 +281,10 @@ def canonical_names(spec: ModelSpec) -> Iterator[str]:
     yield "embed.weight"
     for i in range(spec.num_layers):
         yield from norm(f"layers.{i}.attn_norm", spec.pre_norms)
-        for p in ("q", "k", "v", "o"):
+        if spec.mla is not None:
+            q = ("q",) if spec.mla.q_rank is None else ("q_a", "q_a_norm", "q_b")
+            yield from (f"layers.{i}.attn.{p}.weight" for p in (*q, "kv_a", "kv_a_norm", "kv_b", "o"))
+        for p in ("q", "k", "v", "o") if spec.mla is None else ():
             yield f"layers.{i}.attn.{p}.weight"
             if (spec.o_bias if p == "o" else spec.qkv_bias):
                 yield f"layers.{i}.attn.{p}.bias"
@@ -235,11 +294,14 @@ def canonical_names(spec: ModelSpec) -> Iterator[str]:
         yield from norm(f"layers.{i}.mlp_norm", spec.pre_norms and not spec.shared_norm)
         if spec.moe is not None and spec.moe.on(i):
             yield f"layers.{i}.mlp.router.weight"
+            if spec.moe.choice_bias:
+                yield f"layers.{i}.mlp.choice_bias"
             for e in range(spec.num_experts):
                 yield from (f"layers.{i}.mlp.experts.{e}.{p}.weight" for p in ("gate", "up", "down"))
             if spec.moe.shared_size:
                 yield from (f"layers.{i}.mlp.shared.{p}.weight" for p in ("gate", "up", "down"))
-                yield f"layers.{i}.mlp.shared_gate.weight"
+                if spec.moe.gated_shared:
+                    yield f"layers.{i}.mlp.shared_gate.weight"
         else:
             for p in ("gate", "up", "down") if spec.gated_mlp else ("up", "down"):
                 yield f"layers.{i}.mlp.{p}.weight"

@@ -12,7 +12,7 @@ from reference.families.family import Family
 from reference.families.spec import BIAS_KEYS, DEFAULT_FEATURES, FEATURES, FOLDABLE, ModelSpec
 
 # Features of ModelSpec the unified model does not compute yet: refused by name until it does.
-UNIFIED_NOT_BUILT = ("latent_attention",)
+UNIFIED_NOT_BUILT: tuple[str, ...] = ()
 
 
 def unified_holds(feature: str) -> bool:
@@ -27,7 +27,7 @@ class Unified:
 
     def express(self, spec: ModelSpec) -> ModelSpec:
         held = spec.replace(**{f: DEFAULT_FEATURES[f] for f in UNIFIED_NOT_BUILT})
-        # experts routed in a way the spec does not describe (DeepSeek's): no mixture it computes
+        # experts routed in a way the spec does not describe: no mixture it computes
         return held.replace(num_experts=0) if spec.num_experts and spec.moe is None else held
 
     def refuses(self, spec: ModelSpec) -> dict[str, str]:

@@ -34,6 +34,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from reference.families.spec import ModelSpec
 from reference.modeling import attention
 from reference.modeling.config import UnifiedConfig
+from reference.modeling.mla import LatentAttention
 from reference.modeling.moe import MoE
 from reference.modeling.probes import Probes
 from reference.modeling.rope import Rotary, apply_rotary
@@ -170,7 +171,12 @@ class Block(GradientCheckpointingLayer):
         def norm(on: bool) -> nn.Module:
             return _norm(spec, spec.hidden_size) if on else nn.Identity()
 
-        self.attn_norm, self.attn = norm(spec.pre_norms), Attention(spec, layer)
+        self.attn_norm = norm(spec.pre_norms)
+        if spec.latent_attention:  # MLA's latent norms are the model's RMSNorm, with their own eps
+            self.attn = LatentAttention(spec, layer,
+                                        lambda size, eps: _norm(spec.replace(norm_eps=eps), size))
+        else:
+            self.attn = Attention(spec, layer)
         self.attn_post_norm = norm(spec.post_norms)
         self.mlp_norm = norm(spec.pre_norms and not spec.shared_norm)
         sparse = spec.num_experts and (spec.moe is None or spec.moe.on(layer))

@@ -1,9 +1,12 @@
 """A mixture of experts in place of the MLP (spec.moe), computed as transformers' eager
 experts loop computes it, so that logits match it in fp32 and in bf16.
 
-    w, idx = topk(softmax(router(x)), top_k)     # per token, fp32; renormalised if norm_topk_prob
+    s = softmax(router(x))                       # per token, fp32; sigmoid for DeepSeek-V3
+    idx = topk(s + choice_bias, top_k)           # within the best groups of experts, if grouped
+    w = s[idx] * scale                           # renormalised first if norm_topk_prob
     y = sum over chosen experts e of w_e * expert_e(x)   # expert by expert, index_add in order
     y = y + sigmoid(shared_gate(x)) * shared(x)  # Qwen2-MoE's shared expert, where it has one
+                                                 # (DeepSeek's: ungated)
 """
 
 from __future__ import annotations
@@ -28,19 +31,43 @@ class MoE(nn.Module):
                              "the unified model cannot compute these experts")
         self.router = nn.Linear(spec.hidden_size, spec.num_experts, bias=False)
         self.experts = nn.ModuleList(mlp(m.expert_size) for _ in range(spec.num_experts))
+        if m.choice_bias:  # DeepSeek-V3's e_score_correction_bias: stored, never trained by loss
+            self.register_buffer("choice_bias", torch.zeros(spec.num_experts, dtype=torch.float32))
         if m.shared_size:
             self.shared = mlp(m.shared_size)
-            self.shared_gate = nn.Linear(spec.hidden_size, 1, bias=False)
-        self.top_k, self.renormalise, self.fp32_weights = m.top_k, m.norm_topk_prob, m.fp32_weights
+            if m.gated_shared:
+                self.shared_gate = nn.Linear(spec.hidden_size, 1, bias=False)
+        self.m = m
         self.has_shared = bool(m.shared_size)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each token's top_k experts (N, k) and their weights (N, k), for x (N, hidden)."""
-        logits = self.router(x)  # (N, E)
-        weights, chosen = torch.topk(F.softmax(logits, dim=-1, dtype=torch.float), self.top_k, dim=-1)
-        if self.renormalise:
+        m = self.m
+        if m.fp32_router:
+            logits = F.linear(x.float(), self.router.weight.float())  # (N, E)
+        else:
+            logits = self.router(x)
+        if m.scoring == "sigmoid":
+            scores = logits.float().sigmoid()
+        else:
+            scores = F.softmax(logits, dim=-1, dtype=torch.float)
+        choice = scores + self.choice_bias if m.choice_bias else scores
+        if m.groups > 1:  # only the experts of the top_groups best groups may be chosen
+            grouped = choice.view(len(choice), m.groups, -1)  # (N, groups, E / groups)
+            best = grouped.max(-1).values if m.group_score == "max" else grouped.topk(2, dim=-1)[0].sum(-1)
+            kept = torch.zeros_like(best).scatter_(1, best.topk(m.top_groups, dim=-1)[1], 1.0).bool()
+            out = ~kept.repeat_interleave(grouped.shape[-1], dim=1)  # (N, E)
+            if m.scoring == "softmax":  # V2 zeroes the other groups' scores: weights too (a top_k
+                scores = choice = scores.masked_fill(out, 0.0)  # beyond the kept experts weighs 0)
+            else:  # V3 sets their biased scores to -inf, the choice only
+                choice = choice.masked_fill(out, float("-inf"))
+        chosen = torch.topk(choice, m.top_k, dim=-1)[1]
+        weights = scores.gather(1, chosen)  # the unbiased scores of the chosen
+        if m.norm_topk_prob:  # DeepSeek-V3 adds 1e-20 to the sum: no fp32 sum of scores moves by it
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        return chosen, weights if self.fp32_weights else weights.to(logits.dtype)
+        if m.scale != 1.0:
+            weights = weights * m.scale
+        return chosen, weights if m.fp32_weights else weights.to(logits.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, h = x.shape
@@ -53,6 +80,8 @@ class MoE(nn.Module):
             token, slot = torch.where(chosen == e)
             y = self.experts[e](x[token]) * weights[token, slot, None]
             out.index_add_(0, token, y.to(out.dtype))
-        if self.has_shared:
+        if self.has_shared and self.m.gated_shared:
             out = out + F.sigmoid(self.shared_gate(x)) * self.shared(x)
+        elif self.has_shared:
+            out = out + self.shared(x)
         return out.view(b, t, h)

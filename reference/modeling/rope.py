@@ -112,7 +112,8 @@ class Rotary(torch.nn.Module):
                     emb = freqs.repeat_interleave(2, dim=-1)
                 else:  # frequency i on dims i and i + rotary_dim / 2
                     emb = torch.cat((freqs, freqs), dim=-1)
-                out.append(((emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)))
+                kept = torch.float32 if self.spec.fp32_rope else dtype  # apply_rotary casts back
+                out.append(((emb.cos() * scaling).to(kept), (emb.sin() * scaling).to(kept)))
         return out if len(out) == 2 else out * 2
 
 
@@ -128,9 +129,10 @@ def _rotate_pairs(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  interleaved: bool = False) -> torch.Tensor:
-    """Rotate the first cos.shape[-1] dims of each head of x (B, H, T, D); the rest pass."""
+    """Rotate the first cos.shape[-1] dims of each head of x (B, H, T, D); the rest pass. With
+    fp32 cos/sin (spec.fp32_rope) the rotation is computed in fp32 and cast back to x's dtype."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, rotary_dim)
     n = cos.shape[-1]
     rot, rest = x[..., :n], x[..., n:]
     turned = _rotate_pairs(rot) if interleaved else _rotate_half(rot)
-    return torch.cat((rot * cos + turned * sin, rest), dim=-1)
+    return torch.cat(((rot * cos + turned * sin).to(x.dtype), rest), dim=-1)
