@@ -271,3 +271,17 @@ def test_damaged_expert_parallel_checkpoint_fails_in_one_line(tmp_path, capsys) 
     other.unlink()
     _fails(capsys, back, "mp_rank_00_001", "missing rank file")
     assert not (tmp_path / "back").exists()
+
+
+@pytest.mark.parametrize("field,value", [("scoring", "sigmoid"), ("groups", 2), ("choice_bias", True),
+                                         ("scale", 2.5), ("fp32_router", True)])
+def test_deepseek_routing_is_refused_by_name_on_the_way_in(field, value) -> None:
+    """The spec's DeepSeek routing fields, one at a time on a routing megatron-core does match:
+    each is named, so a new routing field cannot slip into a checkpoint that routes otherwise."""
+    from reference.converters.megatron.args import refuses
+    from reference.families.registry import FAMILIES
+
+    spec = FAMILIES["qwen3_moe"].read(tiny_model("qwen3_moe").config.to_dict(), "qwen3_moe")
+    assert "moe" not in refuses(spec)
+    bad = spec.replace(moe=spec.moe.__class__(**{**asdict(spec.moe), field: value}))
+    assert f"{field}={value!r}" in refuses(bad)["moe"]

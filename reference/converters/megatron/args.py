@@ -39,9 +39,20 @@ def refuses(spec: ModelSpec) -> dict[str, str]:
     except Inexpressible as e:
         out["rope_parameters"] = e.detail
     if spec.num_experts and spec.moe is None:
-        out["num_experts"] = ("routing the spec does not describe (DeepSeek's groups and biases); "
-                              "megatron-core's router is not matched to it here")
+        out["num_experts"] = "routing the spec does not describe; megatron-core's router is not matched to it"
+    elif spec.moe is not None:
+        unmatched = [f"{f}={getattr(spec.moe, f)!r}" for f, plain in ROUTING_MATCHED.items()
+                     if getattr(spec.moe, f) != plain]
+        if unmatched:
+            out["moe"] = (f"routing with {', '.join(unmatched)} (DeepSeek's): megatron-core's router "
+                          "is matched here only to softmax top-k routing without groups, bias or scale")
     return out
+
+
+# The spec's routing fields at the values megatron-core's router is proven to compute as the HF
+# families do (ROUTER_FIXED below is the same boundary read from Megatron args).
+ROUTING_MATCHED: dict[str, Any] = {"scoring": "softmax", "groups": 1, "choice_bias": False,
+                                   "scale": 1.0, "fp32_router": False, "gated_shared": True}
 
 
 # megatron-core router options that change which experts a token reaches or their weights, at
