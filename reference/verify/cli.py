@@ -6,6 +6,8 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.epilog = ("exit status: 0 within the noise floor (10 x the fp32-vs-fp64 gap of each side, "
+                "measured for this model), 1 beyond it, 2 bad input. See docs/verify.md.")
     p.add_argument("src", help="an HF model directory, a unified one, or a Megatron-LM checkpoint "
                                "(torch or torch_dist)")
     p.add_argument("dst", help="the other checkpoint, of any of those kinds")

@@ -1,6 +1,6 @@
 """A Megatron-LM checkpoint run by megatron-core itself, at the parallel layout it was saved
-with: one process per rank, spawned fresh, joined under NCCL when CUDA is available, else under
-gloo on the CPU (with `cpu_side_steps` applied inside each rank, restored on exit).
+with: one process per rank, spawned fresh, joined under NCCL when there is a GPU for every
+rank, else under gloo on the CPU (with `cpu_side_steps` applied inside each rank, restored on exit).
 
 Legacy `torch` checkpoints: each rank loads its own rank file with `strict=True`.
 `torch_dist` checkpoints: each rank loads through megatron-core's `dist_checkpointing.load`
@@ -99,9 +99,9 @@ def rank_main(rank: int, world: int, port: int, tmp: str, threads: int) -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
     torch.set_num_threads(threads)
     job = MegatronJob(**json.loads((Path(tmp) / "job.json").read_text()))
-    cuda = torch.cuda.is_available()
+    cuda = torch.cuda.device_count() >= world  # NCCL wants a GPU of its own for every rank
     if cuda:
-        torch.cuda.set_device(rank % torch.cuda.device_count())
+        torch.cuda.set_device(rank)
     dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}",
                             rank=rank, world_size=world, timeout=timedelta(seconds=TIMEOUT_S))
     from reference.verify.cpu import cpu_side_steps
