@@ -6,5 +6,6 @@ noise floor measured for the model. One concern per module:
     hf_run.py       transformers classes and the unified model
     mcore_ranks.py  megatron-core, one spawned process per rank
     mcore_model.py  GPTModel from a checkpoint's args; its stages driven by hand
+    first_layers.py the first K layers of a legacy Megatron checkpoint as one stage
     cpu.py          megatron-core's CUDA assumptions side-stepped on the CPU, restored on exit
 """

@@ -15,7 +15,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="random token ids (seeded, below the smaller vocabulary) to run (default 32)")
     p.add_argument("--layers", type=int, metavar="K",
                    help="compare the hidden states after the first K layers instead of the logits "
-                        "(an HF side then loads only those layers)")
+                        "(an HF or Megatron torch side then loads only those layers)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -45,8 +45,9 @@ def check_args(args: Namespace, where: str) -> None:
                          "MoE checkpoints are not verified yet")
 
 
-def build(args: Namespace, vp_stage: int | None) -> Any:
-    """GPTModel of one (virtual) pipeline stage, fp32, eval mode, on the CPU."""
+def build(args: Namespace, vp_stage: int | None, post_process: bool | None = None) -> Any:
+    """GPTModel of one (virtual) pipeline stage, fp32, eval mode, on the CPU; `post_process`
+    False leaves out the final norm and output layer of a last stage (it returns hidden states)."""
     import torch
     import torch.nn.functional as F
     from megatron.core import parallel_state as ps
@@ -88,7 +89,8 @@ def build(args: Namespace, vp_stage: int | None) -> Any:
         vocab_size=args.padded_vocab_size,
         max_sequence_length=args.max_position_embeddings,
         pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
-        post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=(ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+                      if post_process is None else post_process),
         share_embeddings_and_output_weights=not getattr(args, "untie_embeddings_and_output_weights", False),
         position_embedding_type="rope",
         rotary_percent=getattr(args, "rotary_percent", 1.0),

@@ -37,7 +37,8 @@ class MegatronJob:
 
     kind: str  # "torch" or "torch_dist"
     files: dict[str, str]  # torch: "tp,pp" -> rank file; torch_dist: {"dir": iteration dir}
-    world: int
+    world: int  # TP x PP; TP alone for the first layers of a legacy checkpoint (`_collapsed`)
+    tp: int
     layer_spec: str  # "local" or "te"
     vocab_size: int  # logits are trimmed to it (the padded rows are zeros)
     ids: list[list[int]]
@@ -126,25 +127,42 @@ def _args(job: MegatronJob, tp_rank: int, pp_rank: int) -> tuple[Any, Any]:
     return load_common(Path(job.files["dir"]) / COMMON)["args"], None
 
 
+def _collapsed(job: MegatronJob) -> bool:
+    """The first K layers of a legacy checkpoint run at PP 1 in TP ranks (see first_layers.py);
+    a torch_dist checkpoint's layers are stacked by their global count, so it runs as saved."""
+    return job.kind == "torch" and job.layers is not None
+
+
+def _strict(model: Any, sd: dict[str, Any], job: MegatronJob, what: str) -> None:
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise InputError(f"{job.files['0,0']}: megatron-core refused {what}: "
+                         f"{str(e).splitlines()[0]}") from None
+
+
 def _load(job: MegatronJob, device: torch.device) -> list[Any]:
     """This rank's (virtual) stages, built from the args and loaded strictly."""
     from megatron.core import parallel_state as ps
 
     from reference.verify.mcore_model import build, check_args, te_to_local
 
-    args, state = _args(job, ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank())
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    args, state = _args(job, tp_rank, ps.get_pipeline_model_parallel_rank())
     check_args(args, job.files.get("dir") or job.files["0,0"])
+    if _collapsed(job):
+        from reference.verify.first_layers import first_layers_args, first_layers_state
+
+        sd = first_layers_state(args, job.layers, lambda pp_rank: _args(job, tp_rank, pp_rank)[1])
+        model = build(first_layers_args(args, job.layers), None, post_process=False)
+        _strict(model, te_to_local(sd) if job.layer_spec == "te" else sd, job, f"layers 1..{job.layers}")
+        return [model.to(device)]
     vpp = getattr(args, "virtual_pipeline_model_parallel_size", None)
     models = [build(args, v if vpp else None) for v in range(vpp or 1)]
     names = ["model"] if vpp is None else [f"model{v}" for v in range(vpp)]
     if job.kind == "torch":
         for name, model in zip(names, models, strict=True):
-            sd = te_to_local(state[name]) if job.layer_spec == "te" else state[name]
-            try:
-                model.load_state_dict(sd, strict=True)
-            except RuntimeError as e:
-                raise InputError(f"{job.files['0,0']}: megatron-core refused {name}: "
-                                 f"{str(e).splitlines()[0]}") from None
+            _strict(model, te_to_local(state[name]) if job.layer_spec == "te" else state[name], job, name)
     else:
         from megatron.core import dist_checkpointing
 
@@ -173,9 +191,9 @@ def _run(job: MegatronJob, device: torch.device) -> dict[str, Any]:
 
     args, _ = _args(job, 0, 0)
     layout, _ = layout_from_args(args, "args")
-    ps.initialize_model_parallel(tensor_model_parallel_size=layout.tp,
-                                 pipeline_model_parallel_size=layout.pp,
-                                 virtual_pipeline_model_parallel_size=layout.vpp)
+    pp, vpp = (1, None) if _collapsed(job) else (layout.pp, layout.vpp)
+    ps.initialize_model_parallel(tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=pp,
+                                 virtual_pipeline_model_parallel_size=vpp)
     out: dict[str, Any] = {}
     try:
         models = _load(job, device)

@@ -40,7 +40,10 @@ class Side:
             return run_unified(self.path, ids, layers)
         from reference.verify.mcore_ranks import run_megatron
 
-        return run_megatron(replace(self.job, ids=ids.tolist(), layers=layers), start_method)
+        job = replace(self.job, ids=ids.tolist(), layers=layers)
+        if layers is not None and self.kind == "torch":
+            job = replace(job, world=job.tp)  # the first layers run at PP 1 (first_layers.py)
+        return run_megatron(job, start_method)
 
 
 def _megatron(path: Path, spec: ModelSpec) -> Side:
@@ -61,7 +64,7 @@ def _megatron(path: Path, spec: ModelSpec) -> Side:
     world = layout.tp * layout.pp
     vpp = f" vpp {layout.vpp}" if layout.vpp else ""
     label = f"megatron-core GPTModel, {kind} tp {layout.tp} pp {layout.pp}{vpp}"
-    job = MegatronJob(kind=kind, files=files, world=world, layer_spec=layout.layer_spec,
+    job = MegatronJob(kind=kind, files=files, world=world, tp=layout.tp, layer_spec=layout.layer_spec,
                       vocab_size=spec.vocab_size, ids=[], layers=None)
     return Side(path, kind, label, spec, job)
 

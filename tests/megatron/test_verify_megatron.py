@@ -73,6 +73,13 @@ def test_megatron_torch_with_layer_0_moved_fails_at_layers_1(ckpts, capsys) -> N
     assert code == 1 and "hidden states after layer 1" in out and "DIFFERENT" in out, out
 
 
+def test_layers_of_every_pipeline_stage_run_as_one_stage(ckpts, capsys) -> None:
+    """`--layers 2` of the PP 2 checkpoint: layer 2 lives on stage 1, where the rank file calls
+    it layer 0; one process runs both layers, renumbered (reference/verify/first_layers.py)."""
+    code, out = verify(capsys, ckpts / "hf", ckpts / "torch", layers=2)
+    assert code == 0 and "hidden states after layer 2" in out, out
+
+
 def test_megatron_torch_dist_and_hf_agree(ckpts, capsys) -> None:
     assert sorted((ckpts / "dist" / "iter_0000001").glob("*.distcp"))  # megatron-core's own files
     code, out = verify(capsys, ckpts / "dist", ckpts / "hf")
