@@ -84,6 +84,8 @@ def run_megatron(job: MegatronJob, start_method: str = "spawn") -> dict[str, tor
     for r in results:
         if r.get("error"):
             raise InputError(r["error"])
+        if r.get("crash"):
+            raise RuntimeError(f"a megatron-core rank failed:\n{r['crash']}")
     held = [r for r in results if "float32" in r]
     assert len(held) == 1, f"{len(held)} ranks returned an answer"
     return {k: held[0][k] for k in DTYPES}
@@ -137,7 +139,8 @@ def _strict(model: Any, sd: dict[str, Any], job: MegatronJob, what: str) -> None
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:
-        raise InputError(f"{job.files['0,0']}: megatron-core refused {what}: "
+        where = job.files.get("dir") or job.files["0,0"]
+        raise InputError(f"{where}: megatron-core refused {what}: "
                          f"{str(e).splitlines()[0]}") from None
 
 
@@ -167,9 +170,14 @@ def _load(job: MegatronJob, device: torch.device) -> list[Any]:
         from megatron.core import dist_checkpointing
 
         sharded = {name: m.sharded_state_dict() for name, m in zip(names, models, strict=True)}
-        loaded = dist_checkpointing.load(sharded, job.files["dir"])
+        try:
+            loaded = dist_checkpointing.load(sharded, job.files["dir"])
+        except Exception as e:  # megatron-core raises its own CheckpointingException and others
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise InputError(f"{job.files['dir']}: megatron-core's dist_checkpointing.load refused it: "
+                             f"{reason}") from None
         for name, model in zip(names, models, strict=True):
-            model.load_state_dict(loaded[name], strict=True)
+            _strict(model, loaded[name], job, name)
     return [m.to(device) for m in models]
 
 
@@ -197,9 +205,10 @@ def _run(job: MegatronJob, device: torch.device) -> dict[str, Any]:
     out: dict[str, Any] = {}
     try:
         models = _load(job, device)
-    except Exception as e:
-        message = str(e) if isinstance(e, InputError) else traceback.format_exc(limit=-2)
-        out["error"] = message.strip().splitlines()[0] if isinstance(e, InputError) else message
+    except InputError as e:  # the checkpoint: one line for the CLI
+        out["error"] = str(e).strip().splitlines()[0]
+    except Exception:  # a bug: the whole story
+        out["crash"] = traceback.format_exc()
     ok = torch.tensor([0 if out else 1], dtype=torch.int32, device=device)
     dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # every rank stops if one failed: no hang
     if not ok.item():

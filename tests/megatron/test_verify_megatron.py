@@ -103,3 +103,13 @@ def test_reading_a_rank_file_keeps_megatron_cores_safe_globals(ckpts) -> None:
     assert Namespace in torch.serialization.get_safe_globals()  # registered by megatron-core
     load_rank_file(next((ckpts / "torch").rglob("model_optim_rng.pt")))
     assert Namespace in torch.serialization.get_safe_globals()
+
+
+def test_a_broken_megatron_checkpoint_is_one_line_exit_2(ckpts, capsys, tmp_path) -> None:
+    import shutil
+
+    shutil.copytree(ckpts / "torch", tmp_path / "torch")
+    next((tmp_path / "torch").rglob("mp_rank_00_001/model_optim_rng.pt")).unlink()
+    code, out = cli(capsys, ckpts / "hf", tmp_path / "torch")
+    assert code == 2 and len(out.strip().splitlines()) == 1, out
+    assert "mp_rank_00_001" in out and "missing" in out, out
