@@ -25,6 +25,7 @@ COMMANDS = {
     "inspect": ("reference.inspect_cli", "probe one forward: layer change, logit lens, attention"),
     "generate": ("reference.generate", "stream a continuation of a prompt from a model directory"),
     "infer": ("reference.infer.cli", "batch inference over many model replicas, each row exactly once"),
+    "verify": ("reference.verify.cli", "compare two checkpoints, each run by its own implementation"),
 }
 
 

@@ -8,15 +8,7 @@ from __future__ import annotations
 
 import contextlib
 
-# TransformerConfig fields that keep megatron-core off fused CUDA kernels and CUDA memory.
-CPU_CONFIG = dict(
-    bias_dropout_fusion=False,
-    apply_rope_fusion=False,
-    masked_softmax_fusion=False,
-    persist_layer_norm=False,
-    gradient_accumulation_fusion=False,
-    use_cpu_initialization=True,
-)
+from reference.verify.cpu import CPU_CONFIG  # noqa: F401  (tests build their own configs with it)
 
 
 def side_steps() -> None:

@@ -52,7 +52,10 @@ def load_args_file(path: Path, missing: str, **load: Any) -> dict[str, Any]:
 
 def load_rank_file(path: Path) -> dict[str, Any]:
     """One rank file, memory-mapped: tensor data is read only when touched."""
-    with torch.serialization.safe_globals(SAFE):
+    # safe_globals() removes on exit what it was given, even a global registered before it:
+    # megatron-core registers Namespace at import, and its own loads need it afterwards.
+    missing = [g for g in SAFE if g not in torch.serialization.get_safe_globals()]
+    with torch.serialization.safe_globals(missing):
         return load_args_file(path, "missing rank file", mmap=True, weights_only=True)
 
 
