@@ -33,3 +33,24 @@ def test_no_golden_without_a_family() -> None:
     known = {golden_path(f, t).name for f in FAMILIES for t in TIES if f not in LAYOUTS or not t}
     stray = sorted(p.name for p in golden_path("x", False).parent.glob("*.safetensors"))
     assert set(stray) <= known, f"goldens with no registered family: {set(stray) - known}"
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if FAMILIES[f].keys is not None])
+def test_a_dimension_written_is_read_back_or_refused(family: str) -> None:
+    """Every dimension of a spec (GQA heads, a head_dim that is not hidden / heads, ...) either
+    reads back from the config.json the family writes, or the family refuses it by name: a
+    config with no field for it would silently describe another model (qwen v1 once wrote a
+    GQA model as MHA)."""
+    from reference.families.spec import DIMENSIONS
+    from reference.families.verdict import blocking
+    from reference.tiny import tiny_config
+
+    spec = FAMILIES["llama"].read(tiny_config("llama").to_dict(), "llama")
+    assert 1 < spec.num_heads // spec.num_kv_heads < spec.num_heads  # GQA, groups neither 1 nor heads
+    f = FAMILIES[family]
+    held = f.express(spec)
+    if blocking(spec, held) or f.refuses(held):
+        return  # refused: the converter names what (tested by the equivalence matrix)
+    back = f.read(f.config(held, {}), family)
+    for dim in DIMENSIONS:
+        assert getattr(back, dim) == getattr(held, dim), f"{family}: {dim} not read back from its config"

@@ -115,7 +115,7 @@ ROWS = (
                    "max_position_embeddings": "max_position_embeddings", "norm_eps": "layer_norm_epsilon",
                    "tie_word_embeddings": "tie_word_embeddings"},
            codecs=(Scaled("intermediate_size", "intermediate_size", 2), Fixed("qkv_bias", True),
-                   LegacyRope("rotary_emb_base"), LongContext())),
+                   LegacyRope("rotary_emb_base"), LongContext(), Implied("num_kv_heads"))),
     Family(model_type="chatglm", architecture="ChatGLMModel", keys=CHATGLM_KEYS, fields=CHATGLM_FIELDS,
            codecs=CHATGLM_CODECS),
     Family(model_type="granite", architecture="GraniteForCausalLM", keys=LLAMA_KEYS,
