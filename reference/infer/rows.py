@@ -111,7 +111,8 @@ def check_manifest(path: Path, manifest: dict, output: Path) -> None:
 def read_done(parts: Path, output: Path) -> dict[str, dict]:
     """The rows already committed, by key: every part file, and the output of a finished run."""
     done: dict[str, dict] = {}
-    files = sorted(parts.glob("*.jsonl")) if parts.is_dir() else []
+    # not the dot files: a temporary part of a worker killed mid-write, or one being written now
+    files = sorted(p for p in parts.glob("*.jsonl") if not p.name.startswith(".")) if parts.is_dir() else []
     for f in ([output] if output.is_file() else []) + files:
         for text in f.read_text(encoding="utf-8").splitlines():
             row = json.loads(text)
