@@ -69,7 +69,7 @@ def test_a_malformed_line_is_refused_by_number_before_any_work(model, tmp_path) 
     run = reference("infer", str(model), str(path), str(tmp_path / "out.jsonl"), "--workers", "1")
     _, err = run.communicate(timeout=60)
     assert run.returncode == 2
-    assert len(err.splitlines()) == 1 and "line 3: not valid JSON" in err
+    assert len(err.splitlines()) == 1 and f"{path}:3: not valid JSON" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl"]
 
 
