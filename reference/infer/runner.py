@@ -10,13 +10,13 @@ import importlib.util
 import json
 import multiprocessing
 import os
-import queue
 import shutil
 import sys
 import uuid
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from reference.errors import InputError, require
 from reference.infer.nodes import Node, NodesLost, group, share
@@ -170,12 +170,19 @@ class Infer:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         on_cpu = sum(devs[0] == "cpu" for devs in plan)
         threads = max(1, cores // max(on_cpu * processes_here, 1))  # torchrun may put several here
-        outbox = ctx.Queue()
         inboxes = [ctx.Queue() for _ in plan]
-        procs = [ctx.Process(target=main, args=(w, devs, threads, job, inboxes[w], outbox), daemon=True)
+        # One pipe per worker for its reports, written by its main thread: a worker that dies
+        # mid-report breaks only its own pipe. (A shared Queue has one write lock for all its
+        # writers, taken by a background thread; a worker killed while holding it silenced the
+        # reports of every other worker, and the job waited for ever.)
+        pipes = [ctx.Pipe(duplex=False) for _ in plan]
+        procs = [ctx.Process(target=main, args=(w, devs, threads, job, inboxes[w], pipes[w][1]), daemon=True)
                  for w, devs in enumerate(plan)]
         for p in procs:
             p.start()
+        for _, writer in pipes:
+            writer.close()  # the workers hold the write ends now: a dead one's pipe reads as closed
+        reports = {reader for reader, _ in pipes}
         pending = deque(enumerate(work))
         sizes = {b: len(rows) for b, rows in pending}
         held: dict[int, tuple[int, list[Row]] | None] = dict.fromkeys(range(len(procs)))
@@ -194,20 +201,17 @@ class Infer:
 
         try:
             while len(finished) < len(work):
-                try:
-                    msg = outbox.get(timeout=0.2)
-                except queue.Empty:
-                    msg = None
-                if msg and msg[0] == "fatal":
-                    raise WorkersFailed(f"worker {msg[1]} could not start: {msg[2]}")
-                if msg and msg[0] == "done":
-                    _, w, b, n = msg
-                    held[w] = None
-                    if b not in finished:
-                        finished.add(b)
-                        bar.update(n)
-                if msg and msg[0] == "ready" and msg[1] not in gone:
-                    idle.append(msg[1])
+                for msg in receive(reports):
+                    if msg[0] == "fatal":
+                        raise WorkersFailed(f"worker {msg[1]} could not start: {msg[2]}")
+                    if msg[0] == "done":
+                        _, w, b, n = msg
+                        held[w] = None
+                        if b not in finished:
+                            finished.add(b)
+                            bar.update(n)
+                    if msg[0] == "ready" and msg[1] not in gone:
+                        idle.append(msg[1])
                 for w, p in enumerate(procs):
                     if w in gone or p.exitcode is None:
                         continue
@@ -235,4 +239,21 @@ class Infer:
                 p.join(timeout=5)
                 if p.exitcode is None:
                     p.kill()
+            for reader in reports:
+                reader.close()
         return sum(sizes[b] for b in finished)
+
+
+def receive(reports: set[Any], timeout_s: float = 0.2) -> list[tuple]:
+    """The reports waiting in the workers' pipes (after up to `timeout_s` for the first); a pipe
+    whose worker has gone is dropped (the exit code tells the scheduler the rest)."""
+    from multiprocessing.connection import wait
+
+    messages = []
+    for reader in wait(list(reports), timeout=timeout_s):
+        try:
+            while reader.poll():
+                messages.append(reader.recv())
+        except (EOFError, OSError):
+            reports.discard(reader)
+    return messages

@@ -198,12 +198,12 @@ def main(worker: int, devices: list[str], threads: int, job: Job, inbox: Any, ou
         logging.disable_progress_bar()  # one bar, the parent's
         replica = Replica(job, devices)
     except Exception as e:  # noqa: BLE001 - the parent reports it and stops the job
-        outbox.put(("fatal", worker, first_line(e), traceback.format_exc()))
+        outbox.send(("fatal", worker, first_line(e), traceback.format_exc()))
         return
     exit_after = int(os.environ.get("REFERENCE_INFER_TEST_EXIT", "0")) or None
     hang_after = int(os.environ.get("REFERENCE_INFER_TEST_HANG", "0")) or None
     generated = committed = 0
-    outbox.put(("ready", worker))
+    outbox.send(("ready", worker))
     while True:
         try:
             task = inbox.get(timeout=1.0)
@@ -224,5 +224,5 @@ def main(worker: int, devices: list[str], threads: int, job: Job, inbox: Any, ou
         if hang_after is not None and committed >= hang_after:
             while True:
                 time.sleep(60)
-        outbox.put(("done", worker, batch, len(rows)))
-        outbox.put(("ready", worker))
+        outbox.send(("done", worker, batch, len(rows)))
+        outbox.send(("ready", worker))
