@@ -1,6 +1,6 @@
 """Sessions: tests, equivalence (the CI gate for new families), goldens, lint, bench, demo.
 
-They run in the current environment (`pip install torch==2.13.0 -e ".[test,megatron,train]"`
+They run in the current environment (`pip install torch==2.13.0 -e ".[test,megatron,train,ray]"`
 first): torch is gigabytes, its CPU or CUDA build is the user's choice, and one install
 should serve every session rather than one virtualenv each.
 """

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from reference.errors import InputError
+from reference.jsonl import line_error, read_objects
 
 
 @dataclass(frozen=True)
@@ -36,36 +37,25 @@ class Row:
 
 def read_rows(path: Path) -> list[Row]:
     """Every row of a JSONL file; a malformed line is an InputError naming it."""
-    if not path.is_file():
-        raise InputError(f"{path}: no such data file")
     rows: list[Row] = []
     seen: dict[str, int] = {}
-    with path.open(encoding="utf-8") as f:
-        for n, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}: line {n}: not valid JSON ({e.msg}, column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise InputError(f"{path}: line {n}: a row must be a JSON object, not {type(obj).__name__}")
-            prompt, messages = obj.get("prompt"), obj.get("messages")
-            if (prompt is None) == (messages is None):
-                raise InputError(f"{path}: line {n}: give exactly one of 'prompt' (a string) or 'messages'")
-            if prompt is not None and not isinstance(prompt, str):
-                raise InputError(f"{path}: line {n}: 'prompt' must be a string")
-            if messages is not None and not (isinstance(messages, list)
-                                             and all(isinstance(m, dict) for m in messages)):
-                raise InputError(f"{path}: line {n}: 'messages' must be a list of objects")
-            id_ = obj.get("id", n)
-            if not isinstance(id_, (int, str)) or isinstance(id_, bool):
-                raise InputError(f"{path}: line {n}: 'id' must be an integer or a string")
-            row = Row(id=id_, line=n, prompt=prompt, messages=messages)
-            if row.key in seen:
-                raise InputError(f"{path}: line {n}: id {row.key} already on line {seen[row.key]}")
-            seen[row.key] = n
-            rows.append(row)
+    for n, obj in read_objects(path, "one prompt or chat a line"):
+        prompt, messages = obj.get("prompt"), obj.get("messages")
+        if (prompt is None) == (messages is None):
+            raise line_error(path, n, "give exactly one of 'prompt' (a string) or 'messages'")
+        if prompt is not None and not isinstance(prompt, str):
+            raise line_error(path, n, "'prompt' must be a string")
+        if messages is not None and not (isinstance(messages, list)
+                                         and all(isinstance(m, dict) for m in messages)):
+            raise line_error(path, n, "'messages' must be a list of objects")
+        id_ = obj.get("id", n)
+        if not isinstance(id_, (int, str)) or isinstance(id_, bool):
+            raise line_error(path, n, "'id' must be an integer or a string")
+        row = Row(id=id_, line=n, prompt=prompt, messages=messages)
+        if row.key in seen:
+            raise line_error(path, n, f"id {row.key} already on line {seen[row.key]}")
+        seen[row.key] = n
+        rows.append(row)
     return rows
 
 
@@ -111,7 +101,8 @@ def check_manifest(path: Path, manifest: dict, output: Path) -> None:
 def read_done(parts: Path, output: Path) -> dict[str, dict]:
     """The rows already committed, by key: every part file, and the output of a finished run."""
     done: dict[str, dict] = {}
-    files = sorted(parts.glob("*.jsonl")) if parts.is_dir() else []
+    # not the dot files: a temporary part of a worker killed mid-write, or one being written now
+    files = sorted(p for p in parts.glob("*.jsonl") if not p.name.startswith(".")) if parts.is_dir() else []
     for f in ([output] if output.is_file() else []) + files:
         for text in f.read_text(encoding="utf-8").splitlines():
             row = json.loads(text)

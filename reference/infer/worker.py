@@ -51,7 +51,14 @@ class Replica:
 
         self.job, self.torch = job, torch
         self.tokenizer = AutoTokenizer.from_pretrained(job.model_path, local_files_only=True)
-        if job.backend == "unified":
+        if job.backend == "vllm":
+            from transformers import AutoConfig
+
+            from reference.infer.vllm_backend import load
+
+            self.model = load(job.model_path, devices)
+            config = AutoConfig.from_pretrained(job.model_path, local_files_only=True)
+        elif job.backend == "unified":
             from reference.modeling import UnifiedForCausalLM
 
             self.model = UnifiedForCausalLM.from_pretrained(job.model_path)
@@ -67,7 +74,8 @@ class Replica:
             self.model = AutoModelForCausalLM.from_pretrained(job.model_path, local_files_only=True)
             self.model.to(devices[0])
             config = self.model.config
-        self.model.eval()
+        if job.backend != "vllm":
+            self.model.eval()
         self.device = devices[0]
         eos = getattr(config, "eos_token_id", None)
         if eos is None:
@@ -89,13 +97,21 @@ class Replica:
         cut = next((i for i, t in enumerate(tokens) if t in self.eos), len(tokens))
         return self.tokenizer.decode(tokens[:cut], skip_special_tokens=True)
 
-    def generate(self, encoded: list[list[int]], seed: int | None) -> list[str]:
-        """Greedy (or seeded sampling) continuations of left-padded prompts."""
+    def generate(self, encoded: list[list[int]], seeds: list[int] | None) -> list[str]:
+        """Greedy (or seeded sampling, a seed per row) continuations of left-padded prompts;
+        hf and unified take one seed for the whole batch, so they are given one row at a time."""
+        job = self.job
+        if job.backend == "vllm":
+            from reference.infer.vllm_backend import generate
+
+            new_tokens = generate(self.model, encoded, seeds, job.max_new_tokens, job.do_sample,
+                                  job.temperature, job.top_p)
+            return [self.decode(tokens) for tokens in new_tokens]
         torch = self.torch
+        seed = seeds[0] if seeds else None
         width = max(len(ids) for ids in encoded)
         ids = torch.tensor([[self.pad] * (width - len(x)) + x for x in encoded], device=self.device)
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in encoded], device=self.device)
-        job = self.job
         with torch.no_grad():
             if job.backend == "unified":
                 steps = self.model.stream_generate(
@@ -132,20 +148,21 @@ class Replica:
                                                      "positions"}
             else:
                 encoded[i] = ids
-        if self.job.do_sample:  # one row at a time, seeded by its id: the same text in any batch
-            groups = [[i] for i in encoded]
+        if self.job.do_sample and self.job.backend != "vllm":  # a row at a time, seeded by its id:
+            groups = [[i] for i in encoded]  # the same text in any batch (vLLM seeds each request)
         else:
             groups = [list(encoded)] if encoded else []
         for group in groups:
             try:
-                seed = row_seed(self.job.seed, rows[group[0]].id) if self.job.do_sample else None
-                texts = self.generate([encoded[i] for i in group], seed)
+                seeds = [row_seed(self.job.seed, rows[i].id) for i in group] if self.job.do_sample else None
+                texts = self.generate([encoded[i] for i in group], seeds)
                 pairs = list(zip(group, texts, strict=True))
             except Exception:  # noqa: BLE001 - find the row at fault: each alone
                 pairs = []
                 for i in group:
                     try:
-                        pairs.append((i, self.generate([encoded[i]], None)[0]))
+                        one = [row_seed(self.job.seed, rows[i].id)] if self.job.do_sample else None
+                        pairs.append((i, self.generate([encoded[i]], one)[0]))
                     except Exception as e:  # noqa: BLE001
                         results[i] = {"id": rows[i].id, "error": first_line(e)}
             for i, text in pairs:
@@ -181,12 +198,12 @@ def main(worker: int, devices: list[str], threads: int, job: Job, inbox: Any, ou
         logging.disable_progress_bar()  # one bar, the parent's
         replica = Replica(job, devices)
     except Exception as e:  # noqa: BLE001 - the parent reports it and stops the job
-        outbox.put(("fatal", worker, first_line(e), traceback.format_exc()))
+        outbox.send(("fatal", worker, first_line(e), traceback.format_exc()))
         return
     exit_after = int(os.environ.get("REFERENCE_INFER_TEST_EXIT", "0")) or None
     hang_after = int(os.environ.get("REFERENCE_INFER_TEST_HANG", "0")) or None
     generated = committed = 0
-    outbox.put(("ready", worker))
+    outbox.send(("ready", worker))
     while True:
         try:
             task = inbox.get(timeout=1.0)
@@ -207,5 +224,5 @@ def main(worker: int, devices: list[str], threads: int, job: Job, inbox: Any, ou
         if hang_after is not None and committed >= hang_after:
             while True:
                 time.sleep(60)
-        outbox.put(("done", worker, batch, len(rows)))
-        outbox.put(("ready", worker))
+        outbox.send(("done", worker, batch, len(rows)))
+        outbox.send(("ready", worker))

@@ -17,7 +17,6 @@ in file order (the same on every rank), whatever its channel field says.
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from reference.errors import InputError
+from reference.jsonl import line_error, read_objects
 from reference.train.accumulator import IGNORE_INDEX, NO_CHANNEL
 
 
@@ -37,13 +38,9 @@ class Sample:
     channels: list[str]
 
 
-def _fail(path: Path, lineno: int, message: str) -> SystemExit:
-    return SystemExit(f"{path}:{lineno}: {message}")
-
-
 def _int_list(value: object, path: Path, lineno: int, name: str) -> list[int]:
     if not isinstance(value, list) or not all(type(v) is int for v in value):
-        raise _fail(path, lineno, f"field '{name}' must be a list of integers")
+        raise line_error(path, lineno, f"field '{name}' must be a list of integers")
     return value
 
 
@@ -52,9 +49,9 @@ def _channels(value: object, n: int, path: Path, lineno: int, name: str) -> list
         return [value] * n
     if isinstance(value, list) and all(isinstance(v, str) and v for v in value):
         if len(value) != n:
-            raise _fail(path, lineno, f"field '{name}' has {len(value)} names for {n} tokens")
+            raise line_error(path, lineno, f"field '{name}' has {len(value)} names for {n} tokens")
         return value
-    raise _fail(path, lineno, f"field '{name}' must be a non-empty name or a list of names")
+    raise line_error(path, lineno, f"field '{name}' must be a non-empty name or a list of names")
 
 
 def load_samples(
@@ -66,44 +63,33 @@ def load_samples(
     max_length: int | None = None,
     tokenize: Callable[[str], list[int]] | None = None,
 ) -> list[Sample]:
-    """Read and check every line of `path`; raise SystemExit naming the file, line and field."""
-    if not path.is_file():
-        raise SystemExit(f"{path}: no such data file (expected JSONL, one sample a line)")
+    """Read and check every line of `path`; raise InputError naming the file, line and field."""
     rng = random.Random(seed)
     samples = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise _fail(path, lineno, f"not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise _fail(path, lineno, "expected a JSON object")
-            if "input_ids" in row:
-                ids = _int_list(row["input_ids"], path, lineno, "input_ids")
-            elif "text" in row and isinstance(row["text"], str):
-                if tokenize is None:
-                    raise _fail(path, lineno, "field 'text' needs a tokenizer in the model dir")
-                ids = tokenize(row["text"])
-            else:
-                raise _fail(path, lineno, "missing field 'input_ids' (or 'text')")
-            if not ids:
-                raise _fail(path, lineno, "empty sample")
-            labels = _int_list(row.get("labels", ids), path, lineno, "labels")
-            if len(labels) != len(ids):
-                raise _fail(path, lineno, f"'labels' has {len(labels)} ids for {len(ids)} tokens")
-            if random_channels:
-                channels = [f"ch{rng.randrange(random_channels)}"] * len(ids)
-            elif channel_field not in row:
-                raise _fail(path, lineno, f"missing channel field '{channel_field}'")
-            else:
-                channels = _channels(row[channel_field], len(ids), path, lineno, channel_field)
-            cut = slice(0, max_length)
-            samples.append(Sample(input_ids=ids[cut], labels=labels[cut], channels=channels[cut]))
+    for lineno, row in read_objects(path, "one sample a line"):
+        if "input_ids" in row:
+            ids = _int_list(row["input_ids"], path, lineno, "input_ids")
+        elif "text" in row and isinstance(row["text"], str):
+            if tokenize is None:
+                raise line_error(path, lineno, "field 'text' needs a tokenizer in the model dir")
+            ids = tokenize(row["text"])
+        else:
+            raise line_error(path, lineno, "missing field 'input_ids' (or 'text')")
+        if not ids:
+            raise line_error(path, lineno, "empty sample")
+        labels = _int_list(row.get("labels", ids), path, lineno, "labels")
+        if len(labels) != len(ids):
+            raise line_error(path, lineno, f"'labels' has {len(labels)} ids for {len(ids)} tokens")
+        if random_channels:
+            channels = [f"ch{rng.randrange(random_channels)}"] * len(ids)
+        elif channel_field not in row:
+            raise line_error(path, lineno, f"missing channel field '{channel_field}'")
+        else:
+            channels = _channels(row[channel_field], len(ids), path, lineno, channel_field)
+        cut = slice(0, max_length)
+        samples.append(Sample(input_ids=ids[cut], labels=labels[cut], channels=channels[cut]))
     if not samples:
-        raise SystemExit(f"{path}: no samples")
+        raise InputError(f"{path}: no samples")
     return samples
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from reference.errors import InputError
 from reference.train.data import ChannelCollator, load_samples
 from reference.train.hf_trainer import ChannelLossJsonlCallback, ChannelLossTrainer
 from reference.train.plot import plot_channel_loss
@@ -53,7 +54,7 @@ def _tokenizer_fn(model_dir: Path) -> Any:
             try:
                 loaded.append(AutoTokenizer.from_pretrained(model_dir))
             except (OSError, ValueError) as e:
-                raise SystemExit(f"{model_dir}: samples have 'text' but no tokenizer loads: {e}") from None
+                raise InputError(f"{model_dir}: samples have 'text' but no tokenizer loads: {e}") from None
         return loaded[0](text)["input_ids"]
 
     return tokenize
@@ -67,7 +68,7 @@ def run_sft(cfg: SftConfig) -> list[dict[str, Any]]:
     import reference.modeling  # noqa: F401  (registers the unified format with AutoModelForCausalLM)
 
     if not (cfg.model / "config.json").is_file():
-        raise SystemExit(f"{cfg.model}: not a model directory (no config.json)")
+        raise InputError(f"{cfg.model}: not a model directory (no config.json)")
     samples = load_samples(
         cfg.data,
         channel_field=cfg.channel_field,

@@ -8,88 +8,12 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
-import torch
-from test_stream_generate import VOCAB, tokenizer
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from jobs import ENV, NEW, ROWS, check, data, reference
 
 from reference.infer import Infer
-from reference.tiny import tiny_model
-
-ROOT = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-NEW = 8
-TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-            "{% if add_generation_prompt %}assistant:{% endif %}")
-ROWS = [{"prompt": "the quick brown fox jumps over the lazy dog and then " * 2, "id": "long"},
-        {"prompt": "h"},
-        {"prompt": "naïve café"},
-        {"messages": [{"role": "user", "content": "stop here. then go on"}], "id": 40},
-        {"prompt": "héllo wörld, ça va? 日本語のテキスト"},
-        {"prompt": "stop"},
-        {"prompt": "the quick brown fox " * 30, "id": "too long"},
-        {"prompt": "and on, and on."}]
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    """A tiny Llama (64 positions) with a byte-level BPE tokenizer and a chat template."""
-    path = tmp_path_factory.mktemp("m") / "llama"
-    tiny_model("llama", vocab_size=VOCAB, pad_token_id=0, eos_token_id=1).save_pretrained(path)
-    tok = tokenizer()
-    tok.chat_template = TEMPLATE
-    tok.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def expected(model) -> list[dict]:
-    """Each row alone through transformers' greedy generate() in this process."""
-    tok = AutoTokenizer.from_pretrained(model)
-    original = AutoModelForCausalLM.from_pretrained(model)
-    rows = []
-    for n, row in enumerate(ROWS, start=1):
-        id_ = row.get("id", n)
-        if "messages" in row:
-            ids = tok(tok.apply_chat_template(row["messages"], tokenize=False, add_generation_prompt=True),
-                      add_special_tokens=False)["input_ids"]
-        else:
-            ids = tok(row["prompt"])["input_ids"]
-        if len(ids) + NEW > original.config.max_position_embeddings:
-            rows.append({"id": id_, "error": None})
-            continue
-        new = original.generate(torch.tensor([ids]), max_new_tokens=NEW, do_sample=False, pad_token_id=0,
-                                eos_token_id=1)[0, len(ids):].tolist()
-        new = new[: new.index(1)] if 1 in new else new
-        rows.append({"id": id_, "output": tok.decode(new, skip_special_tokens=True)})
-    return rows
-
-
-def data(tmp_path: Path, rows: list[dict] = ROWS) -> Path:
-    path = tmp_path / "data.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def check(out: Path, expected: list[dict]) -> None:
-    """Every id exactly once, in input order, each output that of one-process generate()."""
-    got = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["id"] for r in got] == [r["id"] for r in expected]
-    for g, e in zip(got, expected, strict=True):
-        if e.get("error", "") is None:
-            assert "too long" in g["error"] and "output" not in g
-        else:
-            assert g == e
-
-
-def reference(*args: str, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "reference", *args], cwd=ROOT, env=kwargs.pop("env", ENV),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
 
 @pytest.mark.parametrize(("workers", "backend"), [(1, "hf"), (2, "hf"), (3, "hf"), (2, "unified")])
@@ -126,6 +50,8 @@ def test_a_killed_run_resumes_without_generating_a_row_twice(model, expected, tm
     proc.wait()
     committed = [json.loads(line)["id"] for f in parts.glob("*.jsonl") for line in f.read_text().splitlines()]
     assert len(committed) == 4 and not out.exists()
+    # what a worker killed while writing its part leaves: a half-written temporary file
+    (parts / ".tmp-1-x-000009.jsonl").write_text('{"id": "long", "output": "trunc')
 
     rerun = reference(*args, env={**ENV, "REFERENCE_INFER_TEST_COUNT": str(count)})
     _, err = rerun.communicate(timeout=300)
@@ -143,7 +69,7 @@ def test_a_malformed_line_is_refused_by_number_before_any_work(model, tmp_path) 
     run = reference("infer", str(model), str(path), str(tmp_path / "out.jsonl"), "--workers", "1")
     _, err = run.communicate(timeout=60)
     assert run.returncode == 2
-    assert len(err.splitlines()) == 1 and "line 3: not valid JSON" in err
+    assert len(err.splitlines()) == 1 and f"{path}:3: not valid JSON" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl"]
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from reference.errors import InputError
+
 ROOT = Path(__file__).resolve().parents[2]
 WORDS = [f"w{i}" for i in range(40)]
 N_SAMPLES = 32  # one logging window of every test run below covers all of them
@@ -140,7 +142,7 @@ def test_bad_data_is_one_clear_line(model_dir, tmp_path, line, message) -> None:
 
     data = tmp_path / "bad.jsonl"
     data.write_text(line)
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(InputError) as e:
         cli.run(parse(model_dir, data, tmp_path / "out", "--channel-field", "source"))
     assert str(e.value).startswith(str(data) + message) and "\n" not in str(e.value)
 
@@ -148,9 +150,9 @@ def test_bad_data_is_one_clear_line(model_dir, tmp_path, line, message) -> None:
 def test_missing_paths_are_one_clear_line(model_dir, data_file, tmp_path) -> None:
     from reference.train import cli
 
-    with pytest.raises(SystemExit, match="no such data file"):
+    with pytest.raises(InputError, match="no such data file"):
         cli.run(parse(model_dir, tmp_path / "none.jsonl", tmp_path / "out"))
-    with pytest.raises(SystemExit, match=r"not a model directory \(no config.json\)"):
+    with pytest.raises(InputError, match=r"not a model directory \(no config.json\)"):
         cli.run(parse(tmp_path, data_file, tmp_path / "out"))
 
 
