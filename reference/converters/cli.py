@@ -12,11 +12,12 @@ from reference.errors import InputError
 # Flags that only shape a Megatron checkpoint (dest -> MegatronLayout field). They default to
 # None, so that one given with another target is refused by name rather than ignored.
 LAYOUT = {"tp": "tp", "pp": "pp", "vpp": "vpp", "layer_spec": "layer_spec",
-          "make_vocab_size_divisible_by": "vocab_divisor", "pp_layers": "pp_layers"}
+          "make_vocab_size_divisible_by": "vocab_divisor", "pp_layers": "pp_layers",
+          "ckpt_format": "ckpt_format"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from reference.converters.megatron.layout import LAYER_SPECS, MegatronLayout
+    from reference.converters.megatron.layout import CKPT_FORMATS, LAYER_SPECS, MegatronLayout
 
     d = MegatronLayout()
     p.add_argument("src", help="an HF model directory (family from config.json), a unified one "
@@ -50,6 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                          f"default {d.vocab_divisor})")
     mg.add_argument("--pp-layers", type=_layers, metavar="N,N,...",
                     help="layers per pipeline stage (default: even split)")
+    mg.add_argument("--ckpt-format", choices=CKPT_FORMATS,
+                    help=f"Megatron-LM's checkpoint format: per-rank files (torch) or a distributed "
+                         f"checkpoint, loadable at any TP/PP (torch_dist) (default {d.ckpt_format})")
     p.add_argument("--max-shard-size", type=int, metavar="BYTES",
                    help="largest output shard, for an HF target (default: one file from a single-file "
                         "source, else the source's largest shard; 5 GiB from Megatron)")

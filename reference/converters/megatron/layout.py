@@ -12,6 +12,7 @@ from reference.errors import InputError
 from reference.families.spec import ModelSpec
 
 LAYER_SPECS = ("local", "te")
+CKPT_FORMATS = ("torch", "torch_dist")  # Megatron-LM's --ckpt-format values: rank files, or PyTorch DCP
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -28,6 +29,7 @@ class MegatronLayout:
     layer_spec: str = "local"  # or "te"
     vocab_divisor: int = 128
     pp_layers: tuple[int, ...] | None = None
+    ckpt_format: str = "torch"
 
     @property
     def chunks(self) -> int:
@@ -46,6 +48,8 @@ def check_layout(spec: ModelSpec, layout: MegatronLayout) -> tuple[int, ...]:
         raise InputError(f"--vpp {layout.vpp}: needs --vpp >= 2 and --pp >= 2 (or no --vpp)")
     if layout.layer_spec not in LAYER_SPECS:
         raise InputError(f"--layer-spec '{layout.layer_spec}': not one of {', '.join(LAYER_SPECS)}")
+    if layout.ckpt_format not in CKPT_FORMATS:
+        raise InputError(f"--ckpt-format '{layout.ckpt_format}': not one of {', '.join(CKPT_FORMATS)}")
     tp = layout.tp
     for what, size in (("num_attention_heads", spec.num_heads),
                        ("num_query_groups (num_key_value_heads)", spec.num_kv_heads),
