@@ -1,4 +1,5 @@
-"""Converting a ~1 GB bf16 Llama-shaped checkpoint to qwen2 and back, side by side with `cp -r`
+"""Converting a ~1 GB bf16 Llama-shaped checkpoint to qwen2 and back, and to Megatron-LM's two
+formats (per-rank `torch` files, distributed `torch_dist`) and back, side by side with `cp -r`
 (the I/O bound), `cp -r` then `sync` of the copy (as durable as a conversion, which fsyncs its
 output) and the usual from_pretrained + save_pretrained path, in one run.
 
@@ -37,7 +38,13 @@ def timed(kind: str, tiny: Path, src: Path, dst: Path, to: str) -> None:
         if kind == "reference":
             from reference.converters import convert
 
-            convert(a, b, to=to)
+            if to.startswith("megatron:"):  # megatron:FORMAT, at TP 2 x PP 2
+                from reference.converters.megatron import MegatronLayout
+
+                layout = MegatronLayout(tp=2, pp=2, ckpt_format=to.split(":")[1])
+                convert(a, b, to="megatron", layout=layout)
+            else:
+                convert(a, b, to=to)
         else:  # the usual path: load the whole model, save it again
             import torch
             from transformers import AutoModelForCausalLM
@@ -46,6 +53,16 @@ def timed(kind: str, tiny: Path, src: Path, dst: Path, to: str) -> None:
 
     warm = dst.with_name(dst.name + "-warm")
     shutil.rmtree(warm, ignore_errors=True)
+    if (src / "latest_checkpointed_iteration.txt").is_file():  # warm the reader of src's format too
+        from reference.converters import convert
+        from reference.converters.megatron import MegatronLayout
+        from reference.converters.megatron.dist import is_dist_checkpoint
+
+        fmt = "torch_dist" if is_dist_checkpoint(src) else "torch"
+        tiny_src = dst.with_name(dst.name + "-warm-src")
+        shutil.rmtree(tiny_src, ignore_errors=True)
+        convert(tiny, tiny_src, to="megatron", layout=MegatronLayout(tp=2, pp=2, ckpt_format=fmt))
+        tiny = tiny_src
     job(tiny, warm)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     os.sync()
@@ -126,6 +143,16 @@ def run(layers: int, work: Path, repeat: int) -> list[list[str]]:
         ("reference: qwen2 -> llama", work / "l", child("reference", work / "q", work / "l", "llama"),
          "cp -r (that qwen2)"),
         ("from_pretrained + save_pretrained", work / "u", child("usual", src, work / "u"), "cp -r (llama)"),
+        ("reference: llama -> megatron torch (tp2 pp2)", work / "mt",
+         child("reference", src, work / "mt", "megatron:torch"), "cp -r (llama)"),
+        ("reference: llama -> megatron torch_dist", work / "md",
+         child("reference", src, work / "md", "megatron:torch_dist"), "cp -r (llama)"),
+        ("cp -r (that torch)", work / "cpmt", cp(work / "mt", work / "cpmt"), "cp -r (that torch)"),
+        ("reference: megatron torch -> llama", work / "lt",
+         child("reference", work / "mt", work / "lt", "hf"), "cp -r (that torch)"),
+        ("cp -r (that torch_dist)", work / "cpmd", cp(work / "md", work / "cpmd"), "cp -r (that torch_dist)"),
+        ("reference: megatron torch_dist -> llama", work / "ld",
+         child("reference", work / "md", work / "ld", "hf"), "cp -r (that torch_dist)"),
     ]
     measure_once(cases[0][2], work / "cp")  # read the source once: every row sees a warm page cache
     # Round-robin, so that every row meets the same page-cache writeback and machine load: on
