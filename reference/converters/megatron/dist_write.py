@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
 from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 
+from reference.converters.megatron import cut
 from reference.converters.megatron import stage as S
 from reference.converters.megatron.args import build_args, check_heads
 from reference.converters.megatron.dist import BACKEND, COMMON
@@ -206,24 +207,29 @@ def write_dist(
     boxes = [i.tensor_data.chunk.sizes for i in items if i.tensor_data is not None]
     total = sum(torch.Size(sizes).numel() for sizes in boxes) * dtype.itemsize
 
-    last: list[Any] = [None, None]  # (Tensor, its global layer slice): a fused tensor is cut once
+    # (Tensor, its global layer slice): a fused tensor is cut once for all its boxes. A vocabulary
+    # tensor is kept unpadded: each box is cut and padded on its own.
+    last: list[Any] = [None, None]
     written = [0]
 
     def resolve(item: WriteItem) -> torch.Tensor | io.BytesIO:
         if item.type == WriteItemType.BYTE_IO:
             return _none_bytes()
         t, (offsets, sizes) = home[(item.index.fqn, tuple(item.index.offset))]
+        vocab = t.slot.rule.split == "vocab"
         if last[0] is not t:
-            last[0] = None  # release the previous tensor before cutting the next
+            last[:] = [None, None]  # release the previous tensor before cutting the next
             parts = [tensors[n].load() for n in t.slot.sources]
-            last[1] = S.shard(t.slot.rule.split, parts, spec, 1, 0, padded)
-            last[0] = t
+            last[:] = [t, parts[0] if vocab else S.shard(t.slot.rule.split, parts, spec, 1, 0, padded)]
             del parts
         if t.layer is not None:
             offsets, sizes = offsets[1:], sizes[1:]
         box = last[1]
-        for dim, (o, n) in enumerate(zip(offsets, sizes, strict=True)):
-            box = box.narrow(dim, o, n)
+        if vocab:  # rows [offset, offset + size) of the padded rows: a rank's rows at tp = padded / size
+            box = cut.vocab_rank(box, padded, padded // sizes[0], offsets[0] // sizes[0])
+        else:
+            for dim, (o, n) in enumerate(zip(offsets, sizes, strict=True)):
+                box = box.narrow(dim, o, n)
         box = box.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
         written[0] += box.nbytes
         if progress is not None:
