@@ -181,7 +181,12 @@ def test_metadata_is_what_megatron_cores_save_writes(tmp_path) -> None:
             assert ours[key] == theirs[key], key
         common = torch.load(tmp_path / family / "ours" / "iter_0000001" / "common.pt", weights_only=False)
         assert common["content_metadata"] == W.CONTENT_METADATA
-        assert common["args"].ckpt_format == "torch_dist" and common["args"].padded_vocab_size == 256
+        assert (common["checkpoint_version"], common["iteration"]) == (3.0, 1)
+        # The args Megatron-LM checks (check_checkpoint_args) and takes (--use-checkpoint-args):
+        # those of the legacy rank files, which megatron-core builds its model from in the other tests.
+        legacy = load_rank_file(next((tmp_path / family / "legacy").rglob("model_optim_rng.pt")))["args"]
+        assert vars(common["args"]) == {**vars(legacy), "ckpt_format": "torch_dist"}
+        assert common["args"].padded_vocab_size == 256 and common["args"].num_query_groups == 4
 
 
 def test_memory_holds_one_layer_at_a_time(tmp_path, monkeypatch) -> None:
