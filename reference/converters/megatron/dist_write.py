@@ -240,7 +240,8 @@ def write_dist(
     where.mkdir(parents=True)
     torch.save({"args": args, "checkpoint_version": S.CHECKPOINT_VERSION, "iteration": S.ITERATION,
                 "content_metadata": dict(CONTENT_METADATA)}, where / COMMON)
-    # One thread, one file: the writer resolves, writes and drops one box at a time.
+    # One thread, one file: the writer resolves and writes one box at a time (keeping the last box
+    # of each key until the file is closed). No fsync here: atomic_dir syncs the whole tree.
     writer = FileSystemWriter(str(where), single_file_per_rank=True, thread_count=1, sync_files=False)
     try:
         with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
