@@ -33,7 +33,7 @@ def equivalence(session: nox.Session) -> None:
     missing = [p for p in EQUIVALENCE if not Path(p).exists()]
     if missing:  # a gate that drops a path passes without it
         session.error(f"the gate's {', '.join(missing)} is missing: restore it or remove it from EQUIVALENCE")
-    # REFERENCE_EQUIVALENCE=1: the fuller matrices the default run samples (test_megatron_moe.py)
+    # REFERENCE_EQUIVALENCE: the full matrices, where a test keeps a handful by default
     session.run("pytest", "-n", "auto", "--dist", "loadgroup", *EQUIVALENCE, *session.posargs,
                 env={"REFERENCE_EQUIVALENCE": "1"})
 

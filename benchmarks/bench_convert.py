@@ -1,4 +1,5 @@
-"""Converting a ~1 GB bf16 Llama-shaped checkpoint to qwen2 and back, side by side with `cp -r`
+"""Converting a ~1 GB bf16 Llama-shaped checkpoint to qwen2 and back, and to Megatron-LM's two
+formats (per-rank `torch` files, distributed `torch_dist`) and back, side by side with `cp -r`
 (the I/O bound), `cp -r` then `sync` of the copy (as durable as a conversion, which fsyncs its
 output) and the usual from_pretrained + save_pretrained path, in one run.
 
@@ -11,7 +12,10 @@ started from this small one (so that the child's peak RSS is its own), after `sy
 no row pays for the previous row's dirty pages); wall time and peak RSS come from wait4().
 The data path is timed inside that process, after the same job has run once on a tiny
 checkpoint (so every import and lazy load is done); "RSS over import" is the peak less the
-peak before the timed job. The source is in the page cache for every row.
+peak before the timed job. "Anonymous RSS over start" samples RssAnon (/proc/self/status)
+every 5 ms during the timed job, less its value at the start: the memory the job holds, without
+the page cache of mmap-read files that peak RSS also counts. The source is in the page cache
+for every row.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ from pathlib import Path
 
 def timed(kind: str, tiny: Path, src: Path, dst: Path, to: str) -> None:
     """In a child: do the whole job once on a tiny checkpoint (every import and lazy load),
-    then time the real one; print (seconds, peak RSS in KiB before the real job)."""
+    then time the real one; print (seconds, peak RSS in KiB before the real job, peak anonymous
+    RSS in KiB over its value at the start of the real job)."""
     import json
     import resource
 
@@ -37,7 +42,13 @@ def timed(kind: str, tiny: Path, src: Path, dst: Path, to: str) -> None:
         if kind == "reference":
             from reference.converters import convert
 
-            convert(a, b, to=to)
+            if to.startswith("megatron:"):  # megatron:FORMAT, at TP 2 x PP 2
+                from reference.converters.megatron import MegatronLayout
+
+                layout = MegatronLayout(tp=2, pp=2, ckpt_format=to.split(":")[1])
+                convert(a, b, to="megatron", layout=layout)
+            else:
+                convert(a, b, to=to)
         else:  # the usual path: load the whole model, save it again
             import torch
             from transformers import AutoModelForCausalLM
@@ -46,12 +57,39 @@ def timed(kind: str, tiny: Path, src: Path, dst: Path, to: str) -> None:
 
     warm = dst.with_name(dst.name + "-warm")
     shutil.rmtree(warm, ignore_errors=True)
+    if (src / "latest_checkpointed_iteration.txt").is_file():  # warm the reader of src's format too
+        from reference.converters import convert
+        from reference.converters.megatron import MegatronLayout
+        from reference.converters.megatron.dist import is_dist_checkpoint
+
+        fmt = "torch_dist" if is_dist_checkpoint(src) else "torch"
+        tiny_src = dst.with_name(dst.name + "-warm-src")
+        shutil.rmtree(tiny_src, ignore_errors=True)
+        convert(tiny, tiny_src, to="megatron", layout=MegatronLayout(tp=2, pp=2, ckpt_format=fmt))
+        tiny = tiny_src
     job(tiny, warm)
+    import threading
+
+    def anon() -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("RssAnon:"))
+
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     os.sync()
+    done, peak, at_start = threading.Event(), [0], anon()
+
+    def sample() -> None:
+        while not done.wait(0.005):
+            peak[0] = max(peak[0], anon())
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
     start = time.perf_counter()
     job(src, dst)
-    print(json.dumps([time.perf_counter() - start, before]))
+    seconds = time.perf_counter() - start
+    done.set()
+    sampler.join()
+    print(json.dumps([seconds, before, max(peak[0], anon()) - at_start]))
 
 
 def make_checkpoint(path: Path, layers: int) -> None:
@@ -77,9 +115,9 @@ def make_checkpoint(path: Path, layers: int) -> None:
     config.save_pretrained(path)
 
 
-def measure_once(argv: list[str], out: Path) -> tuple[float, float, float, float]:
-    """Wall and data-path seconds, peak RSS and RSS before the job (MiB) of one command run in
-    its own process, after `sync`."""
+def measure_once(argv: list[str], out: Path) -> tuple[float, float, float, float, float | None]:
+    """Wall and data-path seconds, peak RSS, RSS before the job and anonymous RSS over its start
+    (MiB; None for a command not run by `timed`) of one command run in its own process, after `sync`."""
     shutil.rmtree(out, ignore_errors=True)
     os.sync()
     start = time.perf_counter()
@@ -89,8 +127,8 @@ def measure_once(argv: list[str], out: Path) -> tuple[float, float, float, float
     if status != 0:
         raise SystemExit(f"{argv} failed: {proc.stderr.read().decode()[-500:]}")
     lines = proc.stdout.read().decode().strip().splitlines()
-    data, before = json.loads(lines[-1]) if "--timed" in argv else (wall, 0)
-    return wall, data, usage.ru_maxrss / 1024, before / 1024
+    data, before, anon = json.loads(lines[-1]) if "--timed" in argv else (wall, 0, None)
+    return wall, data, usage.ru_maxrss / 1024, before / 1024, None if anon is None else anon / 1024
 
 
 def median(values: list[float]) -> float:
@@ -126,12 +164,22 @@ def run(layers: int, work: Path, repeat: int) -> list[list[str]]:
         ("reference: qwen2 -> llama", work / "l", child("reference", work / "q", work / "l", "llama"),
          "cp -r (that qwen2)"),
         ("from_pretrained + save_pretrained", work / "u", child("usual", src, work / "u"), "cp -r (llama)"),
+        ("reference: llama -> megatron torch (tp2 pp2)", work / "mt",
+         child("reference", src, work / "mt", "megatron:torch"), "cp -r (llama)"),
+        ("reference: llama -> megatron torch_dist", work / "md",
+         child("reference", src, work / "md", "megatron:torch_dist"), "cp -r (llama)"),
+        ("cp -r (that torch)", work / "cpmt", cp(work / "mt", work / "cpmt"), "cp -r (that torch)"),
+        ("reference: megatron torch -> llama", work / "lt",
+         child("reference", work / "mt", work / "lt", "hf"), "cp -r (that torch)"),
+        ("cp -r (that torch_dist)", work / "cpmd", cp(work / "md", work / "cpmd"), "cp -r (that torch_dist)"),
+        ("reference: megatron torch_dist -> llama", work / "ld",
+         child("reference", work / "md", work / "ld", "hf"), "cp -r (that torch_dist)"),
     ]
     measure_once(cases[0][2], work / "cp")  # read the source once: every row sees a warm page cache
     # Round-robin, so that every row meets the same page-cache writeback and machine load: on
     # this machine one command's time moves by 2x from run to run, which a row-after-row median
     # of three turned into spurious gaps.
-    runs: dict[str, list[tuple[float, float, float, float]]] = {name: [] for name, *_ in cases}
+    runs: dict[str, list[tuple[float, float, float, float, float | None]]] = {name: [] for name, *_ in cases}
     for _ in range(repeat):
         for name, out, argv, _ in cases:
             runs[name].append(measure_once(argv, out))
@@ -143,9 +191,10 @@ def run(layers: int, work: Path, repeat: int) -> list[list[str]]:
         wall, data = median([r[0] for r in runs[name]]), [r[1] for r in runs[name]]
         ratio = median([d / c for d, c in zip(data, cps, strict=True)])
         rss, before = max(r[2] for r in runs[name]), max(r[3] for r in runs[name])
+        anon = "-" if runs[name][0][4] is None else f"{max(r[4] for r in runs[name]):.0f}"
         rows.append([str(layers), f"{size / 2**30:.2f}", name, f"{wall:.2f}", f"{median(data):.2f}",
                      f"{min(data):.2f}", f"{max(data):.2f}", f"{ratio:.2f}x",
-                     f"{min(data) / min(cps):.2f}x", f"{rss:.0f}", f"{max(rss - before, 0):.0f}"])
+                     f"{min(data) / min(cps):.2f}x", f"{rss:.0f}", f"{max(rss - before, 0):.0f}", anon])
     return rows
 
 
@@ -172,7 +221,7 @@ def main() -> None:
         return
     header = ["layers", "GiB", "command", "wall s", "data path s", "best s", "worst s",
               "vs cp of its source (paired median)", "best vs best cp", "peak RSS MiB",
-              "RSS over import MiB"]
+              "RSS over import MiB", "anonymous RSS over start MiB"]
     rows = [header]
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         for layers in args.layers:

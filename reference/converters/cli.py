@@ -12,11 +12,12 @@ from reference.errors import InputError
 # Flags that only shape a Megatron checkpoint (dest -> MegatronLayout field). They default to
 # None, so that one given with another target is refused by name rather than ignored.
 LAYOUT = {"tp": "tp", "pp": "pp", "vpp": "vpp", "layer_spec": "layer_spec",
-          "make_vocab_size_divisible_by": "vocab_divisor", "pp_layers": "pp_layers", "ep": "ep", "etp": "etp"}
+          "make_vocab_size_divisible_by": "vocab_divisor", "pp_layers": "pp_layers", "ep": "ep", "etp": "etp",
+          "ckpt_format": "ckpt_format"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from reference.converters.megatron.layout import LAYER_SPECS, MegatronLayout
+    from reference.converters.megatron.layout import CKPT_FORMATS, LAYER_SPECS, MegatronLayout
 
     d = MegatronLayout()
     p.add_argument("src", help="an HF model directory (family from config.json), a unified one "
@@ -53,6 +54,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     mg.add_argument("--ep", type=int, help=f"expert-parallel size: a mixture's experts spread over "
                                            f"this many ranks (default {d.ep})")
     mg.add_argument("--etp", type=int, help="tensor-parallel size of each expert (default: --tp)")
+    mg.add_argument("--ckpt-format", choices=CKPT_FORMATS,
+                    help=f"Megatron-LM's checkpoint format: per-rank files (torch), or a distributed "
+                         f"checkpoint Megatron-LM can also load at another TP/PP (torch_dist; local "
+                         f"--layer-spec only) (default {d.ckpt_format})")
     p.add_argument("--max-shard-size", type=int, metavar="BYTES",
                    help="largest output shard, for an HF target (default: one file from a single-file "
                         "source, else the source's largest shard; 5 GiB from Megatron)")

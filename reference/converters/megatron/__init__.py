@@ -1,5 +1,5 @@
-"""Megatron-Core checkpoints (Megatron-LM's `torch` format; its `torch_dist` format read), with
-tensor, pipeline and virtual pipeline parallelism, in the local or the TransformerEngine key layout."""
+"""Megatron-Core checkpoints (Megatron-LM's `torch` and `torch_dist` formats), with tensor,
+pipeline and virtual pipeline parallelism, in the local or the TransformerEngine key layout."""
 
 from __future__ import annotations
 

@@ -12,6 +12,7 @@ from reference.errors import InputError
 from reference.families.spec import ModelSpec
 
 LAYER_SPECS = ("local", "te")
+CKPT_FORMATS = ("torch", "torch_dist")  # Megatron-LM's --ckpt-format values: rank files, or PyTorch DCP
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,6 +33,7 @@ class MegatronLayout:
     pp_layers: tuple[int, ...] | None = None
     ep: int = 1
     etp: int | None = None
+    ckpt_format: str = "torch"
 
     @property
     def expert_tp(self) -> int:
@@ -55,6 +57,8 @@ def check_layout(spec: ModelSpec, layout: MegatronLayout) -> tuple[int, ...]:
         raise InputError(f"--vpp {layout.vpp}: needs --vpp >= 2 and --pp >= 2 (or no --vpp)")
     if layout.layer_spec not in LAYER_SPECS:
         raise InputError(f"--layer-spec '{layout.layer_spec}': not one of {', '.join(LAYER_SPECS)}")
+    if layout.ckpt_format not in CKPT_FORMATS:
+        raise InputError(f"--ckpt-format '{layout.ckpt_format}': not one of {', '.join(CKPT_FORMATS)}")
     tp = layout.tp
     dense = spec.moe is None or any(not spec.moe.on(i) for i in range(spec.num_layers))
     for what, size in (("num_attention_heads", spec.num_heads),
@@ -85,6 +89,8 @@ def check_experts(spec: ModelSpec, layout: MegatronLayout) -> None:
                          "are written for --etp equal to --tp only")
     if layout.layer_spec != "local":
         raise InputError(f"--layer-spec {layout.layer_spec}: experts are written in the local spec only")
+    if layout.ckpt_format != "torch":
+        raise InputError(f"--ckpt-format {layout.ckpt_format}: experts are written in the torch format only")
     m = spec.moe
     for what, size, by, flag in (("moe_ffn_hidden_size", m.expert_size, layout.expert_tp, "--etp"),
                                  ("moe_shared_expert_intermediate_size", m.shared_size, layout.tp, "--tp")):

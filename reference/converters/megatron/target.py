@@ -24,7 +24,8 @@ SUPPORTED = ("qkv_bias", "o_bias", "mlp_bias", "qk_norm", "rotary_fraction", "nu
 
 @dataclass(frozen=True)
 class MegatronTarget:
-    """A Megatron-LM `torch` checkpoint of `layout`, recording the HF `family` it came from."""
+    """A Megatron-LM checkpoint of `layout` (rank files, or `torch_dist` as `layout.ckpt_format`
+    says), recording the HF `family` it came from."""
 
     family: str
     layout: MegatronLayout
@@ -43,6 +44,10 @@ class MegatronTarget:
     def write(self, tensors: Mapping[str, Lazy], held: ModelSpec, extra: Mapping[str, Any],
               dtype: torch.dtype | None, out: Path, progress: Progress | None = None) -> tuple[int, int]:
         """Write into `out`; returns (tensors, bytes) written."""
+        if self.layout.ckpt_format == "torch_dist":
+            from reference.converters.megatron.dist_write import write_dist
+
+            return write_dist(tensors, held, self.layout, self.family, extra, dtype, out, progress)
         from reference.converters.megatron.write import write_megatron
 
         return write_megatron(tensors, held, self.layout, self.family, extra, dtype, out, progress)

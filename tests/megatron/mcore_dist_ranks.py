@@ -1,0 +1,96 @@
+"""Our `torch_dist` checkpoints loaded by megatron-core itself: ranks under gloo on the CPU.
+
+As Megatron-LM's `load_checkpoint` does for this format: the args come from common.pt, the
+model is built at the layout of the loading job (which may differ from the one the args
+record: that is resharding on load), its `sharded_state_dict()` is built with the checkpoint's
+own `content_metadata`, and `dist_checkpointing.load` fills it, here with RAISE_ALL (a missing
+or unexpected key, or a global shape that differs, fails). Then GPTModel's logits are gathered
+as in mcore_ranks.py and compared with the HF model's.
+"""
+
+from __future__ import annotations
+
+import json
+import traceback
+from argparse import Namespace
+from pathlib import Path
+from typing import Any
+
+from mcore_cpu import side_steps
+from mcore_ranks import TIMEOUT_S
+from procs import join_gloo
+
+from reference.verify.mcore_model import build, forward
+
+
+def _load(case: dict[str, Any]) -> Any:
+    import torch
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    where = str(Path(case["dist"]) / "iter_0000001")
+    common = dist_checkpointing.load_common_state_dict(where)
+    saved = common["args"]
+    assert (common["checkpoint_version"], common["iteration"], saved.ckpt_format) == (3.0, 1, "torch_dist")
+    # The loading job's own layout; every other argument is the checkpoint's.
+    args = Namespace(**{**vars(saved), "tensor_model_parallel_size": case["tp"],
+                        "pipeline_model_parallel_size": case["pp"],
+                        "virtual_pipeline_model_parallel_size": None, "pipeline_model_parallel_layout": None})
+    model = build(args, None)
+    metadata = dist_checkpointing.load_content_metadata(preloaded_state_dict=common)
+    assert metadata == {"distrib_optim_sharding_type": "dp_reshardable", "singleton_local_shards": False,
+                        "chained_optim_avoid_prefix": True}, metadata
+    state = dist_checkpointing.load({"model": model.sharded_state_dict(metadata=metadata)}, where,
+                                    strict=StrictHandling.RAISE_ALL)
+    model.load_state_dict(state["model"], strict=True)
+    for p in model.parameters():
+        assert torch.isfinite(p).all()
+    return model
+
+
+def _case(case: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    ps.initialize_model_parallel(tensor_model_parallel_size=case["tp"],
+                                 pipeline_model_parallel_size=case["pp"])
+    result: dict[str, Any] = {"error": None, "compared": False}
+    model = None
+    try:
+        model = _load(case)
+    except Exception:
+        result["error"] = traceback.format_exc(limit=-4)
+    ok = torch.tensor([result["error"] is None], dtype=torch.int32)
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # every rank skips the forward if one failed
+    if ok.item():
+        ref = torch.load(case["ref"])
+        shard = forward([model], ref["input_ids"])
+        if shard is not None:
+            pieces = [torch.empty_like(shard) for _ in range(case["tp"])]
+            dist.all_gather(pieces, shard.contiguous(), group=ps.get_tensor_model_parallel_group())
+            logits = torch.cat(pieces, dim=-1)
+            padding = logits[..., ref["logits"].shape[-1]:]
+            logits = logits[..., : ref["logits"].shape[-1]]
+            result["compared"] = True
+            result["max_diff"] = (logits - ref["logits"]).abs().max().item()
+            try:
+                torch.testing.assert_close(logits, ref["logits"])  # default fp32 tolerance
+                assert torch.equal(padding, torch.zeros_like(padding)), "padded vocabulary rows are not zeros"
+            except AssertionError as e:
+                result["error"] = str(e)
+    ps.destroy_model_parallel()
+    return result
+
+
+def load_dist_group(rank: int, world: int, port: int, cases_file: str, out_dir: str) -> None:
+    """Entry point of one rank: every case of this world size, results to out_dir/rank{N}.json."""
+    import torch.distributed as dist
+
+    join_gloo(rank, world, port, TIMEOUT_S)
+    side_steps()
+    cases = [c for c in json.loads(Path(cases_file).read_text()) if c["tp"] * c["pp"] == world]
+    results = {c["id"]: _case(c) for c in cases}
+    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(results))
+    dist.barrier()  # rank 0 hosts the store: nobody leaves before everyone has written
+    dist.destroy_process_group()

@@ -1,0 +1,313 @@
+"""HF -> Megatron-LM `torch_dist` (our writer, one process, no megatron-core) -> megatron-core 0.16.1.
+
+Every case converts a tiny HF model with `--ckpt-format torch_dist` at one layout, and the real
+GPTModel, built at a layout of its own (TP x PP ranks under gloo on the CPU), loads it with
+`dist_checkpointing.load(..., strict=RAISE_ALL)` and the checkpoint's content_metadata, as
+Megatron-LM does: its fp32 logits must equal the HF model's at assert_close's default tolerance,
+and its padded vocabulary rows must be zeros. Our `.metadata` must record exactly the keys,
+global shapes and boxes of megatron-core's own `dist_checkpointing.save` at the same layout.
+The default run holds a handful of cases; `nox -s equivalence` (REFERENCE_EQUIVALENCE=1) runs
+every family x tie x load layout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import weakref
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from harness import assert_bitwise, read_tensors
+from procs import spawn
+from test_megatron_equivalence import SHAPES
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
+
+from reference.cli import main
+from reference.converters import convert
+from reference.converters.megatron import MegatronLayout
+from reference.converters.megatron import dist_write as W
+from reference.converters.megatron.read import load_rank_file
+from reference.tiny import SHAPE, logits, tiny_model
+
+pytest.importorskip("megatron.core")
+pytestmark = pytest.mark.xdist_group("megatron")
+
+GATE = os.environ.get("REFERENCE_EQUIVALENCE") == "1"
+
+
+@dataclass(frozen=True)
+class Case:
+    family: str
+    tie: bool
+    shape: str
+    write: tuple[int, int]  # (tp, pp) the conversion is asked for
+    tp: int  # the layout megatron-core loads it at
+    pp: int
+
+    @property
+    def id(self) -> str:
+        return (f"{self.family}-{'tied' if self.tie else 'untied'}-{self.shape}-"
+                f"written-tp{self.write[0]}pp{self.write[1]}-loaded-tp{self.tp}pp{self.pp}")
+
+
+DEFAULT = [
+    Case("qwen2", True, "g2x8", (1, 1), 2, 2),  # bias; resharded to TP 2 x PP 2
+    Case("qwen3", False, "g4x2", (2, 2), 2, 2),  # qk norm; the layout it was written for
+    Case("llama", False, "g4x2", (2, 2), 1, 2),  # resharded to PP 2
+    Case("llama", True, "g2x8", (1, 2), 2, 1),  # resharded to TP 2
+]
+WRITES = [(1, 1), (2, 2), (2, 1), (1, 2)]
+LOADS = [(1, 1), (2, 1), (1, 2), (2, 2)]
+
+
+def _matrix() -> list[Case]:
+    out = []
+    for i, family in enumerate(["llama", "qwen2", "qwen3"]):
+        for tie in (False, True):
+            for j, (tp, pp) in enumerate(LOADS):
+                shape = ("g4x2", "g2x8")[(i + j + tie) % 2]
+                out.append(Case(family, tie, shape, WRITES[(i + j + 2 * tie) % 4], tp, pp))
+    return out
+
+
+CASES = _matrix() if GATE else DEFAULT
+
+
+def cli(*args: object) -> int:
+    return main(["convert", *map(str, args)])
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory) -> Path:
+    """root/hf-ID (the HF model), root/ID (our torch_dist) and root/ID.ref.pt (HF logits)."""
+    root = tmp_path_factory.mktemp("distw")
+    ids = torch.randint(0, SHAPE["vocab_size"], (2, 10), generator=torch.Generator().manual_seed(7))
+    for case in CASES:
+        model = tiny_model(case.family, tie=case.tie, **SHAPES[case.shape])
+        if case.tie:  # as in test_megatron_equivalence: a tied head at an untied head's scale
+            with torch.no_grad():
+                model.get_input_embeddings().weight.mul_(2 * model.config.hidden_size ** -0.5)
+        model.save_pretrained(root / f"hf-{case.id}")
+        tp, pp = case.write
+        assert cli(root / f"hf-{case.id}", root / case.id, "--to", "megatron", "--tp", tp, "--pp", pp,
+                   "--ckpt-format", "torch_dist") == 0
+        torch.save({"input_ids": ids, "logits": logits(model, ids)}, root / f"{case.id}.ref.pt")
+    return root
+
+
+@pytest.fixture(scope="module")
+def loaded(written, tmp_path_factory) -> dict[str, dict[str, Any]]:
+    """Per case: errors from any rank, whether a last stage compared the logits."""
+    import megatron.core.models.gpt  # noqa: F401  (imported once, before the ranks fork)
+    from mcore_dist_ranks import load_dist_group
+
+    work = tmp_path_factory.mktemp("ranks")
+    records = [{**asdict(c), "id": c.id, "dist": str(written / c.id), "ref": str(written / f"{c.id}.ref.pt")}
+               for c in CASES]
+    (work / "cases.json").write_text(json.dumps(records))
+    merged: dict[str, dict[str, Any]] = {c.id: {"errors": [], "compared": False, "max_diff": None}
+                                         for c in CASES}
+    for world in sorted({c.tp * c.pp for c in CASES}):
+        out = work / f"world{world}"
+        out.mkdir()
+        spawn(load_dist_group, world, str(work / "cases.json"), str(out), timeout_s=240, method="fork")
+        for rank in range(world):
+            for cid, r in json.loads((out / f"rank{rank}.json").read_text()).items():
+                merged[cid]["errors"] += [f"rank {rank}: {r['error']}"] if r["error"] else []
+                merged[cid]["compared"] |= r["compared"]
+                merged[cid]["max_diff"] = r.get("max_diff", merged[cid]["max_diff"])
+    return merged
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_megatron_core_loads_it_and_logits_equal_hf(case: Case, loaded) -> None:
+    result = loaded[case.id]
+    assert not result["errors"], "\n".join(result["errors"])
+    assert result["compared"], "no last-stage rank compared the logits"
+    print(f"max |logits - hf| = {result['max_diff']:.2e}")
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_back_to_hf_is_bitwise(case: Case, written, tmp_path) -> None:
+    assert cli(written / case.id, tmp_path / "back", "--to", "hf") == 0
+    hf = written / f"hf-{case.id}"
+    config = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert config == json.loads((hf / "config.json").read_text())
+    assert_bitwise(read_tensors(hf), read_tensors(tmp_path / "back"))
+
+
+def _boxes(where: Path) -> dict[str, Any]:
+    """Key -> (global shape, dtype, sorted chunks) of every tensor, or "bytes" for an object."""
+    out: dict[str, Any] = {}
+    for key, md in FileSystemReader(str(where)).read_metadata().state_dict_metadata.items():
+        if isinstance(md, TensorStorageMetadata):
+            out[key] = (list(md.size), md.properties.dtype,
+                        sorted((list(c.offsets), list(c.sizes)) for c in md.chunks))
+        else:
+            assert isinstance(md, BytesStorageMetadata)
+            out[key] = "bytes"
+    return out
+
+
+def test_metadata_is_what_megatron_cores_save_writes(tmp_path) -> None:
+    """Against megatron-core's own `dist_checkpointing.save` of the same model at TP 2 x PP 2
+    (the harness of test_megatron_dist_read): every key, global shape, dtype and chunk."""
+    import megatron.core.models.gpt  # noqa: F401
+    from mcore_ranks import save_dist_group
+
+    shape = {**SHAPES["g4x2"]}
+    records = []
+    for family, tie in (("qwen2", False), ("qwen3", True)):
+        tiny_model(family, tie=tie, **shape).save_pretrained(tmp_path / family / "hf")
+        convert(tmp_path / family / "hf", tmp_path / family / "legacy", to="megatron",
+                layout=MegatronLayout(tp=2, pp=2))
+        convert(tmp_path / family / "hf", tmp_path / family / "ours", to="megatron",
+                layout=MegatronLayout(tp=2, pp=2, ckpt_format="torch_dist"))
+        records.append({"dir": str(tmp_path / family / "legacy"), "dist": str(tmp_path / family / "mcore"),
+                        "tp": 2, "pp": 2, "vpp": None, "te": False})
+    (tmp_path / "cases.json").write_text(json.dumps(records))
+    spawn(save_dist_group, 4, str(tmp_path / "cases.json"), timeout_s=240, method="fork")
+    for family in ("qwen2", "qwen3"):
+        ours = _boxes(tmp_path / family / "ours" / "iter_0000001")
+        theirs = _boxes(tmp_path / family / "mcore" / "iter_0000001")
+        assert sorted(ours) == sorted(theirs)
+        for key in theirs:
+            assert ours[key] == theirs[key], key
+        common = torch.load(tmp_path / family / "ours" / "iter_0000001" / "common.pt", weights_only=False)
+        assert common["content_metadata"] == W.CONTENT_METADATA
+        assert (common["checkpoint_version"], common["iteration"]) == (3.0, 1)
+        # The args Megatron-LM checks (check_checkpoint_args) and takes (--use-checkpoint-args):
+        # those of the legacy rank files, which megatron-core builds its model from in the other tests.
+        legacy = load_rank_file(next((tmp_path / family / "legacy").rglob("model_optim_rng.pt")))["args"]
+        assert vars(common["args"]) == {**vars(legacy), "ckpt_format": "torch_dist"}
+        assert common["args"].padded_vocab_size == 256 and common["args"].num_query_groups == 4
+
+
+def test_memory_holds_one_layer_at_a_time(tmp_path, monkeypatch) -> None:
+    """The boxes the writer hands to DCP's FileSystemWriter are released as it writes them: at
+    no point do live boxes exceed one layer's tensors plus the embedding and head."""
+    hf = tmp_path / "hf"
+    model = tiny_model("llama", tie=False, **{**SHAPES["g4x2"], "num_hidden_layers": 6})
+    model.save_pretrained(hf)
+    live: list[weakref.ref] = []
+    peak = [0]
+    resolve = W._LazyPlanner.resolve_data
+
+    def tracked(self, item):  # noqa: ANN001, ANN202
+        data = resolve(self, item)
+        if isinstance(data, torch.Tensor):
+            live.append(weakref.ref(data))
+            peak[0] = max(peak[0], sum(t.nbytes for r in live if (t := r()) is not None))
+        return data
+
+    monkeypatch.setattr(W._LazyPlanner, "resolve_data", tracked)
+    assert cli(hf, tmp_path / "dist", "--to", "megatron", "--ckpt-format", "torch_dist") == 0
+    tensors = read_tensors(hf)
+    layer = sum(t.nbytes for k, t in tensors.items() if ".layers.0." in k)
+    ends = 2 * 256 * model.config.hidden_size * 4  # embedding and head, padded to 256 rows, fp32
+    total = sum(t.nbytes for t in tensors.values())
+    assert live and peak[0] <= layer + ends < total / 2, (peak[0], layer, ends, total)
+
+
+def test_torch_to_torch_dist_to_torch_is_bitwise(tmp_path) -> None:
+    hf = tmp_path / "hf"
+    tiny_model("qwen2", tie=False, **SHAPES["g2x8"]).save_pretrained(hf)
+    assert cli(hf, tmp_path / "torch", "--to", "megatron", "--tp", 2, "--pp", 2) == 0
+    assert cli(tmp_path / "torch", tmp_path / "dist", "--to", "megatron", "--tp", 2, "--pp", 2,
+               "--ckpt-format", "torch_dist") == 0
+    assert (tmp_path / "dist" / "iter_0000001" / ".metadata").is_file()
+    assert cli(tmp_path / "dist", tmp_path / "back", "--to", "megatron", "--tp", 2, "--pp", 2,
+               "--ckpt-format", "torch") == 0
+    def rank_files(root: Path) -> list[Path]:
+        return sorted(p.relative_to(root) for p in root.rglob("model_optim_rng.pt"))
+
+    files = rank_files(tmp_path / "torch")
+    assert len(files) == 4 and files == rank_files(tmp_path / "back")
+    for name in files:
+        a, b = load_rank_file(tmp_path / "torch" / name), load_rank_file(tmp_path / "back" / name)
+        assert vars(a["args"]) == vars(b["args"])
+        assert a["model"].keys() == b["model"].keys()
+        for key, t in a["model"].items():
+            assert (t is None and b["model"][key] is None) or torch.equal(t, b["model"][key]), key
+    assert json.loads((tmp_path / "torch" / "hf_source.json").read_text()) == \
+        json.loads((tmp_path / "back" / "hf_source.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def small_hf(tmp_path_factory) -> Path:
+    hf = tmp_path_factory.mktemp("small") / "hf"
+    tiny_model("llama", tie=False, **SHAPES["g4x2"]).save_pretrained(hf)
+    return hf
+
+
+def _one_line(capsys, *needles: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and all(n in err for n in needles), err
+    return err
+
+
+def test_existing_destination_is_refused_and_kept(small_hf, tmp_path, capsys) -> None:
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("mine")
+    capsys.readouterr()
+    assert cli(small_hf, dst, "--to", "megatron", "--ckpt-format", "torch_dist") == 2
+    _one_line(capsys, str(dst), "already exists")
+    assert [p.name for p in dst.iterdir()] == ["keep.txt"]
+    assert cli(small_hf, dst, "--to", "megatron", "--ckpt-format", "torch_dist", "--force") == 0
+    assert (dst / "iter_0000001" / ".metadata").is_file() and not (dst / "keep.txt").exists()
+
+
+@pytest.mark.parametrize("parent", ["missing", "a-file"])
+def test_bad_parent_is_one_line(small_hf, tmp_path, capsys, parent: str) -> None:
+    if parent == "a-file":
+        (tmp_path / parent).write_text("")
+    capsys.readouterr()
+    assert cli(small_hf, tmp_path / parent / "dst", "--to", "megatron", "--ckpt-format", "torch_dist") == 2
+    _one_line(capsys, str(tmp_path / parent), "no such directory")
+    assert [p.name for p in tmp_path.iterdir()] == (["a-file"] if parent == "a-file" else [])
+
+
+@pytest.mark.parametrize(("flags", "needles"), [
+    (["--to", "hf", "--ckpt-format", "torch_dist"], ["--ckpt-format", "--to megatron"]),
+    (["--to", "megatron", "--ckpt-format", "torch_dist", "--layer-spec", "te"],
+     ["--layer-spec te", "torch_dist"]),
+    (["--to", "megatron", "--ckpt-format", "torch_dist", "--tp", "3"], ["--tp 3"]),
+])
+def test_refusals_are_one_line_and_write_nothing(small_hf, tmp_path, capsys, flags, needles) -> None:
+    capsys.readouterr()
+    assert cli(small_hf, tmp_path / "dst", *flags) == 2
+    _one_line(capsys, *needles)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_failure_mid_write_leaves_nothing(small_hf, tmp_path, monkeypatch) -> None:
+    """A box that cannot be made halfway through the .distcp file: no DST, no temporary directory."""
+    calls = [0]
+    resolve = W._LazyPlanner.resolve_data
+
+    def failing(self, item):  # noqa: ANN001, ANN202
+        calls[0] += 1
+        if calls[0] == 20:
+            raise OSError("disk went away")
+        return resolve(self, item)
+
+    monkeypatch.setattr(W._LazyPlanner, "resolve_data", failing)
+    with pytest.raises(OSError, match="disk went away"):
+        convert(small_hf, tmp_path / "dst", to="megatron", layout=MegatronLayout(ckpt_format="torch_dist"))
+    assert calls[0] == 20 and list(tmp_path.iterdir()) == []
+
+
+def test_reads_back_from_a_copy_without_the_family_record(written, tmp_path) -> None:
+    """Without hf_source.json the family comes from the args' features, as for megatron-core's own."""
+    case = CASES[0]
+    shutil.copytree(written / case.id, tmp_path / "dist")
+    (tmp_path / "dist" / "hf_source.json").unlink()
+    assert cli(tmp_path / "dist", tmp_path / "back", "--to", "hf") == 0
+    assert_bitwise(read_tensors(written / f"hf-{case.id}"), read_tensors(tmp_path / "back"))
