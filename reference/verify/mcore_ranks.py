@@ -100,6 +100,10 @@ def rank_main(rank: int, world: int, port: int, tmp: str, threads: int) -> None:
 
     # "Apex is not installed", "CUDA_DEVICE_MAX_CONNECTIONS": once per rank, about training speed
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
+    # torch's ShardedTensor / load_state_dict deprecations, raised inside megatron-core's torch_dist
+    # loader: about their API's future, not this checkpoint
+    warnings.filterwarnings("ignore", category=FutureWarning,
+                            module=r"(megatron|torch\.distributed\.checkpoint)\.")
     torch.set_num_threads(threads)
     job = MegatronJob(**json.loads((Path(tmp) / "job.json").read_text()))
     cuda = torch.cuda.device_count() >= world  # NCCL wants a GPU of its own for every rank
