@@ -43,9 +43,10 @@ BASE = {"rms_norm_eps": 1e-6, "num_hidden_layers": 3}
 V2_LITE = {**BASE, "q_lora_rank": None}  # one q projection (V2-Lite), greedy softmax routing
 V2_GROUPED = {**BASE, "topk_method": "group_limited_greedy", "n_group": 2, "topk_group": 2,
               "routed_scaling_factor": 1.5}  # top_k // topk_group = 1: a group's best expert
-V3_GROUPED = {**BASE, "n_group": 2, "topk_group": 1}  # top_k // topk_group = 2: its best two
+# top_k // topk_group = 2: a group's best two experts, the 2 best of 4 groups of 2
+V3_GROUPED = {**BASE, "n_routed_experts": 8, "num_experts_per_tok": 4, "n_group": 4, "topk_group": 2}
 YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16,
-        "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 0.707, "mscale_all_dim": 0.707}
+        "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 0.707}  # V3: 1.0, 1.0
 
 
 @dataclass(frozen=True)
@@ -118,9 +119,11 @@ def converted(tmp_path_factory) -> Path:
             assert chosen.unique().numel() > 1, chosen  # the routing matters: several experts,
             assert len({tuple(sorted(row.tolist())) for row in chosen}) > 1, chosen  # per token
             bias = getattr(router, "e_score_correction_bias", None)
-            if bias is not None and router.num_group == 1:  # V3: the bias changes the choice
+            if bias is not None:  # V3: the bias changes the choice, and so do groups where there are
                 unbiased = scores.sigmoid().topk(router.top_k, dim=-1)[1]
-                assert any(set(a.tolist()) != set(b.tolist()) for a, b in zip(chosen, unbiased, strict=True))
+                ungrouped = (scores.sigmoid() + bias).topk(router.top_k, dim=-1)[1]
+                other = unbiased if router.num_group == 1 else ungrouped
+                assert any(set(a.tolist()) != set(b.tolist()) for a, b in zip(chosen, other, strict=True))
         model.save_pretrained(root / f"hf-{case.id}")
         convert(root / f"hf-{case.id}", root / case.id, to="megatron", layout=case.layout())
         torch.save({"input_ids": ids, "logits": logits(model, ids)}, root / f"{case.id}.ref.pt")
@@ -232,17 +235,18 @@ def test_routing_predicate_is_exact_about_group_scores() -> None:
     'max' where that is 1 and 'top2' where it is 2, nothing else."""
     spec = FAMILIES["deepseek_v3"].read(tiny_model("deepseek_v3", **V3_GROUPED).config.to_dict(), "v3")
     m = spec.moe
-    assert (m.groups, m.top_groups, m.top_k, m.group_score) == (2, 1, 2, "top2")
-    assert routing_refusal(m, 4) is None
-    for top_groups, score, ok in ((1, "max", False), (2, "max", True), (2, "top2", False)):
-        why = routing_refusal(m.__class__(**{**asdict(m), "top_groups": top_groups, "group_score": score}), 4)
+    assert (m.groups, m.top_groups, m.top_k, m.group_score) == (4, 2, 4, "top2")
+    assert routing_refusal(m, 8) is None
+    for top_groups, score, ok in ((2, "max", False), (4, "max", True), (4, "top2", False), (3, "max", True),
+                                  (1, "top2", False)):  # 4 // 1 = 4: neither
+        why = routing_refusal(m.__class__(**{**asdict(m), "top_groups": top_groups, "group_score": score}), 8)
         assert (why is None) == ok, (top_groups, score, why)
     sigmoid_unnormalised = m.__class__(**{**asdict(m), "norm_topk_prob": False})
-    assert "norm_topk_prob=False" in routing_refusal(sigmoid_unnormalised, 4)
+    assert "norm_topk_prob=False" in routing_refusal(sigmoid_unnormalised, 8)
 
 
 @pytest.mark.parametrize("arg,value,needle", [
-    ("moe_router_group_topk", 3, "moe_router_group_topk=3"),  # top_k 2 // 3 = 0: no group score read
+    ("moe_router_group_topk", 5, "moe_router_group_topk=5"),  # top_k 4 // 5 = 0: no group score read
     ("moe_router_num_groups", None, "moe_router_num_groups=None"),  # group_topk without groups
     ("moe_router_score_function", "sqrtsoftplus", "moe_router_score_function"),
     ("moe_router_dtype", "fp64", "moe_router_dtype"),
@@ -256,7 +260,7 @@ def test_megatron_mla_args_megatron_computes_otherwise_are_refused_by_name(arg, 
     convert(hf, mg, to="megatron", layout=MegatronLayout())
     path = mg / "iter_0000001" / "mp_rank_00" / "model_optim_rng.pt"
     state = torch.load(path, weights_only=False)
-    assert spec_from_args(state["args"], "x").moe.groups == 2
+    assert spec_from_args(state["args"], "x").moe.groups == 4
     setattr(state["args"], arg, value)
     torch.save(state, path)
     _fails(capsys, [str(mg), str(tmp_path / "back"), "--to", "hf"], needle, "mp_rank_00")
