@@ -62,8 +62,8 @@ def _latent_refusals(spec: ModelSpec) -> dict[str, str]:
         out["interleaved_rope"] = ("rope on halves (rope_interleave=False); megatron-core's latent attention "
                                    "rotates interleaved pairs")
     if m.norm_eps != spec.norm_eps:
-        out["mla"] = (f"latent norms with eps {m.norm_eps} beside norm_eps {spec.norm_eps}; megatron-core's "
-                      "q/kv layernorms take the model's layernorm_epsilon")
+        out["norm_eps"] = (f"norm_eps {spec.norm_eps} beside latent norms of eps {m.norm_eps}; "
+                           "megatron-core's q/kv layernorms take the model's layernorm_epsilon")
     return out
 
 
