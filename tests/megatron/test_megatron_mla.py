@@ -266,15 +266,17 @@ def test_routing_predicate_is_exact_about_group_scores() -> None:
     assert "norm_topk_prob=False" in routing_refusal(sigmoid_unnormalised, 8)
 
 
-@pytest.mark.parametrize("arg,value,needle", [
-    ("moe_router_group_topk", 5, "moe_router_group_topk=5"),  # top_k 4 // 5 = 0: no group score read
-    ("moe_router_num_groups", None, "moe_router_num_groups=None"),  # group_topk without groups
-    ("moe_router_score_function", "sqrtsoftplus", "moe_router_score_function"),
-    ("moe_router_dtype", "fp64", "moe_router_dtype"),
-    ("qk_layernorm", False, "qk_layernorm"),  # the local spec's latent norms are Identity then
-    ("rope_type", "mrope", "rope_type"),
-])
-def test_megatron_mla_args_megatron_computes_otherwise_are_refused_by_name(arg, value, needle, tmp_path,
+@pytest.mark.parametrize("changes,needle", [
+    ({"moe_router_group_topk": 5}, "moe_router_group_topk=5"),  # top_k 4 // 5 = 0: no group score read
+    ({"moe_router_num_groups": None}, "moe_router_num_groups=None"),  # group_topk without groups
+    ({"moe_router_score_function": "sqrtsoftplus"}, "moe_router_score_function"),
+    ({"moe_router_dtype": "fp64"}, "moe_router_dtype"),
+    ({"qk_layernorm": False}, "qk_layernorm"),  # the local spec's latent norms are Identity then
+    ({"rope_type": "mrope"}, "rope_type"),
+    # MLA's softmax scale takes YaRN's mscale with plain rope too
+    ({"rotary_scaling_factor": 40.0, "mscale_all_dim": 0.707}, "mscale_all_dim=0.707"),
+], ids=["group-topk", "groups", "score", "router-dtype", "qk-layernorm", "rope-type", "rope-mscale"])
+def test_megatron_mla_args_megatron_computes_otherwise_are_refused_by_name(changes, needle, tmp_path,
                                                                           capsys) -> None:
     hf, mg = tmp_path / "hf", tmp_path / "mg"
     tiny_model("deepseek_v3", **V3_GROUPED).save_pretrained(hf)
@@ -282,7 +284,8 @@ def test_megatron_mla_args_megatron_computes_otherwise_are_refused_by_name(arg, 
     path = mg / "iter_0000001" / "mp_rank_00" / "model_optim_rng.pt"
     state = torch.load(path, weights_only=False)
     assert spec_from_args(state["args"], "x").moe.groups == 4
-    setattr(state["args"], arg, value)
+    for arg, value in changes.items():
+        setattr(state["args"], arg, value)
     torch.save(state, path)
     _fails(capsys, [str(mg), str(tmp_path / "back"), "--to", "hf"], needle, "mp_rank_00")
     assert not (tmp_path / "back").exists()

@@ -285,6 +285,14 @@ def _rope_from_args(args: Namespace, where: str) -> dict[str, Any]:
     if getattr(args, "multi_latent_attention", False):
         kind = getattr(args, "rope_type", None) or "yarn"  # Megatron-LM: MLA takes yarn by default
         if kind == "rope":
+            # MLA's softmax scale takes YaRN's mscale(rotary_scaling_factor, mscale_all_dim) ** 2
+            # whatever the rope type: 1 only at a factor up to 1 or mscale_all_dim 0
+            factor, all_dim = (float(getattr(args, k, d) or 0.0) for k, d in (("rotary_scaling_factor", 1.0),
+                                                                              ("mscale_all_dim", 0.0)))
+            if factor > 1 and all_dim:
+                raise InputError(f"{where}: args rope_type='rope' with rotary_scaling_factor={factor} and "
+                                 f"mscale_all_dim={all_dim} is not read (megatron-core scales MLA's softmax "
+                                 "by YaRN's mscale even without YaRN)")
             return {"rope_type": "default", "rope_theta": theta}
         if kind != "yarn":
             raise InputError(f"{where}: args rope_type={kind!r} is not read")
