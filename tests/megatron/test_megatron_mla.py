@@ -207,6 +207,23 @@ def test_mla_rank_files_hold_megatron_cores_names_and_shapes(tmp_path) -> None:
         assert not any("linear_qkv" in k for k in got)
 
 
+def test_expert_bias_stays_float32_in_a_bfloat16_checkpoint(tmp_path) -> None:
+    """megatron-core keeps expert_bias in float32 (it saves and loads it so): a bf16 conversion
+    writes it in float32, the reader takes it so, and the way back holds the same values."""
+    hf, mg = tmp_path / "hf", tmp_path / "mg"
+    model = deepseek(Case("deepseek_v3", 2, 1, BASE))
+    model.save_pretrained(hf)
+    convert(hf, mg, to="megatron", layout=MegatronLayout(tp=2), dtype="bfloat16")
+    got = torch.load(mg / "iter_0000001" / "mp_rank_01" / "model_optim_rng.pt", weights_only=False)["model"]
+    assert got["embedding.word_embeddings.weight"].dtype == torch.bfloat16
+    bias = got["decoder.layers.1.mlp.router.expert_bias"]
+    assert bias.dtype == torch.float32
+    assert torch.equal(bias, model.state_dict()["model.layers.1.mlp.gate.e_score_correction_bias"])
+    convert(mg, tmp_path / "back", to="hf")
+    back = read_tensors(tmp_path / "back")["model.layers.1.mlp.gate.e_score_correction_bias"]
+    assert back.dtype == torch.float32 and torch.equal(back, bias)
+
+
 @pytest.mark.parametrize("start,end", [((2, 1, 1), (1, 2, 2)), ((1, 2, 2), (2, 1, 1))],
                          ids=lambda lay: "x".join(map(str, lay)))
 def test_mla_reshard_equals_direct_conversion(start, end, tmp_path) -> None:
