@@ -24,6 +24,16 @@ def side_steps() -> None:
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
     tensor_parallel.get_cuda_rng_tracker = lambda *a, **k: NoRngTracker()
     moe_side_steps()
+    mla_side_steps()
+
+
+def mla_side_steps() -> None:
+    """Without TransformerEngine, megatron.core.extensions.transformer_engine still imports (its
+    TE classes are mocks), so multi_latent_attention sets HAVE_TE and then asks
+    isinstance(linear_proj, TELinear) of a mock, a TypeError: say there is no TE, as is true here."""
+    from megatron.core.transformer import multi_latent_attention
+
+    multi_latent_attention.HAVE_TE = False
 
 
 def moe_side_steps() -> None:
@@ -43,3 +53,4 @@ def moe_side_steps() -> None:
     torch.cuda.Stream = NoStream
     torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
     torch.cuda.current_stream = lambda *a, **k: NoStream()
+

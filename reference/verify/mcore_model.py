@@ -53,6 +53,57 @@ def moe_config(args: Namespace) -> dict[str, Any]:
     return {"num_moe_experts": args.num_experts, **{f: getattr(args, f) for f in MOE_FIELDS}}
 
 
+# MLATransformerConfig fields a checkpoint's latent-attention args set under their own name (as
+# Megatron-LM's core_transformer_config_from_args copies them, taking MLATransformerConfig).
+MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "rope_type",
+              "rotary_scaling_factor", "mscale", "mscale_all_dim", "original_max_position_embeddings",
+              "beta_fast", "beta_slow")
+
+
+def mla_config(args: Namespace) -> dict[str, Any]:
+    """MLATransformerConfig's latent-attention fields from checkpoint args (none without MLA)."""
+    if not getattr(args, "multi_latent_attention", False):
+        return {}
+    fields = {f: getattr(args, f) for f in MLA_FIELDS if getattr(args, f, None) is not None}
+    return {"rotary_base": getattr(args, "rotary_base", 10000), "rope_type": "yarn", **fields}
+
+
+def latent_core_attention() -> type:
+    """megatron-core's DotProductAttention as its local MLA spec needs it. In 0.16.1,
+    MultiLatentAttention.__init__ builds core_attention with k_channels and v_channels (query and
+    key heads of qk_head_dim + qk_pos_emb_head_dim, value heads of v_head_dim), which only
+    TransformerEngine's TEDotProductAttention takes: the local spec's DotProductAttention raises
+    TypeError on construction. This subclass takes them and sizes its output by v_channels; the
+    forward, scale and mask are DotProductAttention's own (it reads the q/k/v widths from the
+    tensors, and MLA passes its softmax_scale)."""
+    import copy
+
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    class LatentDotProductAttention(DotProductAttention):
+        def __init__(self, config: Any, *args: Any, k_channels: int | None = None,
+                     v_channels: int | None = None, **kwargs: Any) -> None:
+            # Attention.__init__ builds one without them first; MultiLatentAttention replaces it
+            if v_channels is not None:
+                config = copy.copy(config)
+                config.kv_channels = v_channels  # the output: heads x v_head_dim
+                assert kwargs.get("softmax_scale") is not None, "MLA passes its own q.k scale"
+            super().__init__(config, *args, **kwargs)
+
+    return LatentDotProductAttention
+
+
+def _with_latent_core_attention(spec: Any) -> Any:
+    """A GPT layer or block spec whose MLA layers use `latent_core_attention()`."""
+    import copy
+
+    spec = copy.deepcopy(spec)
+    core = latent_core_attention()
+    for layer in getattr(spec, "layer_specs", None) or [spec]:  # a block spec's layers, or one layer's
+        layer.submodules.self_attention.submodules.core_attention = core
+    return spec
+
+
 def check_args(args: Namespace, where: str) -> None:
     """Refuse, by name, args this builder does not reproduce."""
     if not getattr(args, "swiglu", False):
@@ -73,10 +124,11 @@ def build(args: Namespace, vp_stage: int | None, post_process: bool | None = Non
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
-    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer import MLATransformerConfig, TransformerConfig
 
     group = getattr(args, "group_query_attention", False)
-    config = TransformerConfig(
+    latent = getattr(args, "multi_latent_attention", False)
+    config = (MLATransformerConfig if latent else TransformerConfig)(
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
         ffn_hidden_size=args.ffn_hidden_size,
@@ -100,6 +152,7 @@ def build(args: Namespace, vp_stage: int | None, post_process: bool | None = Non
         attention_dropout=0.0,
         **CPU_CONFIG,
         **moe_config(args),
+        **mla_config(args),
         params_dtype=torch.float32,
         pipeline_dtype=torch.float32,
     )
@@ -107,7 +160,10 @@ def build(args: Namespace, vp_stage: int | None, post_process: bool | None = Non
         spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False,
                                           normalization=config.normalization, vp_stage=vp_stage)
     else:
-        spec = get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization=config.normalization)
+        spec = get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization=config.normalization,
+                                        multi_latent_attention=latent)
+    if latent:
+        spec = _with_latent_core_attention(spec)
     return GPTModel(
         config=config,
         transformer_layer_spec=spec,

@@ -121,7 +121,7 @@ def test_even_split_gives_every_virtual_stage_the_same_layers(pp, vpp, per_stage
     assert counts == (per_stage,) * stages
 
 
-@pytest.mark.parametrize("split", ["qkv", "rows", ""])
+@pytest.mark.parametrize("split", ["qkv", "columns", ""])
 def test_an_unknown_split_raises_naming_it(split) -> None:
     spec, x = _spec(2, 2, 2, 4), torch.zeros(4, 4)
     with pytest.raises(InputError, match=f"unknown Megatron split '{split}'"):

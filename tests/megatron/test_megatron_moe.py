@@ -243,10 +243,9 @@ def test_bad_expert_layouts_fail_in_one_line(tmp_path, capsys) -> None:
     assert not out.exists() and not list(tmp_path.glob("out*"))
 
 
-@pytest.mark.parametrize("arg,value", [("moe_router_score_function", "sigmoid"),
-                                       ("moe_router_topk_scaling_factor", 2.5),
-                                       ("moe_router_enable_expert_bias", True),
-                                       ("moe_router_num_groups", 2),
+@pytest.mark.parametrize("arg,value", [("moe_router_enable_expert_bias", True),  # on softmax scores
+                                       ("moe_router_num_groups", 2),  # without moe_router_group_topk
+                                       ("moe_expert_capacity_factor", 1.0),
                                        ("moe_grouped_gemm", True)])
 def test_routing_megatron_computes_differently_is_refused_by_name(arg, value, tmp_path, capsys) -> None:
     hf, mg = tmp_path / "hf", tmp_path / "mg"
@@ -257,6 +256,23 @@ def test_routing_megatron_computes_differently_is_refused_by_name(arg, value, tm
         setattr(state["args"], arg, value)
         torch.save(state, path)
     _fails(capsys, [str(mg), str(tmp_path / "back"), "--to", "hf"], arg, "mp_rank_00_000")
+    assert not (tmp_path / "back").exists()
+
+
+@pytest.mark.parametrize("arg,value,field", [("moe_router_score_function", "sigmoid", "scoring='sigmoid'"),
+                                             ("moe_router_topk_scaling_factor", 2.5, "scale=2.5")])
+def test_deepseek_routing_args_read_and_a_family_without_it_refuses_by_name(arg, value, field, tmp_path,
+                                                                            capsys) -> None:
+    """DeepSeek's routing args are read (tests/megatron/test_megatron_mla.py runs them); a
+    checkpoint recorded as Qwen3-MoE that routes so is refused by Qwen3-MoE, naming the field."""
+    hf, mg = tmp_path / "hf", tmp_path / "mg"
+    tiny_model("qwen3_moe").save_pretrained(hf)
+    convert(hf, mg, to="megatron", layout=MegatronLayout())
+    path = next(mg.glob("iter_*/mp_rank_*/*.pt"))
+    state = torch.load(path, weights_only=False)
+    setattr(state["args"], arg, value)
+    torch.save(state, path)
+    _fails(capsys, [str(mg), str(tmp_path / "back"), "--to", "hf"], "qwen3_moe", "'moe'", field)
     assert not (tmp_path / "back").exists()
 
 
@@ -275,15 +291,23 @@ def test_damaged_expert_parallel_checkpoint_fails_in_one_line(tmp_path, capsys) 
     assert not (tmp_path / "back").exists()
 
 
-@pytest.mark.parametrize("field,value", [("scoring", "sigmoid"), ("groups", 2), ("choice_bias", True),
-                                         ("scale", 2.5), ("fp32_router", True)])
-def test_deepseek_routing_is_refused_by_name_on_the_way_in(field, value) -> None:
+@pytest.mark.parametrize("field,value,refused", [
+    ("choice_bias", True, True),  # megatron-core adds expert_bias to sigmoid scores only
+    ("groups", 2, True),  # a group's best expert, where megatron-core sums top_k // top_groups = 2
+    ("scoring", "sigmoid", False),  # renormalised, as norm_topk_prob with top_k 2 says
+    ("scale", 2.5, False), ("fp32_router", True, False), ("gated_shared", False, False),
+])
+def test_deepseek_routing_fields_on_the_way_in(field, value, refused) -> None:
     """The spec's DeepSeek routing fields, one at a time on a routing megatron-core does match:
-    each is named, so a new routing field cannot slip into a checkpoint that routes otherwise."""
+    those megatron-core computes otherwise are named; the rest it computes (moe_args)."""
     from reference.converters.megatron.args import refuses
     from reference.families.registry import FAMILIES
 
-    spec = FAMILIES["qwen3_moe"].read(tiny_model("qwen3_moe").config.to_dict(), "qwen3_moe")
+    config = tiny_model("qwen3_moe", norm_topk_prob=True).config.to_dict()
+    spec = FAMILIES["qwen3_moe"].read(config, "qwen3_moe")
     assert "moe" not in refuses(spec)
-    bad = spec.replace(moe=spec.moe.__class__(**{**asdict(spec.moe), field: value}))
-    assert f"{field}={value!r}" in refuses(bad)["moe"]
+    changed = spec.replace(moe=spec.moe.__class__(**{**asdict(spec.moe), field: value, "shared_size": 16}))
+    if refused:
+        assert f"{field}={value!r}" in refuses(changed)["moe"]
+    else:
+        assert "moe" not in refuses(changed)

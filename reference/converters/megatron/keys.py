@@ -13,13 +13,15 @@ from dataclasses import dataclass, replace
 import torch
 
 from reference.families.keymap import GATE_UP, Fused, grouped_qkv
+from reference.families.spec import MLA
 
 
 @dataclass(frozen=True)
 class Rule:
     """One Megatron tensor: its key template, the canonical tensors it holds, and how tensor
     parallelism cuts it (reference/converters/megatron/stage.py `shard`): "replicated" on every
-    rank, "vocab" rows padded then split, "cols" (a row-parallel linear's input columns), or a
+    rank, "vocab" rows padded then split, "cols" (a row-parallel linear's input columns), "rows"
+    (a column-parallel linear's output rows, in one piece: MLA's projections), or a
     `Fused` block layout whose parts are column-parallel (each rank holds the layout of a model
     1/tp as wide: linear_qkv grouped per query group, linear_fc1 as [gate_r; up_r])."""
 
@@ -30,6 +32,8 @@ class Rule:
     # expert's; split over expert TP, and a second `{}` numbers the expert: local to its EP rank
     # in the key, global in the canonical name) or "shared" (the shared expert's, over TP).
     width: str = "dense"
+    fp32: bool = False  # kept in float32 whatever the checkpoint's dtype (the router's expert_bias)
+    latent: bool | None = None  # only with latent attention (True), only without (False), or either
 
 
 _L = "decoder.layers.{}."
@@ -67,6 +71,27 @@ MOE_RULES: tuple[Rule, ...] = (
 )
 
 
+_SA = _L + "self_attention."
+# DeepSeek's routing: V3's e_score_correction_bias is the router's expert_bias buffer, which
+# megatron-core keeps in float32 (TopKRouter._maintain_float32_expert_bias).
+ROUTER_BIAS = Rule(_L + "mlp.router.expert_bias", (_MLP + "choice_bias",), "replicated", fp32=True)
+
+# megatron-core's local MLA spec (get_gpt_layer_local_spec(multi_latent_attention=True)): every
+# projection is a ColumnParallelLinear, the down projections too (their outputs are gathered
+# over TP before the norms), so each is cut by rows; q_b and kv_b rows are whole heads in HF's
+# order (per head nope then rope, and nope then v), which a row chunk keeps. The latent norms
+# are the q/k norms of --qk-layernorm; o is linear_proj, as in LOCAL_RULES.
+MLA_RULES: tuple[Rule, ...] = (
+    Rule(_SA + "linear_q_proj.weight", (_ATTN + "q.weight",), "rows", latent=True),  # q is linear_qkv's too
+    Rule(_SA + "linear_q_down_proj.weight", (_ATTN + "q_a.weight",), "rows"),
+    Rule(_SA + "q_layernorm.weight", (_ATTN + "q_a_norm.weight",), "replicated"),
+    Rule(_SA + "linear_q_up_proj.weight", (_ATTN + "q_b.weight",), "rows"),
+    Rule(_SA + "linear_kv_down_proj.weight", (_ATTN + "kv_a.weight",), "rows"),
+    Rule(_SA + "kv_layernorm.weight", (_ATTN + "kv_a_norm.weight",), "replicated"),
+    Rule(_SA + "linear_kv_up_proj.weight", (_ATTN + "kv_b.weight",), "rows"),
+)
+
+
 LOCAL_RULES: tuple[Rule, ...] = (
     Rule(EMBEDDING, ("embed.weight",), "vocab"),
     Rule(_L + "input_layernorm.weight", ("layers.{}.attn_norm.weight",), "replicated"),
@@ -76,12 +101,14 @@ LOCAL_RULES: tuple[Rule, ...] = (
     Rule(_L + "self_attention.k_layernorm.weight", (_ATTN + "k_norm.weight",), "replicated"),
     Rule(_L + "self_attention.linear_proj.weight", (_ATTN + "o.weight",), "cols"),
     Rule(_L + "self_attention.linear_proj.bias", (_ATTN + "o.bias",), "replicated"),
+    *MLA_RULES,
     Rule(_L + "pre_mlp_layernorm.weight", ("layers.{}.mlp_norm.weight",), "replicated"),
     _fused(_L + "mlp.linear_fc1.weight", _fc1("weight")),
     _fused(_L + "mlp.linear_fc1.bias", _fc1("bias")),
     Rule(_L + "mlp.linear_fc2.weight", (_MLP + "down.weight",), "cols"),
     Rule(_L + "mlp.linear_fc2.bias", (_MLP + "down.bias",), "replicated"),
     *MOE_RULES,
+    ROUTER_BIAS,
     Rule("decoder.final_layernorm.weight", ("norm.weight",), "replicated"),
     Rule(OUTPUT, ("lm_head.weight",), "vocab"),
 )
@@ -99,14 +126,19 @@ RULES = {"local": LOCAL_RULES, "te": TE_RULES}
 # FP8 is an empty uint8 tensor (TE 2.x). `output_layer` is Megatron's linear in both specs.
 _LINEARS = (_L + "self_attention.linear_qkv", _L + "self_attention.linear_proj",
             _L + "mlp.linear_fc1", _L + "mlp.linear_fc2")
+# MLA's linears in place of linear_qkv (q: one projection without q_lora_rank, else two).
+_MLA_LINEARS = tuple(_SA + f"linear_{p}" for p in ("kv_down_proj", "kv_up_proj", "proj"))
+_MLA_Q = {False: (_SA + "linear_q_proj",), True: (_SA + "linear_q_down_proj", _SA + "linear_q_up_proj")}
 _TE_ONLY = (_L + "self_attention.core_attention", "decoder.final_layernorm")
 _TE_QK = (_L + "self_attention.q_layernorm", _L + "self_attention.k_layernorm")
 EXTRA_SUFFIX = "._extra_state"
 
 
-def extra_states(layer_spec: str, qk_norm: bool) -> dict[str, str]:
-    """Module template -> "none" or "te" (what its `_extra_state` holds)."""
-    out = dict.fromkeys(_LINEARS, "none" if layer_spec == "local" else "te")
+def extra_states(layer_spec: str, qk_norm: bool, mla: MLA | None = None) -> dict[str, str]:
+    """Module template -> "none" or "te" (what its `_extra_state` holds); `mla`: latent attention's
+    linears in place of linear_qkv (local spec only)."""
+    linears = _LINEARS if mla is None else (*_MLA_Q[mla.q_rank is not None], *_MLA_LINEARS, *_LINEARS[2:])
+    out = dict.fromkeys(linears, "none" if layer_spec == "local" else "te")
     if layer_spec == "te":
         out.update(dict.fromkeys(_TE_ONLY + (_TE_QK if qk_norm else ()), "te"))
     out["output_layer"] = "none"

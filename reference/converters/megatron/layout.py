@@ -66,8 +66,25 @@ def check_layout(spec: ModelSpec, layout: MegatronLayout) -> tuple[int, ...]:
                        *((("ffn_hidden_size (intermediate_size)", spec.intermediate_size),) * dense)):
         if size % tp:
             raise InputError(f"--tp {tp} does not divide {what} {size}")
+    check_latent(spec, layout)
     check_experts(spec, layout)
     return stage_layers(spec.num_layers, layout)
+
+
+def check_latent(spec: ModelSpec, layout: MegatronLayout) -> None:
+    """Raise, naming the flag, unless latent attention fits `layout`: its down projections are
+    column-parallel too (local spec), so TP cuts their outputs, q_lora_rank and kv_lora_rank +
+    the rope dims, before gathering them."""
+    m = spec.mla
+    if m is None:
+        return
+    if layout.layer_spec != "local":
+        raise InputError(f"--layer-spec {layout.layer_spec}: latent attention is written in the local "
+                         "spec only")
+    for what, size in (("q_lora_rank", m.q_rank or 0),
+                       ("kv_lora_rank + qk_rope_head_dim", m.kv_rank + spec.head_dim)):
+        if size % layout.tp:
+            raise InputError(f"--tp {layout.tp} does not divide {what} {size}")
 
 
 def check_experts(spec: ModelSpec, layout: MegatronLayout) -> None:

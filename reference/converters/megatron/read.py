@@ -123,14 +123,20 @@ def _open(root: Path) -> Checkpoint:
 
 
 def _routing_dtype(spec: ModelSpec, family: Family) -> ModelSpec:
-    """The spec with the family's dtype of routing weights: megatron-core's args have no such
-    setting (its probabilities take the router's dtype), and in fp32 both compute the same."""
+    """The spec with the family's dtype of routing weights and of latent attention's rope, and its
+    group score where there are no groups:
+    megatron-core's args have no such setting (its probabilities take the router's dtype, its
+    rope the model's), and in fp32 both compute the same."""
+    if spec.mla is not None:
+        spec = spec.replace(fp32_rope=family.express(spec).fp32_rope)
     if spec.moe is None:
         return spec
     held = family.express(spec).moe
     if held is None:
         return spec
-    return spec.replace(moe=replace(spec.moe, fp32_weights=held.fp32_weights))
+    # without groups the group score computes nothing: the family's (DeepSeek-V3's "top2")
+    score = held.group_score if spec.moe.groups == 1 else spec.moe.group_score
+    return spec.replace(moe=replace(spec.moe, fp32_weights=held.fp32_weights, group_score=score))
 
 
 def _family(root: Path, spec: ModelSpec) -> tuple[Family, dict[str, Any]]:
@@ -195,8 +201,8 @@ def _check_file(ck: Checkpoint, tp_rank: int, pp_rank: int, ep_rank: int = 0) ->
             got = model[slot.key]
             if list(got.shape) != want:
                 raise InputError(f"{where} has shape {list(got.shape)}, the args imply {want}")
-            if got.dtype != ck.dtype:
-                raise InputError(f"{where} is {got.dtype}, the first tensor {ck.dtype}")
+            if got.dtype != S.piece_dtype(slot.rule, ck.dtype):
+                raise InputError(f"{where} is {got.dtype}, want {S.piece_dtype(slot.rule, ck.dtype)}")
         known = {s.key for s in slots}
         for key in model:
             if key in known or key.endswith(EXTRA_SUFFIX):
@@ -265,7 +271,7 @@ def _lazy_tensors(ck: Checkpoint) -> tuple[dict[str, Lazy], dict[str, str]]:
                 where = f"{ranks} {model} '{slot.key}'"
                 load = _merger(files, slot, pp_rank, ep_rank, model, where)
                 for part, name in enumerate(slot.sources):
-                    meta = torch.empty(shapes[name], dtype=ck.dtype, device="meta")
+                    meta = torch.empty(shapes[name], dtype=S.piece_dtype(slot.rule, ck.dtype), device="meta")
                     tensors[name] = Lazy(meta, lambda f=load, i=part: f()[i])
                     homes[name] = where
     return tensors, homes

@@ -79,7 +79,7 @@ def slots(spec: ModelSpec, table: KeyTable, stage: Stage, ep_rank: int = 0, ep: 
     local = spec.num_experts // ep
     out = []
     for rule in table.rules:
-        if "{}" not in rule.key:
+        if "{}" not in rule.key or rule.latent not in (None, spec.mla is not None):
             continue
         for i in range(stage.count):
             if rule.width == "experts":
@@ -108,7 +108,7 @@ def slots(spec: ModelSpec, table: KeyTable, stage: Stage, ep_rank: int = 0, ep: 
 def extra_keys(spec: ModelSpec, layer_spec: str, stage: Stage) -> dict[str, str]:
     """`_extra_state` key -> kind ("none" or "te") of a stage file."""
     out = {}
-    for module, kind in extra_states(layer_spec, spec.qk_norm).items():
+    for module, kind in extra_states(layer_spec, spec.qk_norm, spec.mla).items():
         if "{}" in module:
             # a mixture's layers have no dense linear_fc1/fc2 (`expert_extra_keys` has theirs)
             layers = [i for i in range(stage.count) if not (".mlp." in module and spec.moe is not None
@@ -133,13 +133,19 @@ def width_spec(spec: ModelSpec, rule: Rule) -> ModelSpec:
     return spec.replace(intermediate_size=size)
 
 
+def piece_dtype(rule: Rule, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a rule's tensor is stored in, in a checkpoint of `dtype`."""
+    return torch.float32 if rule.fp32 else dtype
+
+
 def rule_tp(rule: Rule, tp: int, etp: int) -> int:
     """The tensor-parallel size a rule is split over: expert TP for routed experts."""
     return etp if rule.width == "experts" else tp
 
 
 def _unknown(split: object) -> InputError:
-    return InputError(f"unknown Megatron split {split!r}: want replicated, vocab, cols or a Fused layout")
+    return InputError(f"unknown Megatron split {split!r}: want replicated, vocab, cols, rows or a Fused "
+                      "layout")
 
 
 def shard(split: str | Fused, parts: Sequence[torch.Tensor], spec: ModelSpec, tp: int, rank: int,
@@ -153,6 +159,8 @@ def shard(split: str | Fused, parts: Sequence[torch.Tensor], spec: ModelSpec, tp
         return cut.vocab_rank(parts[0], padded, tp, rank)
     if split == "cols":
         return cut.cols_rank(parts[0], tp, rank)
+    if split == "rows":
+        return parts[0].chunk(tp)[rank]
     raise _unknown(split)
 
 
@@ -170,4 +178,6 @@ def unshard(split: str | Fused, pieces: Sequence[torch.Tensor], spec: ModelSpec,
         return [cut.merge_vocab(pieces, spec.vocab_size)]
     if split == "cols":
         return [torch.cat(list(pieces), dim=1)]
+    if split == "rows":
+        return [torch.cat(list(pieces))]
     raise _unknown(split)

@@ -19,7 +19,10 @@ if TYPE_CHECKING:  # the writer needs torch; `reference families` asks express a
 
 # Features Megatron-Core computes exactly as the HF families do. Every other feature is held at
 # Llama's value, so a new feature in ModelSpec is refused by name until it is listed here.
-SUPPORTED = ("qkv_bias", "o_bias", "mlp_bias", "qk_norm", "rotary_fraction", "num_experts", "moe")
+# fp32_rope (DeepSeek-V2) is held as the family has it, as the routing weights' dtype is: in fp32
+# megatron-core's rope computes the same; its args have no such setting (read.py restores it).
+SUPPORTED = ("qkv_bias", "o_bias", "mlp_bias", "qk_norm", "rotary_fraction", "num_experts", "moe",
+             "latent_attention", "mla", "interleaved_rope", "fp32_rope")
 
 
 @dataclass(frozen=True)

@@ -71,7 +71,7 @@ def write_megatron(
 
     def piece_bytes(slot: S.Slot, tp_rank: int) -> int:  # cut from the data-free stand-ins
         shape = piece(slot, [tensors[n].meta for n in slot.sources], tp_rank).shape
-        return math.prod(shape) * dtype.itemsize
+        return math.prod(shape) * S.piece_dtype(slot.rule, dtype).itemsize
 
     total = sum(piece_bytes(slot, tp_rank) for eps in ranks for stages in eps for tp_rank in range(layout.tp)
                 for _, slots in stages for slot in slots) if progress is not None else 0
@@ -85,7 +85,7 @@ def write_megatron(
                     model: dict[str, Any] = {}
                     for slot in slots:
                         parts = [tensors[n].load() for n in slot.sources]
-                        model[slot.key] = _owned(piece(slot, parts, tp_rank), dtype)
+                        model[slot.key] = _owned(piece(slot, parts, tp_rank), S.piece_dtype(slot.rule, dtype))
                         n_tensors += 1
                         n_bytes += model[slot.key].nbytes
                         del parts
