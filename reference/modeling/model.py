@@ -317,20 +317,23 @@ class UnifiedModel(PreTrainedModel):
             query_pos = torch.arange(past, past + t, device=x.device)
             own, key_pos = query_pos, torch.arange(past + t, device=x.device)
         else:  # global positions: this slice's own, the queries its kernel sees, every key's
-            if cache is not None or padded:
-                raise ValueError("sequence parallel does not combine with a KV cache or a padding "
-                                 "attention_mask")
+            if cache is not None:
+                raise ValueError("sequence parallel does not combine with a KV cache")
             own, query_pos, key_pos = sp.positions(t, x.device)
+            # the whole padding mask, gathered on every rank even when none is given (same collectives)
+            mine = attention_mask if attention_mask is not None else torch.ones(b, t, dtype=torch.long)
+            attention_mask = sp.padding(mine.to(x.device))
+            padded = not bool(attention_mask.all())
         if position_ids is None:
             position_ids = own[None].expand(b, -1)
         position_ids = position_ids.to(x.device)
         backend = self._backend()
 
         def mask(window: int | None) -> torch.Tensor | None:
-            """The additive mask of layers with this window (B or 1, 1 or H, T, S); None is plain
-            causal attention, which the kernels serve with no mask tensor at all (always a mask
-            under sequence parallelism: the ring kernel reads its columns block by block)."""
-            if sp is None and not (padded or self.spec.alibi or (window is not None and past + t > window)):
+            """The additive mask of layers with this window (B or 1, 1 or H, T, S), rows the
+            kernel's queries, columns every key; None is plain causal attention, which the kernels
+            serve with no mask tensor at all (the ring builds each block's own from positions)."""
+            if not (padded or self.spec.alibi or (window is not None and len(key_pos) > window)):
                 return None
             m = attention.additive(attention.allowed(query_pos, key_pos, attention_mask, window), x.dtype)
             if self.spec.alibi:

@@ -10,12 +10,19 @@ no communication.
 - ulysses: one all-to-all turns sequence shards of q, k and v into head shards of the whole
   sequence, the chosen kernel runs on them, and one all-to-all turns the output back. KV heads
   are repeated up to a multiple of the degree when the degree does not divide them.
-- ring: each rank keeps its queries; the K/V blocks go round the ring (send to the next rank,
-  receive from the previous), each block's attention is merged into the running output by
-  log-sum-exp. The causal load is not balanced: rank r computes r + 1 useful blocks of n.
+- ring: the positions are first re-sharded (one all-to-all) to the zigzag layout: the sequence in
+  2n chunks, rank r holding chunks r and 2n-1-r, so that under a causal mask every rank has the
+  same work (a contiguous split gives rank r r + 1 useful blocks of n). Each rank keeps its
+  queries; the K/V blocks go round the ring (send to the next rank, receive from the previous),
+  each pair of a query chunk and a key chunk with any key at or before a query is attended to
+  (the others are skipped) and merged into that chunk's output by log-sum-exp; one all-to-all
+  takes the output back to the contiguous slices.
+
+A padding attention_mask is passed sliced like the sequence; the ranks gather the whole of it at
+every forward (also when none is given, so that every rank makes the same collectives).
 
 Both are differentiable: the all-to-all and the ring pass are autograd Functions whose backward
-is the same communication the other way.
+is the same communication the other way (so the re-shard's backward is the inverse re-shard).
 """
 
 from __future__ import annotations
@@ -91,13 +98,91 @@ class SequenceParallel:
         dist.all_gather(lengths, torch.tensor([t]), group=self.group)
         self.lengths = [int(n) for n in lengths]
         total = sum(self.lengths)
-        expected = [len(c) for c in torch.tensor_split(torch.arange(total), self.degree)]
+        expected = [len(r) for r in split(total, self.degree)]
         if self.lengths != expected:
             raise ValueError(f"sequence parallel: the ranks hold {self.lengths} positions; a sequence of "
                              f"{total} is split as torch.tensor_split splits it: {expected}")
         start = sum(self.lengths[: self.rank])
         own, keys = torch.arange(start, start + t, device=device), torch.arange(total, device=device)
-        return own, keys if self.mode == "ulysses" else own, keys
+        if self.mode == "ulysses":
+            return own, keys, keys
+        return own, _arange(zigzag(total, self.degree)[self.rank], device), keys
+
+    def padding(self, mask: torch.Tensor) -> torch.Tensor:
+        """(B, S): every rank's (B, T_rank) slice of the padding mask, gathered in rank order."""
+        longest = max(self.lengths)
+        padded = mask.new_zeros(mask.shape[0], longest)
+        padded[:, : mask.shape[1]] = mask
+        pieces = [torch.empty_like(padded) for _ in range(self.degree)]
+        dist.all_gather(pieces, padded, group=self.group)
+        return torch.cat([p[:, :n] for p, n in zip(pieces, self.lengths, strict=True)], 1)
+
+
+def split(total: int, parts: int) -> list[range]:
+    """The runs of positions torch.tensor_split(torch.arange(total), parts) gives: the first
+    total % parts one longer."""
+    size, extra = divmod(total, parts)
+    bounds = [0]
+    for i in range(parts):
+        bounds.append(bounds[-1] + size + (i < extra))
+    return [range(a, b) for a, b in zip(bounds, bounds[1:], strict=False)]
+
+
+def contiguous(total: int, n: int) -> list[list[range]]:
+    """Each rank's runs of positions as the user passes them: one contiguous slice."""
+    return [[r] for r in split(total, n)]
+
+
+def zigzag(total: int, n: int) -> list[list[range]]:
+    """Each rank's runs of positions in the ring's balanced layout: of 2n chunks, r and 2n-1-r."""
+    chunks = split(total, 2 * n)
+    return [[chunks[r], chunks[2 * n - 1 - r]] for r in range(n)]
+
+
+def schedule(runs: list[list[range]], rank: int) -> list[list[tuple[int, int]]]:
+    """Per ring step, the (query run, key run) pairs `rank` attends to, its own runs against
+    those of rank - step: every pair with a key at or before a query (the rest is masked)."""
+    n = len(runs)
+    return [[(i, j) for i, q in enumerate(runs[rank]) for j, k in enumerate(runs[(rank - step) % n])
+             if len(q) and len(k) and k.start < q.stop] for step in range(n)]
+
+
+def _arange(runs: list[range], device: torch.device) -> torch.Tensor:
+    return torch.cat([torch.arange(r.start, r.stop, device=device) for r in runs])
+
+
+def _local(runs: list[range], r: range) -> slice:
+    """Where positions `r` (inside one of `runs`) sit in the concatenation of `runs`."""
+    offset = 0
+    for run in runs:
+        if run.start <= r.start and r.stop <= run.stop:
+            return slice(offset + r.start - run.start, offset + r.stop - run.start)
+        offset += len(run)
+    raise AssertionError(f"{r} is not inside {runs}")
+
+
+def _overlaps(a: list[range], b: list[range]) -> list[range]:
+    """The runs of positions in both `a` and `b`, ascending."""
+    both = (range(max(x.start, y.start), min(x.stop, y.stop)) for x in a for y in b)
+    return sorted((r for r in both if len(r)), key=lambda r: r.start)
+
+
+def reshard(x: torch.Tensor, have: list[list[range]], want: list[list[range]],
+            sp: SequenceParallel) -> torch.Tensor:
+    """(B, C, T, D) over this rank's runs of `have` -> (B, C, T', D) over its runs of `want`, in
+    one all-to-all: each rank sends every other what it holds of that rank's new runs."""
+    b, c, _, d = x.shape
+    mine, ours = have[sp.rank], want[sp.rank]
+    outgoing = [_overlaps(mine, want[j]) for j in range(sp.degree)]
+    incoming = [_overlaps(have[i], ours) for i in range(sp.degree)]
+    flat = torch.cat([x[:, :, _local(mine, r)].reshape(-1) for runs in outgoing for r in runs])
+    send = [b * c * sum(map(len, runs)) * d for runs in outgoing]
+    recv = [b * c * sum(map(len, runs)) * d for runs in incoming]
+    got = _AllToAll.apply(flat, send, recv, sp.group)
+    runs = [r for rs in incoming for r in rs]
+    pieces = got.split([b * c * len(r) * d for r in runs])
+    ordered = sorted(zip(runs, pieces, strict=True), key=lambda rp: rp[0].start)  # ascending positions
+    return torch.cat([p.view(b, c, len(r), d) for r, p in ordered], 2)
 
 
 def _kv_repeats(kv: int, degree: int) -> int:
@@ -148,9 +233,23 @@ class Ulysses(nn.Module):
         return self._to_sequence(out), None
 
 
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+            softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output, log-sum-exp) in fp32 of queries over one block of keys, scored as the eager
+    kernel scores them (softcap, then the mask)."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = attention.repeat_kv(k, groups), attention.repeat_kv(v, groups)
+    scores = attention.tanh_softcap(torch.matmul(q, k.transpose(2, 3)) * scale, softcap)
+    if mask is not None:
+        scores = scores + mask
+    scores = scores.float()  # (B, H, T_q, T_k)
+    lse = torch.logsumexp(scores, -1, keepdim=True)
+    return torch.matmul(torch.exp(scores - lse), v.float()), lse
+
+
 class Ring(nn.Module):
-    """Attention of this rank's queries over K/V blocks passed round the ring, merged by
-    log-sum-exp; the scores as the eager kernel computes them (softcap, then the mask)."""
+    """Attention of this rank's zigzag queries over K/V blocks passed round the ring, merged by
+    log-sum-exp, between two re-shards (contiguous -> zigzag -> contiguous)."""
 
     def __init__(self, sp: SequenceParallel) -> None:
         super().__init__()
@@ -160,29 +259,38 @@ class Ring(nn.Module):
                 mask: torch.Tensor | None, scale: float,
                 softcap: float | None) -> tuple[torch.Tensor, None]:
         sp = self.sp
-        n, rank, lengths = sp.degree, sp.rank, sp.lengths
-        starts = [sum(lengths[:j]) for j in range(n)]
+        n, rank, total = sp.degree, sp.rank, sum(sp.lengths)
+        have, runs = contiguous(total, n), zigzag(total, n)
+        h, kv = q.shape[1], k.shape[1]
+        q, block = reshard(torch.cat([q, k, v], 1), have, runs, sp).split([h, 2 * kv], 1)  # (B, ., T_zig, D)
         to, frm = sp.global_rank((rank + 1) % n), sp.global_rank((rank - 1) % n)
-        groups = q.shape[1] // k.shape[1]
-        block = torch.stack([k, v])  # (2, B, KV, T_src, D), first this rank's own
-        out = lse = None
-        for step in range(n):
+        mine = runs[rank]
+        merged: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(mine)
+        for step, pairs in enumerate(schedule(runs, rank)):
             src = (rank - step) % n
             if step:
-                shape = (*block.shape[:3], lengths[src], block.shape[4])
+                shape = (*block.shape[:2], sum(map(len, runs[src])), block.shape[3])
                 block = _RingPass.apply(block, shape, to, frm, sp.group)
-            kb, vb = attention.repeat_kv(block[0], groups), attention.repeat_kv(block[1], groups)
-            scores = attention.tanh_softcap(torch.matmul(q, kb.transpose(2, 3)) * scale, softcap)
-            scores = (scores + mask[..., starts[src]: starts[src] + lengths[src]]).float()  # (B, H, T, T_src)
-            block_lse = torch.logsumexp(scores, -1, keepdim=True)
-            block_out = torch.matmul(torch.exp(scores - block_lse), vb.float())
-            if out is None:
-                out, lse = block_out, block_lse
-            else:
-                merged = torch.logaddexp(lse, block_lse)
-                out = out * torch.exp(lse - merged) + block_out * torch.exp(block_lse - merged)
-                lse = merged
-        return out.to(q.dtype), None
+            for i, j in pairs:
+                qr, kr = mine[i], runs[src][j]
+                rows, cols = _local(mine, qr), _local(runs[src], kr)
+                if mask is not None:  # the trunk's mask: rows are the zigzag queries, columns every key
+                    m = mask[..., rows, kr.start: kr.stop]
+                elif kr.stop - 1 <= qr.start:  # plain causal, every key at or before every query
+                    m = None
+                else:
+                    m = attention.additive(attention.allowed(torch.arange(qr.start, qr.stop, device=q.device),
+                                                             torch.arange(kr.start, kr.stop, device=q.device),
+                                                             None, None), q.dtype)
+                out, lse = _attend(q[:, :, rows], block[:, :kv, cols], block[:, kv:, cols], m, scale, softcap)
+                if merged[i] is not None:
+                    out0, lse0 = merged[i]
+                    both = torch.logaddexp(lse0, lse)
+                    out, lse = out0 * torch.exp(lse0 - both) + out * torch.exp(lse - both), both
+                merged[i] = out, lse
+        outs = [q.new_zeros(*q.shape[:2], len(r), q.shape[3]) if m is None else m[0].to(q.dtype)
+                for r, m in zip(mine, merged, strict=True)]  # an empty run (a sequence under 2n) has none
+        return reshard(torch.cat(outs, 2), runs, have, sp), None
 
 
 def enable(model: nn.Module, group: dist.ProcessGroup | None, mode: str) -> None:
