@@ -233,18 +233,54 @@ class Ulysses(nn.Module):
         return self._to_sequence(out), None
 
 
+class _BlockAttention(torch.autograd.Function):
+    """(output, log-sum-exp) in fp32 of queries over one block of keys, scored as the eager
+    kernel scores them (softcap, then the mask). Only q, k, v, the output and the log-sum-exp are
+    kept for backward, which recomputes the weights (as flash attention does): a rank's saved
+    activations grow with its queries, not with its queries x keys."""
+
+    @staticmethod
+    def _weights(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                 softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the scores, (B, H, T_q, T_k) fp32, and the softcapped raw scores before the mask)."""
+        capped = attention.tanh_softcap(torch.matmul(q, k.transpose(2, 3)) * scale, softcap)
+        return (capped if mask is None else capped + mask).float(), capped
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,  # noqa: ANN001, ANN205
+                scale: float, softcap: float | None):
+        groups = q.shape[1] // k.shape[1]
+        kr, vr = attention.repeat_kv(k, groups), attention.repeat_kv(v, groups)
+        scores, _ = _BlockAttention._weights(q, kr, mask, scale, softcap)
+        lse = torch.logsumexp(scores, -1, keepdim=True)
+        out = torch.matmul(torch.exp(scores - lse), vr.float())  # (B, H, T_q, D)
+        ctx.save_for_backward(q, k, v, mask, out, lse)
+        ctx.scale, ctx.softcap, ctx.groups = scale, softcap, groups
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, d_out: torch.Tensor, d_lse: torch.Tensor):  # noqa: ANN001, ANN205
+        q, k, v, mask, out, lse = ctx.saved_tensors
+        groups, b, kv, t, d = ctx.groups, *k.shape
+        kr, vr = attention.repeat_kv(k, groups), attention.repeat_kv(v, groups)
+        scores, capped = _BlockAttention._weights(q, kr, mask, ctx.scale, ctx.softcap)
+        w = torch.exp(scores - lse)
+        # out = w @ v with w = exp(s - lse): ds = w * (d_out . v - d_out . out) + w * d_lse
+        d_w = torch.matmul(d_out, vr.float().transpose(2, 3))
+        d_s = w * (d_w - (d_out * out).sum(-1, keepdim=True) + d_lse)
+        if ctx.softcap is not None:  # d(cap * tanh(x / cap)) = 1 - tanh(x / cap) ** 2
+            d_s = d_s * (1 - (capped.float() / ctx.softcap) ** 2)
+        d_s = (d_s * ctx.scale).to(q.dtype)
+        d_q = torch.matmul(d_s, kr)
+        d_k = torch.matmul(d_s.transpose(2, 3), q).view(b, kv, groups, t, d).sum(2)  # back to KV heads
+        d_v = torch.matmul(w.to(v.dtype).transpose(2, 3), d_out.to(v.dtype)).view(b, kv, groups, t, d).sum(2)
+        return d_q, d_k, d_v, None, None, None
+
+
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
             softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(output, log-sum-exp) in fp32 of queries over one block of keys, scored as the eager
-    kernel scores them (softcap, then the mask)."""
-    groups = q.shape[1] // k.shape[1]
-    k, v = attention.repeat_kv(k, groups), attention.repeat_kv(v, groups)
-    scores = attention.tanh_softcap(torch.matmul(q, k.transpose(2, 3)) * scale, softcap)
-    if mask is not None:
-        scores = scores + mask
-    scores = scores.float()  # (B, H, T_q, T_k)
-    lse = torch.logsumexp(scores, -1, keepdim=True)
-    return torch.matmul(torch.exp(scores - lse), v.float()), lse
+    """One block pair of the ring (a function of its own: tests count the work it is given)."""
+    return _BlockAttention.apply(q, k, v, mask, scale, softcap)
 
 
 class Ring(nn.Module):
@@ -266,7 +302,8 @@ class Ring(nn.Module):
         to, frm = sp.global_rank((rank + 1) % n), sp.global_rank((rank - 1) % n)
         mine = runs[rank]
         merged: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(mine)
-        for step, pairs in enumerate(schedule(runs, rank)):
+        steps = schedule(runs, rank)
+        for step, pairs in enumerate(steps):
             src = (rank - step) % n
             if step:
                 shape = (*block.shape[:2], sum(map(len, runs[src])), block.shape[3])
@@ -290,7 +327,10 @@ class Ring(nn.Module):
                 merged[i] = out, lse
         outs = [q.new_zeros(*q.shape[:2], len(r), q.shape[3]) if m is None else m[0].to(q.dtype)
                 for r, m in zip(mine, merged, strict=True)]  # an empty run (a sequence under 2n) has none
-        return reshard(torch.cat(outs, 2), runs, have, sp), None
+        out = torch.cat(outs, 2)
+        if n > 1 and not steps[-1]:  # the last block unused (empty chunks): keep its pass in the graph,
+            out = out + 0 * block.sum()  # whose backward is a collective the sender waits for
+        return reshard(out, runs, have, sp), None
 
 
 def enable(model: nn.Module, group: dist.ProcessGroup | None, mode: str) -> None:
