@@ -8,7 +8,8 @@ loss = sum of the logits. Each configuration runs in fresh processes: the model 
 forward + backward warms up, then the process's resident set is read and its high-water mark
 reset (/proc/self/clear_refs), and the long forward + backward runs. "activation" is the peak
 RSS minus the RSS after the build and warm-up: the memory the long sequence itself costs. One
-process gets every core as threads; each of the `degree` ranks gets cores / degree.
+process gets every core as threads; each of the `degree` ranks gets cores / degree. "ring x 1"
+is the ring's block kernel in one process (a group of one), its own baseline.
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ def main() -> None:
     configs = [("1 process", 1, None, "eager"), ("1 process", 1, None, "sdpa"),
                (f"ulysses x {args.degree}", args.degree, "ulysses", "eager"),
                (f"ulysses x {args.degree}", args.degree, "ulysses", "sdpa"),
-               (f"ring x {args.degree}", args.degree, "ring", "sdpa")]
+               ("ring x 1", 1, "ring", "sdpa"), (f"ring x {args.degree}", args.degree, "ring", "sdpa")]
     print(f"forward + backward, batch 1 x {args.seq} tokens, fp32, {os.cpu_count()} cores\n")
     print("| run | attention | wall | activation per rank (max) | peak RSS per rank (max) |")
     print("|---|---|---|---|---|")
