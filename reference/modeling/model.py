@@ -285,9 +285,10 @@ class UnifiedModel(PreTrainedModel):
 
     def enable_sequence_parallel(self, group: Any = None, mode: str = "ulysses") -> UnifiedModel:
         """Split the sequence over the ranks of `group` (a torch.distributed group; None: the
-        default one): each rank then passes its `torch.tensor_split` slice of the sequence and
-        gets back that slice's outputs. `mode` "ulysses" (all-to-all to head shards) or "ring"
-        (K/V passed round the ring); reference.modeling.sequence_parallel."""
+        default one): each rank then passes its `torch.tensor_split` slice of the sequence (and
+        of a padding attention_mask) and gets back that slice's outputs. `mode` "ulysses"
+        (all-to-all to head shards) or "ring" (K/V passed round the ring, causal work balanced
+        by a zigzag re-shard); reference.modeling.sequence_parallel."""
         from reference.modeling.sequence_parallel import enable
 
         enable(self, group, mode)
@@ -321,8 +322,8 @@ class UnifiedModel(PreTrainedModel):
                 raise ValueError("sequence parallel does not combine with a KV cache")
             own, query_pos, key_pos = sp.positions(t, x.device)
             # the whole padding mask, gathered on every rank even when none is given (same collectives)
-            mine = attention_mask if attention_mask is not None else torch.ones(b, t, dtype=torch.long)
-            attention_mask = sp.padding(mine.to(x.device))
+            mine = attention_mask if attention_mask is not None else torch.ones(b, t)
+            attention_mask = sp.padding(mine.to(x.device, torch.long))  # one dtype on every rank
             padded = not bool(attention_mask.all())
         if position_ids is None:
             position_ids = own[None].expand(b, -1)

@@ -12,7 +12,7 @@ no communication.
   are repeated up to a multiple of the degree when the degree does not divide them.
 - ring: the positions are first re-sharded (one all-to-all) to the zigzag layout: the sequence in
   2n chunks, rank r holding chunks r and 2n-1-r, so that under a causal mask every rank has the
-  same work (a contiguous split gives rank r r + 1 useful blocks of n). Each rank keeps its
+  same work (on contiguous slices, rank r would have r + 1 useful blocks of n). Each rank keeps its
   queries; the K/V blocks go round the ring (send to the next rank, receive from the previous),
   each pair of a query chunk and a key chunk with any key at or before a query is attended to
   (the others are skipped) and merged into that chunk's output by log-sum-exp; one all-to-all
@@ -325,8 +325,8 @@ class Ring(nn.Module):
                     both = torch.logaddexp(lse0, lse)
                     out, lse = out0 * torch.exp(lse0 - both) + out * torch.exp(lse - both), both
                 merged[i] = out, lse
-        outs = [q.new_zeros(*q.shape[:2], len(r), q.shape[3]) if m is None else m[0].to(q.dtype)
-                for r, m in zip(mine, merged, strict=True)]  # an empty run (a sequence under 2n) has none
+        outs = [q.new_zeros(*q.shape[:2], len(r), q.shape[3]) if acc is None else acc[0].to(q.dtype)
+                for r, acc in zip(mine, merged, strict=True)]  # an empty run (a sequence under 2n) has none
         out = torch.cat(outs, 2)
         if n > 1 and not steps[-1]:  # the last block unused (empty chunks): keep its pass in the graph,
             out = out + 0 * block.sum()  # whose backward is a collective the sender waits for
