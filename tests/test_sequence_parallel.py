@@ -89,7 +89,7 @@ def _worker(rank: int, world: int, port: int, mode: str, seq: int, backend: str,
 
         work = [None] * world
         dist.all_gather_object(work, sum(counts))
-        assert max(work) <= 1.1 * min(work), work
+        assert min(work) > 0 and max(work) <= 1.1 * min(work), work  # counted, and level
 
 
 GQA = {"num_heads": 8, "num_kv_heads": 2}  # 4 ranks: KV heads repeated for Ulysses
