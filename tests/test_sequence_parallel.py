@@ -129,6 +129,11 @@ def _refusals(rank: int, world: int, port: int) -> None:
         pass
     with pytest.raises(ValueError, match=r"tensor_split splits it: \[4, 4, 3, 3\]"):
         model(torch.zeros(1, 3 + (rank == 0) * 2, dtype=torch.long))  # 5, 3, 3, 3
+    from harness import tiny_spec
+
+    mla = UnifiedForCausalLM(UnifiedConfig.from_spec(tiny_spec("deepseek_v2", False)))
+    with pytest.raises(ValueError, match=r"latent attention \(MLA"):
+        mla.enable_sequence_parallel(mode="ring")
 
 
 def test_what_does_not_combine_is_refused_by_name() -> None:

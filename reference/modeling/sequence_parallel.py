@@ -345,6 +345,9 @@ def enable(model: nn.Module, group: dist.ProcessGroup | None, mode: str) -> None
     if mode == "ulysses" and spec.num_heads % degree:
         raise ValueError(f"ulysses sequence parallel: {spec.num_heads} attention heads are not divisible by "
                          f"the degree {degree}; use a degree that divides them, or mode='ring'")
+    if spec.latent_attention:  # its values have their own head dim; both modes pack q, k and v as one
+        raise ValueError("sequence parallel does not combine with latent attention (MLA, deepseek_v2/v3) "
+                         "yet: run it in one process")
     if spec.long_context_scaling is not None:
         raise ValueError("sequence parallel does not combine with long_context_scaling (Qwen v1's log-n "
                          "attention and dynamic NTK): they are computed from the local length")
