@@ -1,13 +1,15 @@
 """Sequence parallelism on real gloo ranks against one process: each rank's logits and the
 gradient of its slice of the input embeddings equal the single-process run's slice (fp32,
 assert_close defaults), Ulysses and ring, MHA and GQA, windows shorter than the sequence,
-lengths the degree does not divide, and a batch with a left- and a right-padded row. The ring's
+lengths the degree does not divide, latent attention (MLA: v's head dim its own), and a batch
+with a left- and a right-padded row. The ring's
 zigzag layout balances the causal work: counted per rank as it runs. A representative handful:
 each case spawns its ranks; the larger matrix is in test_sequence_parallel_matrix.py (the
 equivalence gate)."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -22,10 +24,15 @@ BATCH = 2
 
 
 def build(backend: str, **features: Any) -> UnifiedForCausalLM:
-    """llama's tiny spec with `features` changed, weights from seed 0 (the same on every rank)."""
+    """A family's tiny spec (`family`, llama by default) with `features` changed (`v_dim`: MLA's),
+    weights from seed 0 (the same on every rank)."""
     from harness import tiny_spec
 
-    spec = tiny_spec("llama", False).replace(**features)
+    family = features.pop("family", "llama")
+    spec = tiny_spec(family, False)
+    if "v_dim" in features:  # MLA: values with a head dim of their own
+        spec = spec.replace(mla=dataclasses.replace(spec.mla, v_dim=features.pop("v_dim")))
+    spec = spec.replace(**features)
     torch.manual_seed(0)
     model = UnifiedForCausalLM(UnifiedConfig.from_spec(spec, attn_implementation=backend))
     return model.eval()
@@ -95,10 +102,12 @@ def _worker(rank: int, world: int, port: int, mode: str, seq: int, backend: str,
 GQA = {"num_heads": 8, "num_kv_heads": 2}  # 4 ranks: KV heads repeated for Ulysses
 MHA = {"num_heads": 4, "num_kv_heads": 4}
 WINDOW = {"sliding_window": 4, "window_layers": (0,)}  # layer 0 windowed, layer 1 full
+MLA = {"family": "deepseek_v2", "v_dim": 12}  # latent attention: q/k head dim 16, v's 12
 CASES = [  # world, mode, seq, backend, features
     (2, "ulysses", 11, "sdpa", {**MHA, **WINDOW}),
     (4, "ulysses", 13, "eager", {**GQA, "alibi": True, "attn_softcap": 5.0}),
     (2, "ring", 11, "sdpa", {**GQA, **WINDOW}),
+    (2, "ring", 10, "sdpa", MLA),
     (4, "ring", 16, "eager", {**MHA, **WINDOW, "attn_softcap": 5.0}),
 ]
 
@@ -129,11 +138,6 @@ def _refusals(rank: int, world: int, port: int) -> None:
         pass
     with pytest.raises(ValueError, match=r"tensor_split splits it: \[4, 4, 3, 3\]"):
         model(torch.zeros(1, 3 + (rank == 0) * 2, dtype=torch.long))  # 5, 3, 3, 3
-    from harness import tiny_spec
-
-    mla = UnifiedForCausalLM(UnifiedConfig.from_spec(tiny_spec("deepseek_v2", False)))
-    with pytest.raises(ValueError, match=r"latent attention \(MLA"):
-        mla.enable_sequence_parallel(mode="ring")
 
 
 def test_what_does_not_combine_is_refused_by_name() -> None:

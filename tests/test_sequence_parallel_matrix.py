@@ -2,8 +2,9 @@
 check as tests/test_sequence_parallel.py (logits and input-embedding gradients equal one
 process, unpadded and with a left- and a right-padded row) over more combinations: the ring's
 zigzag with ALiBi, GQA and both backends, lengths 2n does not divide, a sequence shorter than
-2n (empty zigzag chunks), Ulysses with KV heads repeated and windows. Gate only (many
-multi-process jobs): it runs with REFERENCE_EQUIVALENCE=1, which `nox -s equivalence` sets."""
+2n (empty zigzag chunks), Ulysses with KV heads repeated and windows, MLA in both modes. Gate
+only (many multi-process jobs): it runs with REFERENCE_EQUIVALENCE=1, which `nox -s equivalence`
+sets."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import os
 
 import pytest
 from procs import spawn
-from test_sequence_parallel import GQA, MHA, WINDOW, _worker
+from test_sequence_parallel import GQA, MHA, MLA, WINDOW, _worker
 
 pytestmark = pytest.mark.skipif(os.environ.get("REFERENCE_EQUIVALENCE") != "1",
                                 reason="the equivalence gate's matrix (REFERENCE_EQUIVALENCE=1)")
@@ -25,6 +26,8 @@ CASES = [  # world, mode, seq, backend, features
     (2, "ulysses", 12, "eager", {**GQA, "alibi": True, **WINDOW}),
     (4, "ulysses", 14, "sdpa", {**GQA, **WINDOW}),
     (4, "ulysses", 9, "sdpa", {**MHA}),
+    (2, "ulysses", 9, "eager", MLA),
+    (4, "ring", 13, "eager", MLA),
 ]
 
 

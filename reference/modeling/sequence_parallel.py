@@ -21,6 +21,9 @@ no communication.
 A padding attention_mask is passed sliced like the sequence; the ranks gather the whole of it at
 every forward (also when none is given, so that every rank makes the same collectives).
 
+q/k and v may have head dims of their own (MLA): Ulysses sends v in an all-to-all of its own, the
+ring packs each position's heads along the last dim.
+
 Both are differentiable: the all-to-all and the ring pass are autograd Functions whose backward
 is the same communication the other way (so the re-shard's backward is the inverse re-shard).
 """
@@ -224,9 +227,12 @@ class Ulysses(nn.Module):
         k, v = attention.repeat_kv(k, repeats), attention.repeat_kv(v, repeats)
         kv = k.shape[1]
         b, _, t, d = q.shape
-        # one all-to-all for q, k and v: rank j gets heads chunk j of each
-        packed = torch.cat([y.view(b, n, -1, t, d) for y in (q, k, v)], 2)  # (B, n, (H + 2KV) / n, T, D)
-        q, k, v = self._to_heads(packed).split([h // n, kv // n, kv // n], 1)  # (B, heads / n, S, D)
+        # one all-to-all for q, k and v: rank j gets heads chunk j of each (v apart when its head
+        # dim is its own, as MLA's is)
+        same = v.shape[3] == d
+        packed = torch.cat([y.view(b, n, -1, t, d) for y in ((q, k, v) if same else (q, k))], 2)
+        q, k, *rest = self._to_heads(packed).split([h // n, kv // n, kv // n][: 3 if same else 2], 1)
+        v = rest[0] if same else self._to_heads(v.reshape(b, n, -1, t, v.shape[3]))  # (B, heads / n, S, D)
         if mask is not None and mask.shape[1] != 1:  # per-head (ALiBi): this rank's heads
             mask = mask[:, self.sp.rank * (h // n): (self.sp.rank + 1) * (h // n)]
         out, _ = attention.KERNELS[backend](q, k, v, mask, scale, softcap)  # (B, H / n, S, D)
@@ -273,7 +279,8 @@ class _BlockAttention(torch.autograd.Function):
         d_s = (d_s * ctx.scale).to(q.dtype)
         d_q = torch.matmul(d_s, kr)
         d_k = torch.matmul(d_s.transpose(2, 3), q).view(b, kv, groups, t, d).sum(2)  # back to KV heads
-        d_v = torch.matmul(w.to(v.dtype).transpose(2, 3), d_out.to(v.dtype)).view(b, kv, groups, t, d).sum(2)
+        d_v = torch.matmul(w.to(v.dtype).transpose(2, 3), d_out.to(v.dtype))
+        d_v = d_v.view(b, kv, groups, t, v.shape[3]).sum(2)  # v's head dim may differ (MLA)
         return d_q, d_k, d_v, None, None, None
 
 
@@ -297,8 +304,13 @@ class Ring(nn.Module):
         sp = self.sp
         n, rank, total = sp.degree, sp.rank, sum(sp.lengths)
         have, runs = contiguous(total, n), zigzag(total, n)
-        h, kv = q.shape[1], k.shape[1]
-        q, block = reshard(torch.cat([q, k, v], 1), have, runs, sp).split([h, 2 * kv], 1)  # (B, ., T_zig, D)
+        b, h, kv, dk, dv = q.shape[0], q.shape[1], k.shape[1], k.shape[3], v.shape[3]
+        widths = [y.shape[1] * y.shape[3] for y in (q, k, v)]  # q/k and v head dims may differ (MLA)
+        flat = torch.cat([y.transpose(1, 2).reshape(b, 1, y.shape[2], -1) for y in (q, k, v)], 3)
+        q, k, v = reshard(flat, have, runs, sp).split(widths, 3)  # (B, 1, T_zig, heads * D)
+        q, k, v = (y.reshape(b, y.shape[2], heads, -1).transpose(1, 2)
+                   for y, heads in zip((q, k, v), (h, kv, kv), strict=True))
+        block = torch.cat([k, v], 3)  # (B, KV, T_zig, D_k + D_v): one pass round the ring
         to, frm = sp.global_rank((rank + 1) % n), sp.global_rank((rank - 1) % n)
         mine = runs[rank]
         merged: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(mine)
@@ -319,18 +331,20 @@ class Ring(nn.Module):
                     m = attention.additive(attention.allowed(torch.arange(qr.start, qr.stop, device=q.device),
                                                              torch.arange(kr.start, kr.stop, device=q.device),
                                                              None, None), q.dtype)
-                out, lse = _attend(q[:, :, rows], block[:, :kv, cols], block[:, kv:, cols], m, scale, softcap)
+                kb, vb = block[:, :, cols, :dk], block[:, :, cols, dk:]
+                out, lse = _attend(q[:, :, rows], kb, vb, m, scale, softcap)
                 if merged[i] is not None:
                     out0, lse0 = merged[i]
                     both = torch.logaddexp(lse0, lse)
                     out, lse = out0 * torch.exp(lse0 - both) + out * torch.exp(lse - both), both
                 merged[i] = out, lse
-        outs = [q.new_zeros(*q.shape[:2], len(r), q.shape[3]) if acc is None else acc[0].to(q.dtype)
+        outs = [q.new_zeros(b, h, len(r), dv) if acc is None else acc[0].to(q.dtype)
                 for r, acc in zip(mine, merged, strict=True)]  # an empty run (a sequence under 2n) has none
         out = torch.cat(outs, 2)
         if n > 1 and not steps[-1]:  # the last block unused (empty chunks): keep its pass in the graph,
             out = out + 0 * block.sum()  # whose backward is a collective the sender waits for
-        return reshard(out, runs, have, sp), None
+        out = reshard(out.transpose(1, 2).reshape(b, 1, -1, h * dv), runs, have, sp)  # (B, 1, T, H * D_v)
+        return out.view(b, -1, h, dv).transpose(1, 2), None
 
 
 def enable(model: nn.Module, group: dist.ProcessGroup | None, mode: str) -> None:
@@ -345,9 +359,6 @@ def enable(model: nn.Module, group: dist.ProcessGroup | None, mode: str) -> None
     if mode == "ulysses" and spec.num_heads % degree:
         raise ValueError(f"ulysses sequence parallel: {spec.num_heads} attention heads are not divisible by "
                          f"the degree {degree}; use a degree that divides them, or mode='ring'")
-    if spec.latent_attention:  # its values have their own head dim; both modes pack q, k and v as one
-        raise ValueError("sequence parallel does not combine with latent attention (MLA, deepseek_v2/v3) "
-                         "yet: run it in one process")
     if spec.long_context_scaling is not None:
         raise ValueError("sequence parallel does not combine with long_context_scaling (Qwen v1's log-n "
                          "attention and dynamic NTK): they are computed from the local length")
