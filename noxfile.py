@@ -17,7 +17,7 @@ nox.options.sessions = ["lint", "tests"]
 # The gate: every registered family x every conversion path, against the originals.
 EQUIVALENCE = ["tests/test_equivalence.py", "tests/test_unified.py", "tests/test_goldens.py",
                "tests/test_registry.py", "tests/test_config_defaults.py", "tests/test_families_table.py",
-               "tests/test_moe.py", "tests/test_deepseek.py",
+               "tests/test_moe.py", "tests/test_deepseek.py", "tests/test_sequence_parallel_matrix.py",
                "tests/megatron"]
 
 

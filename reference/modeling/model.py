@@ -285,9 +285,10 @@ class UnifiedModel(PreTrainedModel):
 
     def enable_sequence_parallel(self, group: Any = None, mode: str = "ulysses") -> UnifiedModel:
         """Split the sequence over the ranks of `group` (a torch.distributed group; None: the
-        default one): each rank then passes its `torch.tensor_split` slice of the sequence and
-        gets back that slice's outputs. `mode` "ulysses" (all-to-all to head shards) or "ring"
-        (K/V passed round the ring); reference.modeling.sequence_parallel."""
+        default one): each rank then passes its `torch.tensor_split` slice of the sequence (and
+        of a padding attention_mask) and gets back that slice's outputs. `mode` "ulysses"
+        (all-to-all to head shards) or "ring" (K/V passed round the ring, causal work balanced
+        by a zigzag re-shard); reference.modeling.sequence_parallel."""
         from reference.modeling.sequence_parallel import enable
 
         enable(self, group, mode)
@@ -317,20 +318,23 @@ class UnifiedModel(PreTrainedModel):
             query_pos = torch.arange(past, past + t, device=x.device)
             own, key_pos = query_pos, torch.arange(past + t, device=x.device)
         else:  # global positions: this slice's own, the queries its kernel sees, every key's
-            if cache is not None or padded:
-                raise ValueError("sequence parallel does not combine with a KV cache or a padding "
-                                 "attention_mask")
+            if cache is not None:
+                raise ValueError("sequence parallel does not combine with a KV cache")
             own, query_pos, key_pos = sp.positions(t, x.device)
+            # the whole padding mask, gathered on every rank even when none is given (same collectives)
+            mine = attention_mask if attention_mask is not None else torch.ones(b, t)
+            attention_mask = sp.padding(mine.to(x.device, torch.long))  # one dtype on every rank
+            padded = not bool(attention_mask.all())
         if position_ids is None:
             position_ids = own[None].expand(b, -1)
         position_ids = position_ids.to(x.device)
         backend = self._backend()
 
         def mask(window: int | None) -> torch.Tensor | None:
-            """The additive mask of layers with this window (B or 1, 1 or H, T, S); None is plain
-            causal attention, which the kernels serve with no mask tensor at all (always a mask
-            under sequence parallelism: the ring kernel reads its columns block by block)."""
-            if sp is None and not (padded or self.spec.alibi or (window is not None and past + t > window)):
+            """The additive mask of layers with this window (B or 1, 1 or H, T, S), rows the
+            kernel's queries, columns every key; None is plain causal attention, which the kernels
+            serve with no mask tensor at all (the ring builds each block's own from positions)."""
+            if not (padded or self.spec.alibi or (window is not None and len(key_pos) > window)):
                 return None
             m = attention.additive(attention.allowed(query_pos, key_pos, attention_mask, window), x.dtype)
             if self.spec.alibi:
