@@ -118,7 +118,8 @@ def save_dist_group(rank: int, world: int, port: int, cases_file: str) -> None:
     torch.cuda.synchronize = lambda *a, **k: None  # the save path's preload_tensors (notes)
     for case in json.loads(Path(cases_file).read_text()):
         ps.initialize_model_parallel(tensor_model_parallel_size=case["tp"],
-                                     pipeline_model_parallel_size=case["pp"])
+                                     pipeline_model_parallel_size=case["pp"],
+                                     expert_model_parallel_size=case.get("ep", 1))
         models = _load(case)
         args = torch.load(_rank_file(case, 0, 0), weights_only=False)["args"]
         root = Path(case["dist"])
