@@ -1,7 +1,7 @@
 """Mixtures of experts: the unified model's forward beside transformers' experts implementations,
 and the peak memory of converting a mixture as its expert count grows, in one run.
 
-    python benchmarks/bench_moe.py [--repeat 5] [--convert-repeat 3] [--threads 1] [--workdir DIR]
+    python benchmarks/bench_moe.py [--repeat 5] [--convert-repeat 2] [--threads 1] [--workdir DIR]
 
 - forward: qwen3_moe (8 experts) and mixtral (16 experts), hidden 512, 2 layers, top-2, vocab
   8000, fp32 and bf16, batch 1 x 256 and 4 x 512 tokens; the unified model (loaded from the HF
@@ -218,7 +218,7 @@ def convert_rows(work: Path, repeat: int) -> list[list[str]]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeat", type=int, default=5, help="forward rounds after the warm-up")
-    p.add_argument("--convert-repeat", type=int, default=3, help="conversion rounds")
+    p.add_argument("--convert-repeat", type=int, default=2, help="conversion rounds")
     p.add_argument("--threads", type=int, default=1, help="torch threads for the forward rows")
     p.add_argument("--only", choices=["forward", "convert"], default=None)
     p.add_argument("--workdir", type=Path, default=None)
