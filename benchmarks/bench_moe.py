@@ -17,7 +17,8 @@ and the peak memory of converting a mixture as its expert count grows, in one ru
   experts of 2048 and with 32 experts of 512 (the same bytes), converted to Megatron with
   --ep 2, to the unified format, and that Megatron checkpoint back to HF, each in its own
   process, beside `cp -r` of the same source; wall, data path and peak RSS as bench_convert.py
-  measures them (its `measure_once`), --convert-repeat times round-robin.
+  measures them (its `measure_once`), --convert-repeat times round-robin. They run before the
+  forward rows, while this process is still small.
 """
 
 from __future__ import annotations
@@ -241,22 +242,25 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         work = Path(tmp)
+        # Conversions first: a child forked from this process once it holds the forward models
+        # would start with their pages, and wait4's peak RSS would be theirs (1.9 GiB).
+        if args.only != "forward":
+            head = ["experts", "expert size", "source MiB", "command", "wall s", "data path s",
+                    "vs cp of its source (paired median)", "peak RSS MiB", "RSS over import MiB",
+                    "largest rank file MiB", "largest tensor MiB"]
+            rows = convert_rows(work, args.convert_repeat)
+            print(f"conversion, median of {args.convert_repeat}\n")
+            print(table([head, *rows]) + "\n")
         if args.only != "convert":
             import torch
 
             torch.set_num_threads(args.threads)
             head = ["family", "experts", "dtype", "batch x seq", *(f"{k} ms" for k in KINDS),
                     "grouped_mm / unified", "eager / unified"]
+            rows = forward_rows(work, args.repeat)
             print(f"forward, median of {args.repeat}, {args.threads} torch thread(s); "
                   "ratios above 1 mean the unified model is faster\n")
-            print(table([head, *forward_rows(work, args.repeat)]))
-        if args.only != "forward":
-            head = ["experts", "expert size", "source MiB", "command", "wall s", "data path s",
-                    "vs cp of its source (paired median)", "peak RSS MiB", "RSS over import MiB",
-                    "largest rank file MiB", "largest tensor MiB"]
-            print(f"\nconversion, median of {args.convert_repeat}\n")
-            print(table([head, *convert_rows(work, args.convert_repeat)]))
-
+            print(table([head, *rows]))
 
 if __name__ == "__main__":
     main()
