@@ -13,6 +13,7 @@ and the peak memory of converting a mixture as its expert count grows, in one ru
   unified model are checked against the eager loop's (assert_close, default tolerances).
   --threads torch threads (default 1: on a shared 2-core machine two OpenMP threads per process
   made one forward's time move by 5x from run to run).
+- gather: what moe.py's gather of one expert's tokens costs as `x[token]` and as `index_select`.
 - convert: a synthetic bf16 mixtral (hidden 1024, 4 layers, vocab 32000, 4 shards) with 8
   experts of 2048 and with 32 experts of 512 (the same bytes), converted to Megatron with
   --ep 2, to the unified format, and that Megatron checkpoint back to HF, each in its own
@@ -93,6 +94,31 @@ def forward_rows(work: Path, repeat: int) -> list[list[str]]:
                 row += [f"{median([t / u for t, u in zip(times[k], ours, strict=True)]):.2f}x"
                         for k in KINDS[1:]]
                 rows.append(row)
+    return rows
+
+
+def gather_rows(rounds: int = 5, calls: int = 200) -> list[list[str]]:
+    """What moe.py's gather of one expert's tokens costs written as `x[token]` and as
+    `index_select` (the same rows): 2048 tokens of 512, an expert's 512 of them."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    token = torch.randperm(2048, generator=g)[:512].sort().values
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(2048, 512, generator=g).to(dtype)
+        ways = {"x[token]": lambda x=x: x[token], "index_select": lambda x=x: x.index_select(0, token)}
+        assert torch.equal(ways["x[token]"](), ways["index_select"]())
+        times: dict[str, list[float]] = {k: [] for k in ways}
+        for _ in range(rounds):
+            for name, way in ways.items():
+                start = time.perf_counter()
+                for _ in range(calls):
+                    way()
+                times[name].append((time.perf_counter() - start) / calls)
+        ratio = median([a / b for a, b in zip(times["x[token]"], times["index_select"], strict=True)])
+        rows.append([str(dtype).removeprefix("torch."), *(f"{median(v) * 1e6:.0f}" for v in times.values()),
+                     f"{ratio:.2f}x"])
     return rows
 
 
@@ -261,6 +287,11 @@ def main() -> None:
             print(f"forward, median of {args.repeat}, {args.threads} torch thread(s); "
                   "ratios above 1 mean the unified model is faster\n")
             print(table([head, *rows]))
+            print(f"\ngathering one expert's tokens, median of 5 rounds of 200 calls, "
+                  f"{args.threads} thread(s)\n")
+            print(table([["dtype", "x[token] us", "index_select us", "x[token] / index_select"],
+                         *gather_rows()]))
+
 
 if __name__ == "__main__":
     main()
