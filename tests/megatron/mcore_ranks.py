@@ -133,3 +133,25 @@ def save_dist_group(rank: int, world: int, port: int, cases_file: str) -> None:
         dist.barrier()
         ps.destroy_model_parallel()
     dist.destroy_process_group()
+
+
+def run_cases(records: list[dict[str, Any]], work: Path, entry: Any = None) -> dict[str, dict[str, Any]]:
+    """Every case run by `entry` (default run_group) in one process group per world size;
+    per case id: errors from any rank, whether a last stage compared, its max |logits - hf|."""
+    from procs import spawn
+
+    entry = entry or run_group
+    cases_file = work / "cases.json"
+    cases_file.write_text(json.dumps(records))
+    merged: dict[str, dict[str, Any]] = {r["id"]: {"errors": [], "compared": False, "max_diff": None}
+                                         for r in records}
+    for world in sorted({world_of(r) for r in records}):
+        out = work / f"world{world}"
+        out.mkdir()
+        spawn(entry, world, str(cases_file), str(out), timeout_s=240, method="fork")
+        for rank in range(world):
+            for cid, r in json.loads((out / f"rank{rank}.json").read_text()).items():
+                merged[cid]["errors"] += [f"rank {rank}: {r['error']}"] if r["error"] else []
+                merged[cid]["compared"] |= r["compared"]
+                merged[cid]["max_diff"] = r.get("max_diff", merged[cid]["max_diff"])
+    return merged

@@ -18,7 +18,6 @@ from typing import Any
 import pytest
 import torch
 from harness import MEGATRON_FAMILIES, assert_bitwise, read_tensors
-from procs import spawn
 
 from reference.converters import convert
 from reference.converters.megatron import MegatronLayout
@@ -116,26 +115,12 @@ def converted(tmp_path_factory) -> Path:
 def mcore_results(converted, tmp_path_factory) -> dict[str, dict[str, Any]]:
     """Per case: errors from any rank, and whether a last-stage rank compared the logits."""
     import megatron.core.models.gpt  # noqa: F401  (imported once, before the ranks fork)
+    from mcore_ranks import run_cases
 
     work = tmp_path_factory.mktemp("ranks")
     records = [{**asdict(c), "id": c.id, "dir": str(converted / c.id),
                 "ref": str(converted / f"{c.id}.ref.pt")} for c in CASES]
-    cases_file = work / "cases.json"
-    cases_file.write_text(json.dumps(records))
-    merged: dict[str, dict[str, Any]] = {c.id: {"errors": [], "compared": False, "max_diff": None}
-                                         for c in CASES}
-    for world in sorted({c.tp * c.pp for c in CASES}):
-        out = work / f"world{world}"
-        out.mkdir()
-        from mcore_ranks import run_group
-
-        spawn(run_group, world, str(cases_file), str(out), timeout_s=240, method="fork")
-        for rank in range(world):
-            for cid, r in json.loads((out / f"rank{rank}.json").read_text()).items():
-                merged[cid]["errors"] += [f"rank {rank}: {r['error']}"] if r["error"] else []
-                merged[cid]["compared"] |= r["compared"]
-                merged[cid]["max_diff"] = r.get("max_diff", merged[cid]["max_diff"])
-    return merged
+    return run_cases(records, work)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
