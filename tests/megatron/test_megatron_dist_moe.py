@@ -95,24 +95,11 @@ def loaded(written, tmp_path_factory) -> dict[str, dict[str, Any]]:
     """Per case: errors from any rank, whether a last stage compared the logits."""
     import megatron.core.models.gpt  # noqa: F401  (imported once, before the ranks fork)
     from mcore_dist_ranks import load_dist_group
-    from mcore_ranks import world_of
+    from mcore_ranks import run_cases
 
-    work = tmp_path_factory.mktemp("ranks")
     records = [{**asdict(c), "id": c.id, "dist": str(written / c.id), "ref": str(written / f"{c.id}.ref.pt")}
                for c in CASES]
-    (work / "cases.json").write_text(json.dumps(records))
-    merged: dict[str, dict[str, Any]] = {c.id: {"errors": [], "compared": False, "max_diff": None}
-                                         for c in CASES}
-    for world in sorted({world_of(r) for r in records}):
-        out = work / f"world{world}"
-        out.mkdir()
-        spawn(load_dist_group, world, str(work / "cases.json"), str(out), timeout_s=240, method="fork")
-        for rank in range(world):
-            for cid, r in json.loads((out / f"rank{rank}.json").read_text()).items():
-                merged[cid]["errors"] += [f"rank {rank}: {r['error']}"] if r["error"] else []
-                merged[cid]["compared"] |= r["compared"]
-                merged[cid]["max_diff"] = r.get("max_diff", merged[cid]["max_diff"])
-    return merged
+    return run_cases(records, tmp_path_factory.mktemp("ranks"), load_dist_group)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
@@ -167,3 +154,15 @@ def test_moe_refusals_are_one_line_and_write_nothing(tmp_path, capsys, flags, ne
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and all(n in err for n in needles), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+def test_torch_format_moe_to_torch_dist_writes_the_same_bytes_as_from_hf(tmp_path) -> None:
+    """Megatron `torch` (TP 2 x EP 2) -> `torch_dist` writes the very .distcp file HF -> `torch_dist` does."""
+    tiny_model("qwen2_moe", **DENSE_FIRST).save_pretrained(tmp_path / "hf")
+    assert cli(tmp_path / "hf", tmp_path / "legacy", "--to", "megatron", "--tp", 2, "--ep", 2) == 0
+    for src, dst in (("hf", "direct"), ("legacy", "via-torch")):
+        assert cli(tmp_path / src, tmp_path / dst, "--to", "megatron", "--tp", 2, "--ep", 2,
+                   "--ckpt-format", "torch_dist") == 0
+    direct, via = (tmp_path / d / "iter_0000001" for d in ("direct", "via-torch"))
+    assert (direct / "__0_0.distcp").read_bytes() == (via / "__0_0.distcp").read_bytes()
+    assert _boxes(direct) == _boxes(via)
