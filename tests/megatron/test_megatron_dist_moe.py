@@ -112,14 +112,16 @@ def test_megatron_core_loads_moe_strictly_and_logits_equal_hf(case: Case, loaded
 
 def test_moe_metadata_is_what_megatron_cores_save_writes(tmp_path) -> None:
     """Against megatron-core's own `dist_checkpointing.save` of the MoE GPTModel (loaded strictly
-    from our legacy files): Qwen2-MoE (per-layer keys, a dense layer) at EP 2 and Mixtral
-    (stacked, routed experts as [L, E, ...]) at TP 2: every key, global shape, dtype and chunk."""
+    from our legacy files): Qwen2-MoE (per-layer keys, a dense layer) at EP 2, Mixtral (stacked,
+    routed experts as [L, E, ...]) at TP 2 and Qwen3-MoE (stacked, q/k norms) at EP 2: every
+    key, global shape, dtype and chunk."""
     import megatron.core.models.gpt  # noqa: F401
     from mcore_ranks import save_dist_group
 
     records = []
     cases = (("qwen2_moe", DENSE_FIRST, MegatronLayout(ep=2)), ("mixtral", {"num_hidden_layers": 2},
-                                                                 MegatronLayout(tp=2)))
+                                                                 MegatronLayout(tp=2)),
+             ("qwen3_moe", FOUR, MegatronLayout(ep=2)))
     for family, overrides, layout in cases:
         tiny_model(family, **overrides).save_pretrained(tmp_path / family / "hf")
         convert(tmp_path / family / "hf", tmp_path / family / "legacy", to="megatron", layout=layout)
