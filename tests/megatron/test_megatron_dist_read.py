@@ -31,7 +31,10 @@ pytestmark = pytest.mark.xdist_group("megatron")
 
 GQA = {"num_attention_heads": 8, "num_key_value_heads": 4, "hidden_size": 48, "head_dim": 12,
        "intermediate_size": 64, "num_hidden_layers": 4}
-CASES = {"llama-untied": ("llama", False), "qwen3-tied": ("qwen3", True)}
+# (family, tied, virtual stages): VPP 2 interleaves the layers (rank 0 holds 0 and 2), yet
+# megatron-core saves them by global layer number into the same [L, ...] stack.
+CASES = {"llama-untied": ("llama", False, None), "qwen3-tied": ("qwen3", True, None),
+         "qwen3-tied-vpp": ("qwen3", True, 2)}
 TP, PP = 2, 2
 
 
@@ -43,13 +46,13 @@ def saved(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("dist")
     records = []
-    for name, (family, tie) in CASES.items():
+    for name, (family, tie, vpp) in CASES.items():
         model = tiny_model(family, tie=tie, **GQA)
         model.save_pretrained(root / name / "hf")
-        layout = MegatronLayout(tp=TP, pp=PP)
+        layout = MegatronLayout(tp=TP, pp=PP, vpp=vpp)
         convert(root / name / "hf", root / name / "legacy", to="megatron", layout=layout)
         records.append({"dir": str(root / name / "legacy"), "dist": str(root / name / "dist"),
-                        "tp": TP, "pp": PP, "vpp": None, "te": False})
+                        "tp": TP, "pp": PP, "vpp": vpp, "te": False})
     (root / "cases.json").write_text(json.dumps(records))
     spawn(save_dist_group, TP * PP, str(root / "cases.json"), timeout_s=240, method="fork")
     return root
@@ -65,6 +68,11 @@ def test_torch_dist_to_hf_is_bitwise(saved, tmp_path, name: str, at: str, monkey
     src = saved / name / "dist"
     assert sorted(p.name for p in (src / "iter_0000001").glob("*.distcp"))  # megatron-core's own files
     assert not (src / "hf_source.json").exists()  # the family comes from the args' features
+    if CASES[name][2]:  # saved by virtual stage: each of a rank's chunks of the stack is one layer
+        args = D.load_common(src / "iter_0000001" / D.COMMON)["args"]
+        assert args.virtual_pipeline_model_parallel_size == 2
+        md = D._metadata(src / "iter_0000001").state_dict_metadata["decoder.layers.mlp.linear_fc2.weight"]
+        assert sorted({(c.offsets[0], c.sizes[0]) for c in md.chunks}) == [(i, 1) for i in range(4)]
     reads: list[torch.Size] = []
     get = D._Slices.get
     monkeypatch.setattr(D._Slices, "get", lambda self, w: reads.append(t := get(self, w)) or t)
