@@ -67,7 +67,7 @@ def cli(*args: object) -> int:
 def test_torch_dist_to_hf_is_bitwise(saved, tmp_path, name: str, at: str, monkeypatch) -> None:
     src = saved / name / "dist"
     assert sorted(p.name for p in (src / "iter_0000001").glob("*.distcp"))  # megatron-core's own files
-    assert not (src / "hf_source.json").exists()  # the family comes from the args' features
+    assert not (src / "hf_source.json").exists()  # the family: --family, or the args' features
     if CASES[name][2]:  # saved by virtual stage: each of a rank's chunks of the stack is one layer
         args = D.load_common(src / "iter_0000001" / D.COMMON)["args"]
         assert args.virtual_pipeline_model_parallel_size == 2
@@ -76,14 +76,16 @@ def test_torch_dist_to_hf_is_bitwise(saved, tmp_path, name: str, at: str, monkey
     reads: list[torch.Size] = []
     get = D._Slices.get
     monkeypatch.setattr(D._Slices, "get", lambda self, w: reads.append(t := get(self, w)) or t)
-    assert cli(src if at == "root" else src / "iter_0000001", tmp_path / "hf", "--to", "hf") == 0
+    family = CASES[name][0]
+    # Llama's args fit Mistral, Phi-3, ... as well: megatron-core's own checkpoint needs --family.
+    named = ["--family", family] if family == "llama" else []
+    assert cli(src if at == "root" else src / "iter_0000001", tmp_path / "hf", "--to", "hf", *named) == 0
     original = read_tensors(saved / name / "hf")
     assert_bitwise(original, read_tensors(tmp_path / "hf"))
     # One layer's slice at a time: nothing read is larger than the largest single HF tensor
     # (the embedding, padded to the vocabulary multiple, or one layer's fused qkv/fc1).
     largest = max(t.numel() for t in original.values())
     assert reads and max(t.numel() for t in reads) <= 1.1 * largest
-    family = CASES[name][0]
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == family
     ids = torch.randint(0, 250, (2, 10), generator=torch.Generator().manual_seed(3))
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
@@ -121,3 +123,14 @@ def test_args_with_megatron_enums_read_as_plain_values(tmp_path) -> None:
     torch.save({"args": Namespace(x=Evil())}, path)
     with pytest.raises(InputError, match=r"print' is not allowed"):
         D.load_common(path)
+
+
+def test_llama_args_name_the_families_they_fit(saved, tmp_path, capsys) -> None:
+    """megatron-core's own save records no family: Llama's args are refused, naming every
+    family they fit, rather than converted to the first in registry order."""
+    capsys.readouterr()
+    assert cli(saved / "llama-untied" / "dist", tmp_path / "out", "--to", "hf") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "common.pt" in err, err
+    assert "(llama, mistral, phi3, internlm2, granite)" in err and "--family NAME" in err, err
+    assert not (tmp_path / "out").exists()

@@ -35,8 +35,9 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 
 from reference.converters.megatron import stage as S
 from reference.converters.megatron.args import spec_from_args
+from reference.converters.megatron.family import megatron_family
 from reference.converters.megatron.keys import EMBEDDING, OUTPUT, TE_RENAMES, KeyTable
-from reference.converters.megatron.read import _family, load_args_file
+from reference.converters.megatron.read import load_args_file
 from reference.converters.plan import Lazy
 from reference.converters.source import Source
 from reference.errors import InputError
@@ -285,8 +286,9 @@ def _plan(where: Path, metadata: Metadata, spec: ModelSpec,
     return tensors, homes
 
 
-def read_dist(path: Path) -> Source:
-    """A Megatron-LM `torch_dist` checkpoint (its root or an iter_ directory) as a Source."""
+def read_dist(path: Path, family: str | None = None, *, any_fit: bool = False) -> Source:
+    """A Megatron-LM `torch_dist` checkpoint (its root or an iter_ directory) as a Source;
+    `family` is --family, `any_fit` takes the first family that fits (`family.megatron_family`)."""
     root, where = _iteration_dir(Path(path))
     metadata = _metadata(where)
     args = load_common(where / COMMON)["args"]
@@ -295,6 +297,6 @@ def read_dist(path: Path) -> Source:
         raise InputError(f"{where / COMMON}: args num_experts={spec.num_experts}: experts are read from "
                          "the torch format only, not torch_dist")
     padded = getattr(args, "padded_vocab_size", None) or spec.vocab_size
-    family, extra = _family(root, spec)
+    family_, extra = megatron_family(root, spec, family, str(where / COMMON), any_fit)
     tensors, homes = _plan(where, metadata, spec, padded)
-    return Source(root, family, spec, extra, tensors, lambda name: homes.get(name, name))
+    return Source(root, family_, spec, extra, tensors, lambda name: homes.get(name, name))
