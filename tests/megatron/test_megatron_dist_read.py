@@ -93,16 +93,60 @@ def test_torch_dist_to_hf_is_bitwise(saved, tmp_path, name: str, at: str, monkey
     assert torch.equal(logits(back, ids), logits(want, ids))
 
 
-@pytest.mark.parametrize("remove", ["__1_0.distcp", ".metadata"])
+def fails(capsys, src: Path, out: Path, *needles: str) -> str:
+    """`convert SRC OUT --to hf` exits 2 with one line holding every needle, and writes nothing."""
+    capsys.readouterr()
+    assert cli(src, out, "--to", "hf") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    for needle in needles:
+        assert needle in err, err
+    assert not out.exists()
+    return err
+
+
+@pytest.mark.parametrize("remove", ["__1_0.distcp", ".metadata", "common.pt"])
 def test_missing_file_is_one_line_exit_2(saved, tmp_path, capsys, remove: str) -> None:
     src = tmp_path / "dist"
     shutil.copytree(saved / "llama-untied" / "dist", src)
     (src / "iter_0000001" / remove).unlink()
-    capsys.readouterr()
-    assert cli(src, tmp_path / "out", "--to", "hf") == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and remove in err and "missing" in err, err
-    assert not (tmp_path / "out").exists()
+    fails(capsys, src, tmp_path / "out", f"iter_0000001/{remove}: missing")
+
+
+def test_corrupt_distcp_is_one_line_naming_the_file(saved, tmp_path, capsys) -> None:
+    """The same size (so .metadata's extents hold), other bytes: torch.distributed.checkpoint's
+    multi-line CheckpointException becomes one line naming the file and the key."""
+    src = tmp_path / "dist"
+    shutil.copytree(saved / "qwen3-tied" / "dist", src)
+    file = src / "iter_0000001" / "__0_0.distcp"
+    file.write_bytes(b"\x01" * file.stat().st_size)
+    fails(capsys, src, tmp_path / "out", str(file), "not readable, corrupt?")
+
+
+def test_the_other_format_is_refused_by_name(saved, tmp_path, capsys) -> None:
+    """A torch-format rank directory inside a torch_dist iteration, and a torch-format iteration
+    directory given where only a root is read."""
+    src = tmp_path / "dist"
+    shutil.copytree(saved / "qwen3-tied" / "dist", src)
+    legacy = saved / "qwen3-tied" / "legacy" / "iter_0000001"
+    shutil.copytree(legacy / "mp_rank_00_000", src / "iter_0000001" / "mp_rank_00_000")
+    fails(capsys, src, tmp_path / "out", "iter_0000001/mp_rank_00_000: a torch-format rank directory")
+    fails(capsys, legacy, tmp_path / "out", f"{legacy}: an iteration directory of a torch-format checkpoint",
+          "give the checkpoint root")
+
+
+@pytest.mark.parametrize(("field", "value", "needle"), [
+    ("hidden_size", 64, "'embedding.word_embeddings.weight' has global shape [256, 48], the args imply"),
+    ("num_layers", 2, "has global shape [4, 48], the args imply [2, 48]"),  # the first stacked: a norm
+    ("ffn_hidden_size", 32, "'decoder.layers.mlp.linear_fc1.weight' has global shape [4, 128, 48]"),
+])
+def test_args_that_disagree_with_the_tensors(saved, tmp_path, capsys, field, value, needle) -> None:
+    src = tmp_path / "dist"
+    shutil.copytree(saved / "qwen3-tied" / "dist", src)
+    common = D.load_common(src / "iter_0000001" / D.COMMON)
+    setattr(common["args"], field, value)
+    torch.save(common, src / "iter_0000001" / D.COMMON)
+    fails(capsys, src, tmp_path / "out", needle)
 
 
 def test_args_with_megatron_enums_read_as_plain_values(tmp_path) -> None:

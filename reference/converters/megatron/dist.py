@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint import load as dcp_load
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import (
     ChunkStorageMetadata,
@@ -48,6 +49,11 @@ COMMON = "common.pt"
 BACKEND = "metadata.json"  # megatron-core's record of the sharded backend
 # Entries of a training checkpoint that are not the model's weights.
 NOT_MODEL = ("optimizer.", "rng_state", "rerun_state_machine_state")
+
+
+def rank_dirs(path: Path) -> list[Path]:
+    """The `torch` format's per-rank directories (mp_rank_00, ...) in an iteration directory."""
+    return sorted(d for d in path.glob("mp_rank_*") if d.is_dir())
 
 
 def is_dist_dir(path: Path) -> bool:
@@ -148,6 +154,7 @@ class _Slices:
 
     def __init__(self, where: Path, metadata: Metadata) -> None:
         self.reader = _Reader(where, metadata)
+        self.where = where
         self.metadata = metadata
         self.last: tuple[Where, torch.Tensor] | None = None
 
@@ -161,13 +168,27 @@ class _Slices:
             sizes[0], offsets[0] = 1, at.layer
         out = torch.empty(sizes, dtype=md.properties.dtype)
         box = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))
-        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-            warnings.simplefilter("ignore", UserWarning)
-            dcp_load({at.key: out}, storage_reader=self.reader, planner=_SlicePlanner({at.key: box}),
-                     no_dist=True)
+        try:
+            with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+                warnings.simplefilter("ignore", UserWarning)
+                dcp_load({at.key: out}, storage_reader=self.reader, planner=_SlicePlanner({at.key: box}),
+                         no_dist=True)
+        except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
+            raise InputError(self._unreadable(at.key, e)) from None
         tensor = out[0] if at.layer is not None else out
         self.last = (at, tensor)
         return tensor
+
+    def _unreadable(self, key: str, error: BaseException) -> str:
+        """One line naming the file(s) holding `key` and the first failure inside the multi-line
+        CheckpointException that torch.distributed.checkpoint wraps every read error in."""
+        while isinstance(error, CheckpointException) and error.failures:
+            error = next(iter(error.failures.values()))[0]
+        files = sorted({info.relative_path for index, info in (self.metadata.storage_data or {}).items()
+                        if index.fqn == key})
+        where = ", ".join(str(self.where / f) for f in files) or str(self.where)
+        detail = (str(error).strip().splitlines() or [""])[0][:100]
+        return f"{where}: '{key}' not readable, corrupt? ({type(error).__name__}: {detail})"
 
 
 # --- the checkpoint ---------------------------------------------------------------------------
@@ -192,6 +213,10 @@ def _metadata(where: Path) -> Metadata:
         kind = json.loads(backend.read_text()).get("sharded_backend")
         if kind != "torch_dist":
             raise InputError(f"{backend}: sharded_backend {kind!r} is not read (only 'torch_dist')")
+    ranks = rank_dirs(where)
+    if ranks:  # both formats in one iteration: which one Megatron-LM would load is not ours to guess
+        raise InputError(f"{ranks[0]}: a torch-format rank directory in a torch_dist iteration directory "
+                         f"({where}); one iteration holds one format")
     if not (where / METADATA).is_file():
         raise InputError(f"{where / METADATA}: missing (the index of the .distcp files)")
     try:

@@ -262,10 +262,14 @@ def read_megatron(path: Path, family: str | None = None, *, any_fit: bool = Fals
     (`family` is --family; `any_fit` takes the first that fits), spec from the args, canonical
     tensors merged over TP (vocabulary trimmed) when pulled. A `torch_dist` checkpoint is read
     by `dist.read_dist`."""
-    from reference.converters.megatron.dist import is_dist_checkpoint, read_dist
+    from reference.converters.megatron.dist import is_dist_checkpoint, rank_dirs, read_dist
 
     if is_dist_checkpoint(Path(path)):
         return read_dist(Path(path), family, any_fit=any_fit)
+    if not (Path(path) / S.TRACKER).is_file() and rank_dirs(Path(path)):
+        raise InputError(f"{path}: an iteration directory of a torch-format checkpoint (it holds "
+                         f"{rank_dirs(Path(path))[0].name}); give the checkpoint root, whose {S.TRACKER} "
+                         "names the iteration")
     ck = _open(Path(path))
     family, extra = megatron_family(ck.root, ck.spec, family, str(ck.file(0, 0)), any_fit)
     _check_rank_dirs(ck)
