@@ -31,10 +31,15 @@ pytestmark = pytest.mark.xdist_group("megatron")
 
 GQA = {"num_attention_heads": 8, "num_key_value_heads": 4, "hidden_size": 48, "head_dim": 12,
        "intermediate_size": 64, "num_hidden_layers": 4}
-# (family, tied, virtual stages): VPP 2 interleaves the layers (rank 0 holds 0 and 2), yet
-# megatron-core saves them by global layer number into the same [L, ...] stack.
-CASES = {"llama-untied": ("llama", False, None), "qwen3-tied": ("qwen3", True, None),
-         "qwen3-tied-vpp": ("qwen3", True, 2)}
+# (family, tied, virtual stages, sharded-state-dict metadata): VPP 2 interleaves the layers
+# (rank 0 holds 0 and 2), yet megatron-core saves them by global layer number into the same
+# [L, ...] stack; non_homogeneous_layers saves one key per layer instead of the stack;
+# singleton_local_shards does too, and splits the gated fc1 into `_w` (gate) and `_v` (up).
+PER_LAYER = {"non_homogeneous_layers": True}
+SINGLETON = {"singleton_local_shards": True}
+CASES = {"llama-untied": ("llama", False, None, None), "qwen3-tied": ("qwen3", True, None, None),
+         "qwen3-tied-vpp": ("qwen3", True, 2, None), "llama-per-layer": ("llama", True, None, PER_LAYER),
+         "qwen3-singleton": ("qwen3", False, 2, SINGLETON)}
 TP, PP = 2, 2
 
 
@@ -46,13 +51,14 @@ def saved(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("dist")
     records = []
-    for name, (family, tie, vpp) in CASES.items():
+    for name, (family, tie, vpp, metadata) in CASES.items():
         model = tiny_model(family, tie=tie, **GQA)
         model.save_pretrained(root / name / "hf")
         layout = MegatronLayout(tp=TP, pp=PP, vpp=vpp)
         convert(root / name / "hf", root / name / "legacy", to="megatron", layout=layout)
         records.append({"dir": str(root / name / "legacy"), "dist": str(root / name / "dist"),
-                        "tp": TP, "pp": PP, "vpp": vpp, "te": False})
+                        "tp": TP, "pp": PP, "vpp": vpp, "te": False,
+                        "metadata": metadata})
     (root / "cases.json").write_text(json.dumps(records))
     spawn(save_dist_group, TP * PP, str(root / "cases.json"), timeout_s=240, method="fork")
     return root
@@ -68,7 +74,15 @@ def test_torch_dist_to_hf_is_bitwise(saved, tmp_path, name: str, at: str, monkey
     src = saved / name / "dist"
     assert sorted(p.name for p in (src / "iter_0000001").glob("*.distcp"))  # megatron-core's own files
     assert not (src / "hf_source.json").exists()  # the family: --family, or the args' features
-    if CASES[name][2]:  # saved by virtual stage: each of a rank's chunks of the stack is one layer
+    keys = set(D._metadata(src / "iter_0000001").state_dict_metadata)
+    if CASES[name][3]:  # one key per layer, by global layer number; singleton: fc1 in two
+        assert "decoder.layers.3.self_attention.linear_proj.weight" in keys
+        assert not any(k.startswith("decoder.layers.self_attention") for k in keys)
+        split = {"decoder.layers.3.mlp.linear_fc1.weight_w", "decoder.layers.3.mlp.linear_fc1.weight_v"}
+        assert (split <= keys) == (CASES[name][3] == SINGLETON)
+        common = D.load_common(src / "iter_0000001" / D.COMMON)
+        assert common["content_metadata"] == CASES[name][3]
+    elif CASES[name][2]:  # saved by virtual stage: each of a rank's chunks of the stack is one layer
         args = D.load_common(src / "iter_0000001" / D.COMMON)["args"]
         assert args.virtual_pipeline_model_parallel_size == 2
         md = D._metadata(src / "iter_0000001").state_dict_metadata["decoder.layers.mlp.linear_fc2.weight"]

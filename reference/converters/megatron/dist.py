@@ -157,6 +157,7 @@ class _Slices:
         self.where = where
         self.metadata = metadata
         self.last: tuple[Where, torch.Tensor] | None = None
+        self.last_joined: tuple[list[Where], torch.Tensor] | None = None
 
     def get(self, at: Where) -> torch.Tensor:
         if self.last is not None and self.last[0] == at:
@@ -178,6 +179,14 @@ class _Slices:
         tensor = out[0] if at.layer is not None else out
         self.last = (at, tensor)
         return tensor
+
+    def joined(self, parts: list[Where]) -> torch.Tensor:
+        """The parts concatenated along their first dim (one layer's, if stacked), the last kept."""
+        if len(parts) == 1:
+            return self.get(parts[0])
+        if self.last_joined is None or self.last_joined[0] != parts:
+            self.last_joined = (parts, torch.cat([self.get(p) for p in parts]))
+        return self.last_joined[1]
 
     def _unreadable(self, key: str, error: BaseException) -> str:
         """One line naming the file(s) holding `key` and the first failure inside the multi-line
@@ -240,19 +249,36 @@ def _stacked(template: str) -> str:
     return template.replace("{}.", "")
 
 
-def _locate(rule_key: str, layer: int | None, keys: set[str]) -> Where | None:
-    """Where megatron-core put a rule's tensor: stacked `[L, ...]`, or per layer; local-spec
-    norms are saved under their TransformerEngine names."""
-    names = [rule_key, TE_RENAMES.get(rule_key, rule_key)]
-    for name in names:
-        if layer is None:
-            if name in keys:
-                return Where(name, None)
-        elif _stacked(name) in keys:
-            return Where(_stacked(name), layer)
-        elif name.format(layer) in keys:
-            return Where(name.format(layer), None)
+def _one(name: str, layer: int | None, keys: set[str]) -> Where | None:
+    if layer is None:
+        return Where(name, None) if name in keys else None
+    if _stacked(name) in keys:
+        return Where(_stacked(name), layer)
+    return Where(name.format(layer), None) if name.format(layer) in keys else None
+
+
+def _locate(rule_key: str, layer: int | None, keys: set[str]) -> list[Where] | None:
+    """Where megatron-core put a rule's tensor: stacked `[L, ...]`, or per layer (sharded
+    state dicts with `non_homogeneous_layers`); local-spec norms are saved under their
+    TransformerEngine names; with `singleton_local_shards` a gated fc1 is two tensors, its
+    gate rows under `..._w` and its up rows under `..._v` (megatron-core's
+    apply_swiglu_sharded_factory), read back as the one [gate; up] tensor."""
+    for name in dict.fromkeys([rule_key, TE_RENAMES.get(rule_key, rule_key)]):
+        for parts in ([name], [name + "_w", name + "_v"]):
+            found = [_one(part, layer, keys) for part in parts]
+            if all(found):
+                return found  # type: ignore[return-value]
     return None
+
+
+def _joined_shape(parts: list[Where], tensors_md: dict[str, TensorStorageMetadata]) -> list[int]:
+    """The global shape of the parts' tensors concatenated along their first non-layer dim."""
+    sizes = [list(tensors_md[p.key].size) for p in parts]
+    axis = 1 if parts[0].layer is not None else 0
+    if any(len(s) != len(sizes[0]) or s[:axis] + s[axis + 1:] != sizes[0][:axis] + sizes[0][axis + 1:]
+           for s in sizes):
+        return sizes[0] + [-1]  # parts that cannot be joined: the shape check names the first
+    return [*sizes[0][:axis], sum(s[axis] for s in sizes), *sizes[0][axis + 1:]]
 
 
 def _plan(where: Path, metadata: Metadata, spec: ModelSpec,
@@ -277,26 +303,28 @@ def _plan(where: Path, metadata: Metadata, spec: ModelSpec,
         template, layer = slot.rule.key, None
         if "{}" in template:
             layer = int(slot.key.split(".")[2])
-        at = _locate(template, layer, keys)
-        if at is None:
+        parts = _locate(template, layer, keys)
+        if parts is None:
             raise InputError(f"{where}: no tensor '{_stacked(template) if layer is not None else template}'"
                              f" in {METADATA}; the args imply it")
-        used.add(at.key)
+        used.update(p.key for p in parts)
         metas = [torch.empty(shapes[n], device="meta") for n in slot.sources]
         want = list(S.shard(slot.rule.split, metas, spec, 1, 0, padded).shape)
-        stored = tensors_md[at.key]
-        if at.layer is not None:
+        named = "+".join(f"'{p.key}'" for p in parts)
+        if parts[0].layer is not None:
             want = [spec.num_layers, *want]
-        if list(stored.size) != want:
-            raise InputError(f"{where}: '{at.key}' has global shape {list(stored.size)}, "
-                             f"the args imply {want}")
-        dtype = dtype or stored.properties.dtype
-        if stored.properties.dtype != dtype:
-            raise InputError(f"{where}: '{at.key}' is {stored.properties.dtype}, the embedding {dtype}")
-        label = f"'{at.key}'" + (f"[{at.layer}]" if at.layer is not None else "")
+        if _joined_shape(parts, tensors_md) != want:
+            shown = " + ".join(str(list(tensors_md[p.key].size)) for p in parts)
+            raise InputError(f"{where}: {named} has global shape {shown}, the args imply {want}")
+        for p in parts:
+            stored = tensors_md[p.key].properties.dtype
+            dtype = dtype or stored
+            if stored != dtype:
+                raise InputError(f"{where}: '{p.key}' is {stored}, the embedding {dtype}")
+        label = named + (f"[{parts[0].layer}]" if parts[0].layer is not None else "")
 
-        def load(at: Where = at, rule: Any = slot.rule, label: str = label) -> list[torch.Tensor]:
-            return S.unshard(rule.split, [slices.get(at)], spec, f"{where}: {label}")
+        def load(parts: list[Where] = parts, rule: Any = slot.rule, label: str = label) -> list[torch.Tensor]:
+            return S.unshard(rule.split, [slices.joined(parts)], spec, f"{where}: {label}")
 
         for part, name in enumerate(slot.sources):
             meta = torch.empty(shapes[name], dtype=dtype, device="meta")
