@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from argparse import Namespace
 from pathlib import Path
@@ -193,3 +194,33 @@ def test_llama_args_name_the_families_they_fit(saved, tmp_path, capsys) -> None:
     assert len(err.splitlines()) == 1 and "common.pt" in err, err
     assert "(llama, mistral, phi3, internlm2, granite)" in err and "--family NAME" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_te_names_are_what_megatron_core_saves_and_others_are_refused(saved, tmp_path, capsys) -> None:
+    """torch_dist keys are TransformerEngine's whatever the spec: megatron-core's local spec maps
+    its norms onto TE's fused names when it saves (its sharded_state_dict_keys_map, the same map
+    as our TE_RENAMES), so a TE-spec checkpoint holds the same tensors; TE's extra states are
+    byte objects, which the reader passes over as it does the local linears'. A tensor the
+    reader does not map (a LayerNorm's bias in TE's name) is refused by name."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
+
+    from reference.converters.megatron.keys import TE_RENAMES
+
+    mapped = get_gpt_layer_local_spec().submodules.sharded_state_dict_keys_map
+    prefix = "decoder.layers.{}."
+    assert {prefix + k + "weight": prefix + v + "weight" for k, v in mapped.items()} == TE_RENAMES
+    src = tmp_path / "dist"
+    shutil.copytree(saved / "qwen3-tied" / "dist", src)
+    md = D._metadata(src / "iter_0000001")
+    entries = md.state_dict_metadata
+    assert "decoder.layers.self_attention.linear_qkv.layer_norm_weight" in entries
+    assert not any("input_layernorm" in k or "pre_mlp_layernorm" in k for k in entries)
+    extra = [k for k in entries if "_extra_state" in k]
+    assert extra and all(isinstance(entries[k], BytesStorageMetadata) for k in extra)
+    norm = entries["decoder.layers.self_attention.linear_qkv.layer_norm_weight"]
+    assert isinstance(norm, TensorStorageMetadata)
+    entries["decoder.layers.self_attention.linear_qkv.layer_norm_bias"] = norm
+    (src / "iter_0000001" / D.METADATA).write_bytes(pickle.dumps(md))
+    fails(capsys, src, tmp_path / "out", "'decoder.layers.self_attention.linear_qkv.layer_norm_bias' in "
+          ".metadata is not read")
