@@ -224,3 +224,15 @@ def test_te_names_are_what_megatron_core_saves_and_others_are_refused(saved, tmp
     (src / "iter_0000001" / D.METADATA).write_bytes(pickle.dumps(md))
     fails(capsys, src, tmp_path / "out", "'decoder.layers.self_attention.linear_qkv.layer_norm_bias' in "
           ".metadata is not read")
+
+
+def test_experts_are_refused_by_name(saved, tmp_path, capsys) -> None:
+    """Experts in torch_dist (stacked [L, E, ...], sharded over EP) are not read yet: args that
+    describe them are refused by name, not read as a dense model."""
+    src = tmp_path / "dist"
+    shutil.copytree(saved / "qwen3-tied" / "dist", src)
+    common = D.load_common(src / "iter_0000001" / D.COMMON)
+    args = common["args"]
+    args.num_experts, args.moe_router_topk, args.moe_ffn_hidden_size = 4, 2, 32
+    torch.save(common, src / "iter_0000001" / D.COMMON)
+    fails(capsys, src, tmp_path / "out", "common.pt: args num_experts=4", "not torch_dist")
