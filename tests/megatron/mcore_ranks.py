@@ -119,7 +119,8 @@ def save_dist_group(rank: int, world: int, port: int, cases_file: str) -> None:
     for case in json.loads(Path(cases_file).read_text()):
         ps.initialize_model_parallel(tensor_model_parallel_size=case["tp"],
                                      pipeline_model_parallel_size=case["pp"],
-                                     virtual_pipeline_model_parallel_size=case["vpp"])
+                                     virtual_pipeline_model_parallel_size=case["vpp"],
+                                     expert_model_parallel_size=case.get("ep", 1))
         models = _load(case)
         args = torch.load(_rank_file(case, 0, 0), weights_only=False)["args"]
         root = Path(case["dist"])

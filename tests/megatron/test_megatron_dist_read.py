@@ -41,8 +41,16 @@ PER_LAYER = {"non_homogeneous_layers": True}
 SINGLETON = {"singleton_local_shards": True}
 CASES = {"llama-untied": ("llama", False, None, None), "qwen3-tied": ("qwen3", True, None, None),
          "qwen3-tied-vpp": ("qwen3", True, 2, None), "qwen3-singleton": ("qwen3", False, 2, SINGLETON)}
+# A mixture's experts, sharded over EP 2 (TP 1 x PP 2 x EP 2: the same 4 ranks): megatron-core
+# saves them as [L, E, ...] by global expert number (SequentialMLP.sharded_state_dict).
+CASES["qwen3_moe-ep2"] = ("qwen3_moe", False, None, None)
+LAYOUTS = {"qwen3_moe-ep2": (1, 2, 2), "qwen3_moe-ep2-singleton": (1, 2, 2)}
 if os.environ.get("REFERENCE_EQUIVALENCE") == "1":  # the gate adds what singleton already covers
     CASES["llama-per-layer"] = ("llama", True, None, PER_LAYER)
+    CASES["qwen3_moe-ep2-singleton"] = ("qwen3_moe", False, None, SINGLETON)
+    # a dense first layer (non-homogeneous: one key per layer) and shared experts with their gate
+    CASES["qwen2_moe-dense0-ep2"] = ("qwen2_moe", True, None, None)
+    LAYOUTS["qwen2_moe-dense0-ep2"] = (1, 2, 2)
 TP, PP = 2, 2
 
 
@@ -55,12 +63,16 @@ def saved(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("dist")
     records = []
     for name, (family, tie, vpp, metadata) in CASES.items():
-        model = tiny_model(family, tie=tie, **GQA)
+        tp, pp, ep = LAYOUTS.get(name, (TP, PP, 1))
+        shape = GQA if ep == 1 else {"num_hidden_layers": 4}
+        if "dense0" in name:
+            shape = {**shape, "mlp_only_layers": [0], "intermediate_size": 64}
+        model = tiny_model(family, tie=tie, **shape)
         model.save_pretrained(root / name / "hf")
-        layout = MegatronLayout(tp=TP, pp=PP, vpp=vpp)
+        layout = MegatronLayout(tp=tp, pp=pp, vpp=vpp, ep=ep)
         convert(root / name / "hf", root / name / "legacy", to="megatron", layout=layout)
         records.append({"dir": str(root / name / "legacy"), "dist": str(root / name / "dist"),
-                        "tp": TP, "pp": PP, "vpp": vpp, "te": False,
+                        "tp": tp, "pp": pp, "ep": ep, "vpp": vpp, "te": False,
                         "metadata": metadata})
     (root / "cases.json").write_text(json.dumps(records))
     spawn(save_dist_group, TP * PP, str(root / "cases.json"), timeout_s=240, method="fork")
@@ -80,10 +92,17 @@ def test_torch_dist_to_hf_is_bitwise(saved, tmp_path, name: str, at: str, monkey
     if CASES[name][3]:  # one key per layer, by global layer number; singleton: fc1 in two
         assert "decoder.layers.3.self_attention.linear_proj.weight" in keys
         assert not any(k.startswith("decoder.layers.self_attention") for k in keys)
-        split = {"decoder.layers.3.mlp.linear_fc1.weight_w", "decoder.layers.3.mlp.linear_fc1.weight_v"}
+        expert = "experts.experts.1." if name in LAYOUTS else ""  # SequentialMLP: one key per expert
+        fc1 = f"decoder.layers.3.mlp.{expert}linear_fc1.weight"
+        split = {fc1 + "_w", fc1 + "_v"}
         assert (split <= keys) == (CASES[name][3] == SINGLETON)
         common = D.load_common(src / "iter_0000001" / D.COMMON)
         assert common["content_metadata"] == CASES[name][3]
+    elif "dense0" in name:  # MoE and dense layers: non-homogeneous, one key per layer
+        assert {"decoder.layers.0.mlp.linear_fc1.weight", "decoder.layers.1.mlp.shared_experts.gate_weight",
+                "decoder.layers.1.mlp.experts.experts.linear_fc1.weight"} <= keys
+    elif name in LAYOUTS:  # every expert of a layer in one stack, whichever EP rank saved it
+        assert "decoder.layers.mlp.experts.experts.linear_fc1.weight" in keys
     elif CASES[name][2]:  # saved by virtual stage: each of a rank's chunks of the stack is one layer
         args = D.load_common(src / "iter_0000001" / D.COMMON)["args"]
         assert args.virtual_pipeline_model_parallel_size == 2
@@ -226,13 +245,13 @@ def test_te_names_are_what_megatron_core_saves_and_others_are_refused(saved, tmp
           ".metadata is not read")
 
 
-def test_experts_are_refused_by_name(saved, tmp_path, capsys) -> None:
-    """Experts in torch_dist (stacked [L, E, ...], sharded over EP) are not read yet: args that
-    describe them are refused by name, not read as a dense model."""
+def test_experts_the_args_imply_must_be_there(saved, tmp_path, capsys) -> None:
+    """Args that describe experts over a dense checkpoint's tensors: the missing expert stack
+    is named, in megatron-core's key (SequentialMLP's `experts.experts.`)."""
     src = tmp_path / "dist"
     shutil.copytree(saved / "qwen3-tied" / "dist", src)
     common = D.load_common(src / "iter_0000001" / D.COMMON)
     args = common["args"]
     args.num_experts, args.moe_router_topk, args.moe_ffn_hidden_size = 4, 2, 32
     torch.save(common, src / "iter_0000001" / D.COMMON)
-    fails(capsys, src, tmp_path / "out", "common.pt: args num_experts=4", "not torch_dist")
+    fails(capsys, src, tmp_path / "out", "no tensor 'decoder.layers.mlp.router.weight'")

@@ -38,7 +38,7 @@ from reference.converters.megatron import stage as S
 from reference.converters.megatron.args import spec_from_args
 from reference.converters.megatron.family import megatron_family
 from reference.converters.megatron.keys import EMBEDDING, OUTPUT, TE_RENAMES, KeyTable
-from reference.converters.megatron.read import load_args_file
+from reference.converters.megatron.read import _routing_dtype, load_args_file
 from reference.converters.plan import Lazy
 from reference.converters.source import Source
 from reference.errors import InputError
@@ -142,10 +142,17 @@ class _Reader(FileSystemReader):
 
 @dataclass(frozen=True)
 class Where:
-    """A Megatron tensor in the checkpoint: its key, and the layer if the key is stacked."""
+    """A Megatron tensor in the checkpoint: its key, and the indices of its leading stacked dims
+    that select ours (the layer of a `[L, ...]` stack; the layer and expert of `[L, E, ...]`, or
+    the expert of a per-layer `[E, ...]`), with those dims' sizes."""
 
     key: str
-    layer: int | None
+    lead: tuple[int, ...] = ()
+    lead_sizes: tuple[int, ...] = ()
+
+    @property
+    def label(self) -> str:
+        return f"'{self.key}'" + "".join(f"[{i}]" for i in self.lead)
 
 
 class _Slices:
@@ -165,8 +172,8 @@ class _Slices:
         md = self.metadata.state_dict_metadata[at.key]
         assert isinstance(md, TensorStorageMetadata)
         sizes, offsets = list(md.size), [0] * len(md.size)
-        if at.layer is not None:
-            sizes[0], offsets[0] = 1, at.layer
+        for d, i in enumerate(at.lead):
+            sizes[d], offsets[d] = 1, i
         out = torch.empty(sizes, dtype=md.properties.dtype)
         box = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))
         try:
@@ -176,7 +183,7 @@ class _Slices:
                          no_dist=True)
         except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
             raise InputError(self._unreadable(at.key, e)) from None
-        tensor = out[0] if at.layer is not None else out
+        tensor = out[(0,) * len(at.lead)]
         self.last = (at, tensor)
         return tensor
 
@@ -249,15 +256,32 @@ def _stacked(template: str) -> str:
     return template.replace("{}.", "")
 
 
-def _one(name: str, layer: int | None, keys: set[str]) -> Where | None:
-    if layer is None:
-        return Where(name, None) if name in keys else None
-    if _stacked(name) in keys:
-        return Where(_stacked(name), layer)
-    return Where(name.format(layer), None) if name.format(layer) in keys else None
+EXPERT = "local_experts.{}."  # the rules' (the torch format's) expert key: rank-local numbers
 
 
-def _locate(rule_key: str, layer: int | None, keys: set[str]) -> list[Where] | None:
+def _one(name: str, at: tuple[int, ...], counts: tuple[int, int], keys: set[str]) -> Where | None:
+    """`name` (a rule key, `{}` for the layer and expert) in `keys`: stacked by layer (and by
+    expert), or one key per layer (stacked by expert), or one per layer and expert
+    (SequentialMLP's `singleton_local_shards`)."""
+    if not at:
+        return Where(name) if name in keys else None
+    if EXPERT not in name:
+        layouts = [(_stacked(name), at, counts[:1]), (name.format(*at), (), ())]
+    else:
+        # SequentialMLP's prefix is `experts.` again (`mlp.experts.experts.linear_fc1`), its
+        # expert axis global; singleton_local_shards names each expert `mlp.experts.experts.{e}.`
+        pooled = name.replace(EXPERT, "experts.")
+        layer, expert = at
+        layouts = [(_stacked(pooled), at, counts), (pooled.format(layer), (expert,), counts[1:]),
+                   (name.replace("local_experts.", "experts.").format(*at), (), ())]
+    for key, lead, sizes in layouts:
+        if key in keys:
+            return Where(key, lead, sizes)
+    return None
+
+
+def _locate(rule_key: str, at: tuple[int, ...], counts: tuple[int, int],
+            keys: set[str]) -> list[Where] | None:
     """Where megatron-core put a rule's tensor: stacked `[L, ...]`, or per layer (sharded
     state dicts with `non_homogeneous_layers`); local-spec norms are saved under their
     TransformerEngine names; with `singleton_local_shards` a gated fc1 is two tensors, its
@@ -265,7 +289,7 @@ def _locate(rule_key: str, layer: int | None, keys: set[str]) -> list[Where] | N
     apply_swiglu_sharded_factory), read back as the one [gate; up] tensor."""
     for name in dict.fromkeys([rule_key, TE_RENAMES.get(rule_key, rule_key)]):
         for parts in ([name], [name + "_w", name + "_v"]):
-            found = [_one(part, layer, keys) for part in parts]
+            found = [_one(part, at, counts, keys) for part in parts]
             if all(found):
                 return found  # type: ignore[return-value]
     return None
@@ -274,7 +298,7 @@ def _locate(rule_key: str, layer: int | None, keys: set[str]) -> list[Where] | N
 def _joined_shape(parts: list[Where], tensors_md: dict[str, TensorStorageMetadata]) -> list[int]:
     """The global shape of the parts' tensors concatenated along their first non-layer dim."""
     sizes = [list(tensors_md[p.key].size) for p in parts]
-    axis = 1 if parts[0].layer is not None else 0
+    axis = len(parts[0].lead)
     if any(len(s) != len(sizes[0]) or s[:axis] + s[axis + 1:] != sizes[0][:axis] + sizes[0][axis + 1:]
            for s in sizes):
         return sizes[0] + [-1]  # parts that cannot be joined: the shape check names the first
@@ -300,34 +324,34 @@ def _plan(where: Path, metadata: Metadata, spec: ModelSpec,
     for slot in S.slots(spec, table, whole):
         if slot.key == OUTPUT and spec.tie_word_embeddings:
             continue  # a tied head is the embedding
-        template, layer = slot.rule.key, None
-        if "{}" in template:
-            layer = int(slot.key.split(".")[2])
-        parts = _locate(template, layer, keys)
+        template = slot.rule.key
+        # the slot's layer (and global expert: slots are asked for at EP 1) from its key
+        at = tuple(int(x) for x in slot.key.split(".") if x.isdigit())
+        parts = _locate(template, at, (spec.num_layers, spec.num_experts or 0), keys)
         if parts is None:
-            raise InputError(f"{where}: no tensor '{_stacked(template) if layer is not None else template}'"
-                             f" in {METADATA}; the args imply it")
+            shown = _stacked(template.replace(EXPERT, "experts.")) if at else template
+            raise InputError(f"{where}: no tensor '{shown}' in {METADATA}; the args imply it")
         used.update(p.key for p in parts)
         metas = [torch.empty(shapes[n], device="meta") for n in slot.sources]
-        want = list(S.shard(slot.rule.split, metas, spec, 1, 0, padded).shape)
+        want = [*parts[0].lead_sizes,
+                *S.shard(slot.rule.split, metas, S.width_spec(spec, slot.rule), 1, 0, padded).shape]
         named = "+".join(f"'{p.key}'" for p in parts)
-        if parts[0].layer is not None:
-            want = [spec.num_layers, *want]
         if _joined_shape(parts, tensors_md) != want:
             shown = " + ".join(str(list(tensors_md[p.key].size)) for p in parts)
             raise InputError(f"{where}: {named} has global shape {shown}, the args imply {want}")
         for p in parts:
             stored = tensors_md[p.key].properties.dtype
             dtype = dtype or stored
-            if stored != dtype:
+            if stored != S.piece_dtype(slot.rule, dtype):
                 raise InputError(f"{where}: '{p.key}' is {stored}, the embedding {dtype}")
-        label = named + (f"[{parts[0].layer}]" if parts[0].layer is not None else "")
+        label = "+".join(p.label for p in parts)
 
         def load(parts: list[Where] = parts, rule: Any = slot.rule, label: str = label) -> list[torch.Tensor]:
-            return S.unshard(rule.split, [slices.joined(parts)], spec, f"{where}: {label}")
+            return S.unshard(rule.split, [slices.joined(parts)], S.width_spec(spec, rule),
+                             f"{where}: {label}")
 
         for part, name in enumerate(slot.sources):
-            meta = torch.empty(shapes[name], dtype=dtype, device="meta")
+            meta = torch.empty(shapes[name], dtype=S.piece_dtype(slot.rule, dtype), device="meta")
             tensors[name] = Lazy(meta, lambda f=load, i=part: f()[i])
             homes[name] = f"{where.name} {label}"
     if spec.tie_word_embeddings:
@@ -346,10 +370,8 @@ def read_dist(path: Path, family: str | None = None, *, any_fit: bool = False) -
     metadata = _metadata(where)
     args = load_common(where / COMMON)["args"]
     spec = spec_from_args(args, str(where / COMMON))
-    if spec.num_experts:  # the args now describe experts (the `torch` format reads them); not this one
-        raise InputError(f"{where / COMMON}: args num_experts={spec.num_experts}: experts are read from "
-                         "the torch format only, not torch_dist")
     padded = getattr(args, "padded_vocab_size", None) or spec.vocab_size
     family_, extra = megatron_family(root, spec, family, str(where / COMMON), any_fit)
+    spec = _routing_dtype(spec, family_)
     tensors, homes = _plan(where, metadata, spec, padded)
     return Source(root, family_, spec, extra, tensors, lambda name: homes.get(name, name))
