@@ -1,11 +1,14 @@
 """Reading a Megatron-LM `torch_dist` checkpoint (PyTorch Distributed Checkpoint) as lazy
 canonical tensors, in one process, without megatron-core.
 
-megatron-core saves every tensor once, by its global shape, whatever TP/PP saved it: the TP 1
-layout (linear_qkv grouped per query group, linear_fc1 as [gate; up], the vocabulary padded),
-with the decoder layers stacked as one `[L, ...]` tensor per parameter. A canonical tensor is
-read as one layer's slice through `torch.distributed.checkpoint`'s own reader and a load
-planner that asks for that slice only, so one layer's tensors are in memory at a time.
+megatron-core saves every tensor once, by its global shape, whatever TP/PP/VPP/EP saved it:
+the TP 1 layout (linear_qkv grouped per query group, linear_fc1 as [gate; up], the vocabulary
+padded), with the decoder layers stacked as one `[L, ...]` tensor per parameter by global layer
+number (a mixture's experts as `[L, E, ...]`), or one key per layer where the sharded state
+dict was asked for non-homogeneous layers (and the gated fc1 in two, `_w` and `_v`, with
+`singleton_local_shards`). A canonical tensor is read as one layer's (one expert's) slice
+through `torch.distributed.checkpoint`'s own reader and a load planner that asks for that slice
+only, so one layer's tensors are in memory at a time.
 """
 
 from __future__ import annotations
