@@ -1,9 +1,11 @@
 """Megatron-LM `torch_dist` checkpoints saved by megatron-core 0.16.1 itself read back to HF.
 
 A tiny HF model goes to the legacy format (our writer), into the real GPTModel at TP 2 x PP 2
-under gloo on the CPU (strict load), and out through megatron-core's `dist_checkpointing.save`.
-`reference convert DIST --to hf` must give the HF tensors back bitwise, with no megatron-core
-at read time, reading one layer's slice at a time.
+(x VPP 2; a mixture at TP 1 x PP 2 x EP 2) under gloo on the CPU (strict load), and out
+through megatron-core's `dist_checkpointing.save`, with the sharded-state-dict metadata
+Megatron-LM may pass (per-layer keys, singleton_local_shards). `reference convert DIST --to hf`
+must give the HF tensors back bitwise, with no megatron-core at read time, reading one layer's
+slice at a time; bad input is one line, exit 2, nothing written.
 """
 
 from __future__ import annotations
