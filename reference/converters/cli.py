@@ -22,11 +22,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d = MegatronLayout()
     p.add_argument("src", help="an HF model directory (family from config.json), a unified one "
                                "(written by --to unified), or a Megatron-LM checkpoint (family from "
-                               "its hf_source.json, else guessed from its args)")
+                               "its hf_source.json, else --family, else the one its args fit)")
     p.add_argument("dst", help="output directory; appears whole or not at all")
     p.add_argument("--to", required=True,
                    help="a family's model_type (llama, qwen2, ...), 'unified', 'megatron', or 'hf' "
                         "(back to the family a unified or Megatron checkpoint came from)")
+    p.add_argument("--family", metavar="NAME",
+                   help="the HF family (model_type) of a Megatron-LM source without hf_source.json, "
+                        "when its args fit several (llama, mistral, ...)")
     p.add_argument("--dtype", help="cast floating tensors (bfloat16, float16, float32); default: keep")
     p.add_argument("--fold-precision", choices=("exact", "dtype"), default="exact",
                    help="a folded tensor (Gemma's norms, Granite's multipliers) its dtype cannot hold "
@@ -139,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     with progress_bar() as progress:
         report = convert(args.src, args.dst, to=args.to, dtype=args.dtype, force=args.force, allow=allow,
                          max_shard_bytes=args.max_shard_size, layout=layout, progress=progress,
-                         fold_precision=args.fold_precision)
+                         fold_precision=args.fold_precision, family=args.family)
     print(f"{report.source} -> {report.target}: {report.tensors} tensors, "
           f"{report.bytes / 2**20:.1f} MiB written to {args.dst}")
     for line in fold_lines(report.fold_costs):

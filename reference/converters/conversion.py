@@ -156,6 +156,7 @@ def convert(
     layout: Any = None,
     progress: Progress | None = None,
     fold_precision: str = "exact",
+    family: str | None = None,
 ) -> Report:
     """Convert the checkpoint at SRC (an HF family's, a unified or a Megatron directory) into
     `to` at DST; DST appears whole or not at all.
@@ -168,10 +169,11 @@ def convert(
     `progress`, if given, is told (bytes written, bytes in all) as the tensors are written.
     `fold_precision` is `exact` (a folded tensor is written in float32 where its dtype cannot
     hold the fold exactly) or `dtype` (keep every dtype, round the fold); see folds.py.
+    `family` names the family of a Megatron-LM source that records none (--family).
     """
     src, dst = Path(src), Path(dst)
     cast = parse_dtype(dtype)
-    source = open_source(src)
+    source = open_source(src, family)
     shard_bytes = max_shard_bytes or source_shard_bytes(src)
     target = resolve_target(to, source, shard_bytes, layout)
     if fold_precision not in PRECISIONS:

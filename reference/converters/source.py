@@ -12,6 +12,7 @@ from typing import Any
 from reference.converters.hf_dir import open_hf
 from reference.converters.plan import Lazy, read_canonical
 from reference.converters.unified_dir import is_unified_dir, read_unified
+from reference.errors import InputError
 from reference.families.config import PASSTHROUGH
 from reference.families.family import Family
 from reference.families.spec import ModelSpec
@@ -56,18 +57,22 @@ def carried_config(path: Path) -> dict[str, Any] | None:
     return carried if isinstance(carried, dict) and "model_type" in carried else None
 
 
-def open_source(path: Path) -> Source:
-    """An HF model directory, a unified one or a Megatron checkpoint, by what it holds."""
-    source = _open(path)
+def open_source(path: Path, family: str | None = None, *, any_fit: bool = False) -> Source:
+    """An HF model directory, a unified one or a Megatron checkpoint, by what it holds;
+    `family` (--family) names the family of a Megatron checkpoint that does not record one;
+    `any_fit` takes the first family its args fit, for callers that use only the spec."""
+    source = _open(path, family, any_fit)
     carried = carried_config(path)
     return dataclasses.replace(source, config=carried) if carried else source
 
 
-def _open(path: Path) -> Source:
+def _open(path: Path, family: str | None, any_fit: bool) -> Source:
     from reference.converters import megatron
 
     if megatron.is_megatron_dir(path):
-        return megatron.read_megatron(path)
+        return megatron.read_megatron(path, family, any_fit=any_fit)
+    if family is not None:  # an HF or unified directory names its family itself
+        raise InputError(f"--family {family}: applies only to a Megatron-LM checkpoint, not {path}")
     if is_unified_dir(path):
         return read_unified(path)
     model = open_hf(path)

@@ -78,7 +78,7 @@ def open_side(path: Path) -> Side:
     path = Path(path)
     if not path.is_dir():
         raise InputError(f"{path}: no such checkpoint directory")
-    source = open_source(path)  # validates it, and names an unknown family
+    source = open_source(path, any_fit=True)  # validates it; the spec, not the family's name, is used
     if megatron.is_megatron_dir(path):
         return _megatron(path, source.spec)
     if is_unified_dir(path):

@@ -119,15 +119,24 @@ def save_dist_group(rank: int, world: int, port: int, cases_file: str) -> None:
     for case in json.loads(Path(cases_file).read_text()):
         ps.initialize_model_parallel(tensor_model_parallel_size=case["tp"],
                                      pipeline_model_parallel_size=case["pp"],
+                                     virtual_pipeline_model_parallel_size=case["vpp"],
                                      expert_model_parallel_size=case.get("ep", 1))
         models = _load(case)
         args = torch.load(_rank_file(case, 0, 0), weights_only=False)["args"]
         root = Path(case["dist"])
         where = root / "iter_0000001"
         where.mkdir(parents=True, exist_ok=True)  # the target must exist before save
-        state = {"args": args, "checkpoint_version": 3.0, "iteration": 1,
-                 "model": models[0].sharded_state_dict()}
-        dist_checkpointing.save(state, str(where))
+        state = {"args": args, "checkpoint_version": 3.0, "iteration": 1}
+        # Megatron-LM's generate_state_dict: "model", or "model0", "model1", ... per virtual stage
+        # (the sharded keys are global, so the stages land in one [L, ...] stack either way);
+        # case["metadata"] is its sharded-state-dict metadata (non_homogeneous_layers,
+        # singleton_local_shards), also saved as the checkpoint's content_metadata.
+        metadata = case.get("metadata")
+        if case["vpp"] is None:
+            state["model"] = models[0].sharded_state_dict(metadata=metadata)
+        for v, model in enumerate(models if case["vpp"] else []):
+            state[f"model{v}"] = model.sharded_state_dict(metadata=metadata)
+        dist_checkpointing.save(state, str(where), content_metadata=metadata)
         if rank == 0:
             (root / "latest_checkpointed_iteration.txt").write_text("1")
         dist.barrier()

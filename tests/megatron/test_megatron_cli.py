@@ -137,15 +137,43 @@ def test_reshard_then_back_to_hf_is_bitwise(models, tmp_path, a, b) -> None:
     assert_bitwise(read_tensors(models["llama"]), read_tensors(tmp_path / "hf"))
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
-def test_family_from_features_when_not_recorded(models, tmp_path, family) -> None:
-    """A checkpoint Megatron-LM wrote itself has no hf_source.json: the first family whose
-    features are exactly the checkpoint's takes it."""
+@pytest.mark.parametrize(("family", "fits"), [("llama", "llama, mistral, phi3, internlm2, granite"),
+                                              ("qwen2", "qwen2, qwen"), ("qwen3", None)])
+def test_family_from_features_when_not_recorded(models, tmp_path, capsys, family, fits) -> None:
+    """A checkpoint Megatron-LM wrote itself has no hf_source.json: the one family whose features
+    are exactly the args' takes it; args several families fit are refused, naming them, until
+    --family picks one."""
     convert(models[family], tmp_path / "mg", "--to", "megatron")
     (tmp_path / "mg" / "hf_source.json").unlink()
-    convert(tmp_path / "mg", tmp_path / "hf", "--to", "hf")
+    if fits:
+        err = fails(capsys, [tmp_path / "mg", tmp_path / "hf", "--to", "hf"], f"({fits})", "--family NAME")
+        assert "mp_rank_00" in err and not (tmp_path / "hf").exists()
+        convert(tmp_path / "mg", tmp_path / "hf", "--to", "hf", "--family", family)
+    else:
+        convert(tmp_path / "mg", tmp_path / "hf", "--to", "hf")
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == family
     assert_bitwise(read_tensors(models[family]), read_tensors(tmp_path / "hf"))
+
+
+@pytest.mark.parametrize(("given", "needle"), [
+    ("olmo2", "--family olmo2: the args in"),  # OLMo2 norms q/k and after each block: not these args
+    ("nosuch", "unknown model family 'nosuch'"),
+])
+def test_family_flag_that_does_not_fit_is_refused(models, tmp_path, capsys, given, needle) -> None:
+    convert(models["llama"], tmp_path / "mg", "--to", "megatron")
+    (tmp_path / "mg" / "hf_source.json").unlink()
+    fails(capsys, [tmp_path / "mg", tmp_path / "hf", "--to", "hf", "--family", given], needle)
+    assert not (tmp_path / "hf").exists()
+
+
+def test_family_flag_against_the_record_and_an_hf_source(models, tmp_path, capsys) -> None:
+    """The record wins; a --family that contradicts it, or given for an HF source, is refused."""
+    convert(models["llama"], tmp_path / "mg", "--to", "megatron")
+    fails(capsys, [tmp_path / "mg", tmp_path / "hf", "--to", "hf", "--family", "mistral"],
+          "--family mistral", "hf_source.json records llama")
+    convert(tmp_path / "mg", tmp_path / "hf", "--to", "hf", "--family", "llama")  # agreeing: fine
+    fails(capsys, [models["llama"], tmp_path / "x", "--to", "qwen2", "--family", "llama"],
+          "--family llama: applies only to a Megatron-LM checkpoint")
 
 
 def test_uneven_pipeline_stages(models, tmp_path) -> None:

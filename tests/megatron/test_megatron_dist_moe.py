@@ -2,7 +2,8 @@
 writer, proven by megatron-core 0.16.1 itself: its `dist_checkpointing.save` of the same MoE
 GPTModel (local spec, SequentialMLP experts) records exactly our keys, global shapes, chunks and
 dtypes, and its strict `dist_checkpointing.load` into MoE GPTModels at EP 2 and at TP 2 gives
-fp32 logits equal to transformers' (eager experts loop) at assert_close's default tolerance.
+fp32 logits equal to transformers' (eager experts loop) at assert_close's default tolerance;
+and our torch_dist reader brings them back to HF bitwise.
 
 Qwen2-MoE with a dense first layer covers megatron-core's per-layer keys (`moe_layer_freq` a
 list); Mixtral and Qwen3-MoE its stacked ones. The default run holds one EP 2 and one TP 2
@@ -19,6 +20,7 @@ from typing import Any
 
 import pytest
 import torch
+from harness import assert_bitwise, read_tensors
 from procs import spawn
 from test_megatron_dist_write import _boxes
 from test_megatron_moe import DENSE_FIRST, FOUR
@@ -168,3 +170,13 @@ def test_torch_format_moe_to_torch_dist_writes_the_same_bytes_as_from_hf(tmp_pat
     direct, via = (tmp_path / d / "iter_0000001" for d in ("direct", "via-torch"))
     assert (direct / "__0_0.distcp").read_bytes() == (via / "__0_0.distcp").read_bytes()
     assert _boxes(direct) == _boxes(via)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_moe_back_to_hf_is_bitwise(case: Case, written, tmp_path) -> None:
+    """HF -> our torch_dist -> HF (the torch_dist reader, dist.py): every tensor and the config."""
+    assert cli(written / case.id, tmp_path / "back", "--to", "hf") == 0
+    hf = written / f"hf-{case.id}"
+    config = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert config == json.loads((hf / "config.json").read_text())
+    assert_bitwise(read_tensors(hf), read_tensors(tmp_path / "back"))

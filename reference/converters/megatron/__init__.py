@@ -26,8 +26,9 @@ def __getattr__(name: str) -> Any:
 
 def is_megatron_dir(path: Path) -> bool:
     """A Megatron-LM checkpoint root has latest_checkpointed_iteration.txt; an iteration
-    directory of the `torch_dist` format counts too."""
-    from reference.converters.megatron.dist import is_dist_dir
+    directory counts too (the `torch` format's is refused by name when read)."""
+    from reference.converters.megatron.dist import is_dist_dir, rank_dirs
     from reference.converters.megatron.stage import TRACKER
 
-    return (Path(path) / TRACKER).is_file() or is_dist_dir(Path(path))
+    path = Path(path)
+    return (path / TRACKER).is_file() or is_dist_dir(path) or bool(rank_dirs(path))

@@ -1,11 +1,14 @@
 """Reading a Megatron-LM `torch_dist` checkpoint (PyTorch Distributed Checkpoint) as lazy
 canonical tensors, in one process, without megatron-core.
 
-megatron-core saves every tensor once, by its global shape, whatever TP/PP saved it: the TP 1
-layout (linear_qkv grouped per query group, linear_fc1 as [gate; up], the vocabulary padded),
-with the decoder layers stacked as one `[L, ...]` tensor per parameter. A canonical tensor is
-read as one layer's slice through `torch.distributed.checkpoint`'s own reader and a load
-planner that asks for that slice only, so one layer's tensors are in memory at a time.
+megatron-core saves every tensor once, by its global shape, whatever TP/PP/VPP/EP saved it:
+the TP 1 layout (linear_qkv grouped per query group, linear_fc1 as [gate; up], the vocabulary
+padded), with the decoder layers stacked as one `[L, ...]` tensor per parameter by global layer
+number (a mixture's experts as `[L, E, ...]`), or one key per layer where the sharded state
+dict was asked for non-homogeneous layers (and the gated fc1 in two, `_w` and `_v`, with
+`singleton_local_shards`). A canonical tensor is read as one layer's (one expert's) slice
+through `torch.distributed.checkpoint`'s own reader and a load planner that asks for that slice
+only, so one layer's tensors are in memory at a time.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint import load as dcp_load
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import (
     ChunkStorageMetadata,
@@ -35,8 +39,9 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 
 from reference.converters.megatron import stage as S
 from reference.converters.megatron.args import spec_from_args
+from reference.converters.megatron.family import megatron_family
 from reference.converters.megatron.keys import EMBEDDING, OUTPUT, TE_RENAMES, KeyTable
-from reference.converters.megatron.read import _family, load_args_file
+from reference.converters.megatron.read import _routing_dtype, load_args_file
 from reference.converters.plan import Lazy
 from reference.converters.source import Source
 from reference.errors import InputError
@@ -47,6 +52,11 @@ COMMON = "common.pt"
 BACKEND = "metadata.json"  # megatron-core's record of the sharded backend
 # Entries of a training checkpoint that are not the model's weights.
 NOT_MODEL = ("optimizer.", "rng_state", "rerun_state_machine_state")
+
+
+def rank_dirs(path: Path) -> list[Path]:
+    """The `torch` format's per-rank directories (mp_rank_00, ...) in an iteration directory."""
+    return sorted(d for d in path.glob("mp_rank_*") if d.is_dir())
 
 
 def is_dist_dir(path: Path) -> bool:
@@ -135,10 +145,17 @@ class _Reader(FileSystemReader):
 
 @dataclass(frozen=True)
 class Where:
-    """A Megatron tensor in the checkpoint: its key, and the layer if the key is stacked."""
+    """A Megatron tensor in the checkpoint: its key, and the indices of its leading stacked dims
+    that select ours (the layer of a `[L, ...]` stack; the layer and expert of `[L, E, ...]`, or
+    the expert of a per-layer `[E, ...]`), with those dims' sizes."""
 
     key: str
-    layer: int | None
+    lead: tuple[int, ...] = ()
+    lead_sizes: tuple[int, ...] = ()
+
+    @property
+    def label(self) -> str:
+        return f"'{self.key}'" + "".join(f"[{i}]" for i in self.lead)
 
 
 class _Slices:
@@ -147,8 +164,10 @@ class _Slices:
 
     def __init__(self, where: Path, metadata: Metadata) -> None:
         self.reader = _Reader(where, metadata)
+        self.where = where
         self.metadata = metadata
         self.last: tuple[Where, torch.Tensor] | None = None
+        self.last_joined: tuple[list[Where], torch.Tensor] | None = None
 
     def get(self, at: Where) -> torch.Tensor:
         if self.last is not None and self.last[0] == at:
@@ -156,17 +175,39 @@ class _Slices:
         md = self.metadata.state_dict_metadata[at.key]
         assert isinstance(md, TensorStorageMetadata)
         sizes, offsets = list(md.size), [0] * len(md.size)
-        if at.layer is not None:
-            sizes[0], offsets[0] = 1, at.layer
+        for d, i in enumerate(at.lead):
+            sizes[d], offsets[d] = 1, i
         out = torch.empty(sizes, dtype=md.properties.dtype)
         box = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))
-        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-            warnings.simplefilter("ignore", UserWarning)
-            dcp_load({at.key: out}, storage_reader=self.reader, planner=_SlicePlanner({at.key: box}),
-                     no_dist=True)
-        tensor = out[0] if at.layer is not None else out
+        try:
+            with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+                warnings.simplefilter("ignore", UserWarning)
+                dcp_load({at.key: out}, storage_reader=self.reader, planner=_SlicePlanner({at.key: box}),
+                         no_dist=True)
+        except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
+            raise InputError(self._unreadable(at.key, e)) from None
+        tensor = out[(0,) * len(at.lead)]
         self.last = (at, tensor)
         return tensor
+
+    def joined(self, parts: list[Where]) -> torch.Tensor:
+        """The parts concatenated along their first dim (one layer's, if stacked), the last kept."""
+        if len(parts) == 1:
+            return self.get(parts[0])
+        if self.last_joined is None or self.last_joined[0] != parts:
+            self.last_joined = (parts, torch.cat([self.get(p) for p in parts]))
+        return self.last_joined[1]
+
+    def _unreadable(self, key: str, error: BaseException) -> str:
+        """One line naming the file(s) holding `key` and the first failure inside the multi-line
+        CheckpointException that torch.distributed.checkpoint wraps every read error in."""
+        while isinstance(error, CheckpointException) and error.failures:
+            error = next(iter(error.failures.values()))[0]
+        files = sorted({info.relative_path for index, info in (self.metadata.storage_data or {}).items()
+                        if index.fqn == key})
+        where = ", ".join(str(self.where / f) for f in files) or str(self.where)
+        detail = (str(error).strip().splitlines() or [""])[0][:100]
+        return f"{where}: '{key}' not readable, corrupt? ({type(error).__name__}: {detail})"
 
 
 # --- the checkpoint ---------------------------------------------------------------------------
@@ -191,6 +232,10 @@ def _metadata(where: Path) -> Metadata:
         kind = json.loads(backend.read_text()).get("sharded_backend")
         if kind != "torch_dist":
             raise InputError(f"{backend}: sharded_backend {kind!r} is not read (only 'torch_dist')")
+    ranks = rank_dirs(where)
+    if ranks:  # both formats in one iteration: which one Megatron-LM would load is not ours to guess
+        raise InputError(f"{ranks[0]}: a torch-format rank directory in a torch_dist iteration directory "
+                         f"({where}); one iteration holds one format")
     if not (where / METADATA).is_file():
         raise InputError(f"{where / METADATA}: missing (the index of the .distcp files)")
     try:
@@ -214,19 +259,53 @@ def _stacked(template: str) -> str:
     return template.replace("{}.", "")
 
 
-def _locate(rule_key: str, layer: int | None, keys: set[str]) -> Where | None:
-    """Where megatron-core put a rule's tensor: stacked `[L, ...]`, or per layer; local-spec
-    norms are saved under their TransformerEngine names."""
-    names = [rule_key, TE_RENAMES.get(rule_key, rule_key)]
-    for name in names:
-        if layer is None:
-            if name in keys:
-                return Where(name, None)
-        elif _stacked(name) in keys:
-            return Where(_stacked(name), layer)
-        elif name.format(layer) in keys:
-            return Where(name.format(layer), None)
+EXPERT = "local_experts.{}."  # the rules' (the torch format's) expert key: rank-local numbers
+
+
+def _one(name: str, at: tuple[int, ...], counts: tuple[int, int], keys: set[str]) -> Where | None:
+    """`name` (a rule key, `{}` for the layer and expert) in `keys`: stacked by layer (and by
+    expert), or one key per layer (stacked by expert), or one per layer and expert
+    (SequentialMLP's `singleton_local_shards`)."""
+    if not at:
+        return Where(name) if name in keys else None
+    if EXPERT not in name:
+        layouts = [(_stacked(name), at, counts[:1]), (name.format(*at), (), ())]
+    else:
+        # SequentialMLP's prefix is `experts.` again (`mlp.experts.experts.linear_fc1`), its
+        # expert axis global; singleton_local_shards names each expert `mlp.experts.experts.{e}.`
+        pooled = name.replace(EXPERT, "experts.")
+        layer, expert = at
+        layouts = [(_stacked(pooled), at, counts), (pooled.format(layer), (expert,), counts[1:]),
+                   (name.replace("local_experts.", "experts.").format(*at), (), ())]
+    for key, lead, sizes in layouts:
+        if key in keys:
+            return Where(key, lead, sizes)
     return None
+
+
+def _locate(rule_key: str, at: tuple[int, ...], counts: tuple[int, int],
+            keys: set[str]) -> list[Where] | None:
+    """Where megatron-core put a rule's tensor: stacked `[L, ...]`, or per layer (sharded
+    state dicts with `non_homogeneous_layers`); local-spec norms are saved under their
+    TransformerEngine names; with `singleton_local_shards` a gated fc1 is two tensors, its
+    gate rows under `..._w` and its up rows under `..._v` (megatron-core's
+    apply_swiglu_sharded_factory), read back as the one [gate; up] tensor."""
+    for name in dict.fromkeys([rule_key, TE_RENAMES.get(rule_key, rule_key)]):
+        for parts in ([name], [name + "_w", name + "_v"]):
+            found = [_one(part, at, counts, keys) for part in parts]
+            if all(found):
+                return found  # type: ignore[return-value]
+    return None
+
+
+def _joined_shape(parts: list[Where], tensors_md: dict[str, TensorStorageMetadata]) -> list[int]:
+    """The global shape of the parts' tensors concatenated along their first non-layer dim."""
+    sizes = [list(tensors_md[p.key].size) for p in parts]
+    axis = len(parts[0].lead)
+    if any(len(s) != len(sizes[0]) or s[:axis] + s[axis + 1:] != sizes[0][:axis] + sizes[0][axis + 1:]
+           for s in sizes):
+        return sizes[0] + [-1]  # parts that cannot be joined: the shape check names the first
+    return [*sizes[0][:axis], sum(s[axis] for s in sizes), *sizes[0][axis + 1:]]
 
 
 def _plan(where: Path, metadata: Metadata, spec: ModelSpec,
@@ -248,32 +327,34 @@ def _plan(where: Path, metadata: Metadata, spec: ModelSpec,
     for slot in S.slots(spec, table, whole):
         if slot.key == OUTPUT and spec.tie_word_embeddings:
             continue  # a tied head is the embedding
-        template, layer = slot.rule.key, None
-        if "{}" in template:
-            layer = int(slot.key.split(".")[2])
-        at = _locate(template, layer, keys)
-        if at is None:
-            raise InputError(f"{where}: no tensor '{_stacked(template) if layer is not None else template}'"
-                             f" in {METADATA}; the args imply it")
-        used.add(at.key)
+        template = slot.rule.key
+        # the slot's layer (and global expert: slots are asked for at EP 1) from its key
+        at = tuple(int(x) for x in slot.key.split(".") if x.isdigit())
+        parts = _locate(template, at, (spec.num_layers, spec.num_experts or 0), keys)
+        if parts is None:
+            shown = _stacked(template.replace(EXPERT, "experts.")) if at else template
+            raise InputError(f"{where}: no tensor '{shown}' in {METADATA}; the args imply it")
+        used.update(p.key for p in parts)
         metas = [torch.empty(shapes[n], device="meta") for n in slot.sources]
-        want = list(S.shard(slot.rule.split, metas, spec, 1, 0, padded).shape)
-        stored = tensors_md[at.key]
-        if at.layer is not None:
-            want = [spec.num_layers, *want]
-        if list(stored.size) != want:
-            raise InputError(f"{where}: '{at.key}' has global shape {list(stored.size)}, "
-                             f"the args imply {want}")
-        dtype = dtype or stored.properties.dtype
-        if stored.properties.dtype != dtype:
-            raise InputError(f"{where}: '{at.key}' is {stored.properties.dtype}, the embedding {dtype}")
-        label = f"'{at.key}'" + (f"[{at.layer}]" if at.layer is not None else "")
+        want = [*parts[0].lead_sizes,
+                *S.shard(slot.rule.split, metas, S.width_spec(spec, slot.rule), 1, 0, padded).shape]
+        named = "+".join(f"'{p.key}'" for p in parts)
+        if _joined_shape(parts, tensors_md) != want:
+            shown = " + ".join(str(list(tensors_md[p.key].size)) for p in parts)
+            raise InputError(f"{where}: {named} has global shape {shown}, the args imply {want}")
+        for p in parts:
+            stored = tensors_md[p.key].properties.dtype
+            dtype = dtype or stored
+            if stored != S.piece_dtype(slot.rule, dtype):
+                raise InputError(f"{where}: '{p.key}' is {stored}, the embedding {dtype}")
+        label = "+".join(p.label for p in parts)
 
-        def load(at: Where = at, rule: Any = slot.rule, label: str = label) -> list[torch.Tensor]:
-            return S.unshard(rule.split, [slices.get(at)], spec, f"{where}: {label}")
+        def load(parts: list[Where] = parts, rule: Any = slot.rule, label: str = label) -> list[torch.Tensor]:
+            return S.unshard(rule.split, [slices.joined(parts)], S.width_spec(spec, rule),
+                             f"{where}: {label}")
 
         for part, name in enumerate(slot.sources):
-            meta = torch.empty(shapes[name], dtype=dtype, device="meta")
+            meta = torch.empty(shapes[name], dtype=S.piece_dtype(slot.rule, dtype), device="meta")
             tensors[name] = Lazy(meta, lambda f=load, i=part: f()[i])
             homes[name] = f"{where.name} {label}"
     if spec.tie_word_embeddings:
@@ -285,16 +366,15 @@ def _plan(where: Path, metadata: Metadata, spec: ModelSpec,
     return tensors, homes
 
 
-def read_dist(path: Path) -> Source:
-    """A Megatron-LM `torch_dist` checkpoint (its root or an iter_ directory) as a Source."""
+def read_dist(path: Path, family: str | None = None, *, any_fit: bool = False) -> Source:
+    """A Megatron-LM `torch_dist` checkpoint (its root or an iter_ directory) as a Source;
+    `family` is --family, `any_fit` takes the first family that fits (`family.megatron_family`)."""
     root, where = _iteration_dir(Path(path))
     metadata = _metadata(where)
     args = load_common(where / COMMON)["args"]
     spec = spec_from_args(args, str(where / COMMON))
-    if spec.num_experts:  # the args now describe experts (the `torch` format reads them); not this one
-        raise InputError(f"{where / COMMON}: args num_experts={spec.num_experts}: experts are read from "
-                         "the torch format only, not torch_dist")
     padded = getattr(args, "padded_vocab_size", None) or spec.vocab_size
-    family, extra = _family(root, spec)
+    family_, extra = megatron_family(root, spec, family, str(where / COMMON), any_fit)
+    spec = _routing_dtype(spec, family_)
     tensors, homes = _plan(where, metadata, spec, padded)
-    return Source(root, family, spec, extra, tensors, lambda name: homes.get(name, name))
+    return Source(root, family_, spec, extra, tensors, lambda name: homes.get(name, name))

@@ -7,7 +7,6 @@ TP pieces when pulled; the files of one pipeline rank are kept open at a time.
 
 from __future__ import annotations
 
-import json
 import pickle
 from argparse import Namespace
 from collections.abc import Callable
@@ -20,16 +19,14 @@ import torch
 
 from reference.converters.megatron import stage as S
 from reference.converters.megatron.args import layout_from_args, spec_from_args
+from reference.converters.megatron.family import megatron_family
 from reference.converters.megatron.keys import EXTRA_SUFFIX, OUTPUT, KeyTable
 from reference.converters.megatron.layout import MegatronLayout, check_layout, padded_vocab
-from reference.converters.megatron.write import FAMILY_FILE
 from reference.converters.plan import Lazy
 from reference.converters.source import Source
 from reference.errors import InputError
 from reference.families.family import Family
-from reference.families.registry import FAMILIES, family_named
-from reference.families.spec import BIAS_KEYS, FEATURES, ModelSpec, canonical_shapes
-from reference.families.verdict import blocking
+from reference.families.spec import ModelSpec, canonical_shapes
 
 # Unpickled without running arbitrary code: tensors, plain values and the args Namespace.
 SAFE = [Namespace, SimpleNamespace]
@@ -137,23 +134,6 @@ def _routing_dtype(spec: ModelSpec, family: Family) -> ModelSpec:
     # without groups the group score computes nothing: the family's (DeepSeek-V3's "top2")
     score = held.group_score if spec.moe.groups == 1 else spec.moe.group_score
     return spec.replace(moe=replace(spec.moe, fp32_weights=held.fp32_weights, group_score=score))
-
-
-def _family(root: Path, spec: ModelSpec) -> tuple[Family, dict[str, Any]]:
-    """The family the checkpoint records; else the first whose features are exactly the spec's,
-    or else the first that holds them up to biases."""
-    record = root / FAMILY_FILE
-    if record.is_file():
-        try:
-            data = json.loads(record.read_text())
-            return family_named(data["model_type"]), dict(data.get("config") or {})
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise InputError(f"{record}: corrupt (want model_type and config)") from None
-    rows = [f for f in FAMILIES.values() if f.keys is not None]
-    exact = [f for f in rows if all(getattr(f.express(spec), x) == getattr(spec, x) for x in FEATURES)]
-    # --add-bias-linear gives every linear a bias; the conversion drops those that are zero.
-    holds = [f for f in rows if set(blocking(spec, f.express(spec))) <= set(BIAS_KEYS)]
-    return (exact or holds or [FAMILIES["llama"]])[0], {}
 
 
 def _check_rank_dirs(ck: Checkpoint) -> None:
@@ -277,16 +257,21 @@ def _lazy_tensors(ck: Checkpoint) -> tuple[dict[str, Lazy], dict[str, str]]:
     return tensors, homes
 
 
-def read_megatron(path: Path) -> Source:
-    """A Megatron-LM checkpoint directory as a Source: recorded family, spec from the args,
-    canonical tensors merged over TP (vocabulary trimmed) when pulled. A `torch_dist`
-    checkpoint is read by `dist.read_dist`."""
-    from reference.converters.megatron.dist import is_dist_checkpoint, read_dist
+def read_megatron(path: Path, family: str | None = None, *, any_fit: bool = False) -> Source:
+    """A Megatron-LM checkpoint directory as a Source: family as `family.megatron_family` says
+    (`family` is --family; `any_fit` takes the first that fits), spec from the args, canonical
+    tensors merged over TP (vocabulary trimmed) when pulled. A `torch_dist` checkpoint is read
+    by `dist.read_dist`."""
+    from reference.converters.megatron.dist import is_dist_checkpoint, rank_dirs, read_dist
 
     if is_dist_checkpoint(Path(path)):
-        return read_dist(Path(path))
+        return read_dist(Path(path), family, any_fit=any_fit)
+    if not (Path(path) / S.TRACKER).is_file() and rank_dirs(Path(path)):
+        raise InputError(f"{path}: an iteration directory of a torch-format checkpoint (it holds "
+                         f"{rank_dirs(Path(path))[0].name}); give the checkpoint root, whose {S.TRACKER} "
+                         "names the iteration")
     ck = _open(Path(path))
-    family, extra = _family(ck.root, ck.spec)
+    family, extra = megatron_family(ck.root, ck.spec, family, str(ck.file(0, 0)), any_fit)
     _check_rank_dirs(ck)
     for tp_rank, pp_rank, ep_rank in ck.ranks():
         _check_file(ck, tp_rank, pp_rank, ep_rank)
