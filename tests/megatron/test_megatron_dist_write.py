@@ -106,23 +106,11 @@ def loaded(written, tmp_path_factory) -> dict[str, dict[str, Any]]:
     """Per case: errors from any rank, whether a last stage compared the logits."""
     import megatron.core.models.gpt  # noqa: F401  (imported once, before the ranks fork)
     from mcore_dist_ranks import load_dist_group
+    from mcore_ranks import run_cases
 
-    work = tmp_path_factory.mktemp("ranks")
     records = [{**asdict(c), "id": c.id, "dist": str(written / c.id), "ref": str(written / f"{c.id}.ref.pt")}
                for c in CASES]
-    (work / "cases.json").write_text(json.dumps(records))
-    merged: dict[str, dict[str, Any]] = {c.id: {"errors": [], "compared": False, "max_diff": None}
-                                         for c in CASES}
-    for world in sorted({c.tp * c.pp for c in CASES}):
-        out = work / f"world{world}"
-        out.mkdir()
-        spawn(load_dist_group, world, str(work / "cases.json"), str(out), timeout_s=240, method="fork")
-        for rank in range(world):
-            for cid, r in json.loads((out / f"rank{rank}.json").read_text()).items():
-                merged[cid]["errors"] += [f"rank {rank}: {r['error']}"] if r["error"] else []
-                merged[cid]["compared"] |= r["compared"]
-                merged[cid]["max_diff"] = r.get("max_diff", merged[cid]["max_diff"])
-    return merged
+    return run_cases(records, tmp_path_factory.mktemp("ranks"), load_dist_group)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
