@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mcore_cpu import side_steps
-from mcore_ranks import TIMEOUT_S
+from mcore_ranks import TIMEOUT_S, world_of
 from procs import join_gloo
 
 from reference.verify.mcore_model import build, forward
@@ -33,8 +33,11 @@ def _load(case: dict[str, Any]) -> Any:
     saved = common["args"]
     assert (common["checkpoint_version"], common["iteration"], saved.ckpt_format) == (3.0, 1, "torch_dist")
     # The loading job's own layout; every other argument is the checkpoint's.
+    # (a mixture's experts too: EP as the case says, their TP equal to TP)
+    experts = {"expert_model_parallel_size": case.get("ep", 1), "expert_tensor_parallel_size": case["tp"]}
     args = Namespace(**{**vars(saved), "tensor_model_parallel_size": case["tp"],
                         "pipeline_model_parallel_size": case["pp"],
+                        **(experts if getattr(saved, "num_experts", None) else {}),
                         "virtual_pipeline_model_parallel_size": None, "pipeline_model_parallel_layout": None})
     model = build(args, None)
     metadata = dist_checkpointing.load_content_metadata(preloaded_state_dict=common)
@@ -54,7 +57,8 @@ def _case(case: dict[str, Any]) -> dict[str, Any]:
     from megatron.core import parallel_state as ps
 
     ps.initialize_model_parallel(tensor_model_parallel_size=case["tp"],
-                                 pipeline_model_parallel_size=case["pp"])
+                                 pipeline_model_parallel_size=case["pp"],
+                                 expert_model_parallel_size=case.get("ep", 1))
     result: dict[str, Any] = {"error": None, "compared": False}
     model = None
     try:
@@ -89,7 +93,7 @@ def load_dist_group(rank: int, world: int, port: int, cases_file: str, out_dir: 
 
     join_gloo(rank, world, port, TIMEOUT_S)
     side_steps()
-    cases = [c for c in json.loads(Path(cases_file).read_text()) if c["tp"] * c["pp"] == world]
+    cases = [c for c in json.loads(Path(cases_file).read_text()) if world_of(c) == world]
     results = {c["id"]: _case(c) for c in cases}
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(results))
     dist.barrier()  # rank 0 hosts the store: nobody leaves before everyone has written

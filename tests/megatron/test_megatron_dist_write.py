@@ -106,23 +106,11 @@ def loaded(written, tmp_path_factory) -> dict[str, dict[str, Any]]:
     """Per case: errors from any rank, whether a last stage compared the logits."""
     import megatron.core.models.gpt  # noqa: F401  (imported once, before the ranks fork)
     from mcore_dist_ranks import load_dist_group
+    from mcore_ranks import run_cases
 
-    work = tmp_path_factory.mktemp("ranks")
     records = [{**asdict(c), "id": c.id, "dist": str(written / c.id), "ref": str(written / f"{c.id}.ref.pt")}
                for c in CASES]
-    (work / "cases.json").write_text(json.dumps(records))
-    merged: dict[str, dict[str, Any]] = {c.id: {"errors": [], "compared": False, "max_diff": None}
-                                         for c in CASES}
-    for world in sorted({c.tp * c.pp for c in CASES}):
-        out = work / f"world{world}"
-        out.mkdir()
-        spawn(load_dist_group, world, str(work / "cases.json"), str(out), timeout_s=240, method="fork")
-        for rank in range(world):
-            for cid, r in json.loads((out / f"rank{rank}.json").read_text()).items():
-                merged[cid]["errors"] += [f"rank {rank}: {r['error']}"] if r["error"] else []
-                merged[cid]["compared"] |= r["compared"]
-                merged[cid]["max_diff"] = r.get("max_diff", merged[cid]["max_diff"])
-    return merged
+    return run_cases(records, tmp_path_factory.mktemp("ranks"), load_dist_group)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
@@ -312,3 +300,32 @@ def test_reads_back_from_a_copy_without_the_family_record(written, tmp_path) -> 
     (tmp_path / "dist" / "hf_source.json").unlink()
     assert cli(tmp_path / "dist", tmp_path / "back", "--to", "hf", "--family", case.family) == 0
     assert_bitwise(read_tensors(written / f"hf-{case.id}"), read_tensors(tmp_path / "back"))
+
+
+@pytest.mark.parametrize("shape", ["g4x2", "g2x8"])
+def test_fused_boxes_are_cut_from_the_parts_as_from_the_whole_tensor(shape) -> None:
+    """Each TP box of linear_qkv and linear_fc1, copied out of the canonical parts without
+    building the fused tensor, equals the same rows of the whole fused tensor, at every TP the
+    query groups allow (1, 2 and, with 4 groups, 4)."""
+    from reference.converters.megatron import stage as S
+    from reference.converters.megatron.keys import KeyTable
+    from reference.families.registry import FAMILIES
+
+    spec = FAMILIES["llama"].read(tiny_model("llama", **SHAPES[shape]).config.to_dict(), "llama")
+    d, h = spec.head_dim, spec.hidden_size
+    rows = {"q": spec.num_heads * d, "k": spec.num_kv_heads * d, "v": spec.num_kv_heads * d,
+            "gate": spec.intermediate_size, "up": spec.intermediate_size}
+    fused = [s for s in S.slots(spec, KeyTable("local"), S.Stage(0, 0, 1, True, True))
+             if isinstance(s.rule.split, W.Fused) and s.key.endswith(".weight")]
+    assert {s.key.split(".")[-2] for s in fused} == {"linear_qkv", "linear_fc1"}
+    for slot in fused:
+        parts = [torch.randn(rows[n.split(".")[-2]], h) for n in slot.sources]
+        whole = S.shard(slot.rule.split, parts, spec, 1, 0, 0)
+        labels, _ = W._labels([p.shape[0] for p in parts])
+        order = S.shard(slot.rule.split, labels, spec, 1, 0, 0)
+        for tp in (t for t in (1, 2, 4) if spec.num_kv_heads % t == 0):
+            boxes = W.tp_boxes(slot.rule.split, [p.shape[0] for p in parts], whole.shape, spec, tp)
+            assert sum(sizes[0] for _, sizes in boxes) == whole.shape[0]
+            for (start, _), (n, _) in boxes:
+                box = W.fused_rows(parts, order, start, n)
+                assert torch.equal(box, whole[start:start + n]), (slot.key, tp)

@@ -216,8 +216,8 @@ def test_bad_expert_layouts_fail_in_one_line(tmp_path, capsys) -> None:
     _fails(capsys, [str(dense), str(out), "--to", "megatron", "--ep", "2"], "--ep 2", "no experts")
     _fails(capsys, [str(moe), str(out), "--to", "megatron", "--tp", "2", "--etp", "1"], "--etp 1")
     _fails(capsys, [str(moe), str(out), "--to", "qwen3_moe", "--ep", "2"], "--ep", "--to megatron")
-    _fails(capsys, [str(moe), str(out), "--to", "megatron", "--ckpt-format", "torch_dist"],
-           "--ckpt-format torch_dist", "torch format only")
+    _fails(capsys, [str(moe), str(out), "--to", "megatron", "--layer-spec", "te"], "--layer-spec te",
+           "local spec only")
     # a router of 3 experts in a checkpoint whose config.json says 4
     bad = tmp_path / "bad"
     tiny_model("qwen3_moe").save_pretrained(bad)

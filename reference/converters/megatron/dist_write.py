@@ -9,12 +9,19 @@ local spec's norms under their TransformerEngine names. Each of its ranks saves 
 layer's slice of each TP piece), so `.metadata` is what megatron-core's own save writes, and
 hand them to torch.distributed.checkpoint's FileSystemWriter through a planner that cuts each
 box only when the writer asks for it: one Megatron tensor of one layer is in memory at a time.
+
+A mixture's routed experts (the local spec's SequentialMLP) get a global expert axis after the
+layer axis (`decoder.layers.mlp.experts.experts.linear_fc1.weight` is `[L, E, ...]`), so any EP
+can load them; shared experts are cut like the dense MLP, the router is replicated. When not
+every layer is a mixture (`moe_layer_freq` a list), megatron-core does not stack the layers: each
+has keys of its own (`decoder.layers.<global layer>.`), without the layer axis.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,13 +39,13 @@ from reference.converters.megatron import cut
 from reference.converters.megatron import stage as S
 from reference.converters.megatron.args import build_args, check_heads
 from reference.converters.megatron.dist import BACKEND, COMMON
-from reference.converters.megatron.keys import EXTRA_SUFFIX, TE_RENAMES, KeyTable, extra_states
+from reference.converters.megatron.keys import TE_RENAMES, KeyTable
 from reference.converters.megatron.layout import MegatronLayout, check_layout
 from reference.converters.megatron.write import FAMILY_FILE
 from reference.converters.plan import Lazy
 from reference.converters.safetensors_io import Progress
 from reference.errors import InputError
-from reference.families.keymap import Fused
+from reference.families.keymap import GATE_UP, Fused
 from reference.families.spec import ModelSpec, canonical_names
 
 # What Megatron-LM's `_build_sharded_state_dict_metadata` records (megatron-core >= 0.14) and
@@ -51,22 +58,39 @@ BACKEND_RECORD = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
 Box = tuple[tuple[int, ...], tuple[int, ...]]  # (offsets, sizes)
 
 
-def dist_key(template: str) -> str:
+def stacked(spec: ModelSpec) -> bool:
+    """Whether megatron-core stacks the decoder layers into one key per parameter: unless some
+    layers are mixtures and others dense (Megatron-LM's `moe_layer_freq` a list), when
+    TransformerBlock.sharded_state_dict keys each layer on its own (`non_homogeneous_layers`)."""
+    return spec.moe is None or all(spec.moe.on(i) for i in range(spec.num_layers))
+
+
+def dist_key(template: str, layer: int | None = None) -> str:
     """A Megatron rule's key in the checkpoint: TE names for the norms, layers stacked
     (`decoder.layers.{}.input_layernorm.weight` ->
-    `decoder.layers.self_attention.linear_qkv.layer_norm_weight`)."""
-    return TE_RENAMES.get(template, template).replace("{}.", "")
+    `decoder.layers.self_attention.linear_qkv.layer_norm_weight`) or, given `layer`, that
+    layer's own key; routed experts' `local_experts.{}.` is SequentialMLP's `experts.` axis."""
+    key = TE_RENAMES.get(template, template).replace("local_experts.{}.", "experts.")
+    return key.replace("{}.", "" if layer is None else f"{layer}.")
 
 
-def _runs(positions: Sequence[int]) -> list[tuple[int, int]]:
-    """(start, length) of each run of consecutive positions."""
-    out: list[tuple[int, int]] = []
-    for p in positions:
-        if out and out[-1][0] + out[-1][1] == p:
-            out[-1] = (out[-1][0], out[-1][1] + 1)
-        else:
-            out.append((p, 1))
-    return out
+def _runs(values: torch.Tensor, breaks: torch.Tensor | None = None) -> list[tuple[int, int]]:
+    """(index, length) of each run of consecutive integers in `values` (1-D), also broken
+    where `breaks[i]` says a new run starts at i + 1; vectorised: a fused tensor has 10^4 rows."""
+    if len(values) == 0:
+        return []
+    cut = values[1:] != values[:-1] + 1
+    if breaks is not None:
+        cut |= breaks
+    starts = [0, *(torch.nonzero(cut).flatten() + 1).tolist(), len(values)]
+    return [(a, b - a) for a, b in zip(starts[:-1], starts[1:], strict=True)]
+
+
+def _labels(rows: Sequence[int]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Row labels of each part (their rows in cat(parts)) and the part of every label."""
+    starts = [sum(rows[:i]) for i in range(len(rows))]
+    labels = [torch.arange(s, s + n) for s, n in zip(starts, rows, strict=True)]
+    return labels, torch.cat([torch.full((n,), i) for i, n in enumerate(rows)])
 
 
 def tp_boxes(split: str | Fused, rows: Sequence[int], shape: Sequence[int], spec: ModelSpec,
@@ -86,26 +110,69 @@ def tp_boxes(split: str | Fused, rows: Sequence[int], shape: Sequence[int], spec
         return [((0, r * per, *(0,) * (len(shape) - 2)), (shape[0], per, *shape[2:])) for r in range(tp)]
     if not isinstance(split, Fused):
         raise InputError(f"unknown Megatron split {split!r}")
-    starts = [sum(rows[:i]) for i in range(len(rows))]
-    labels = [torch.arange(s, s + n) for s, n in zip(starts, rows, strict=True)]
-    where = {int(label): i for i, label in enumerate(S.shard(split, labels, spec, 1, 0, 0))}
+    labels, part = _labels(rows)
+    order = S.shard(split, labels, spec, 1, 0, 0)
+    where = torch.empty_like(order)
+    where[order] = torch.arange(len(order))  # label -> its row in the global tensor
     boxes = []
     for r in range(tp):
         piece = S.shard(split, labels, spec, tp, r, 0)
-        for start, n in _runs([where[int(label)] for label in piece]):
-            boxes.append(((start, *(0,) * len(rest)), (n, *rest)))
+        # megatron-core's swiglu factory declares gate and up apart, even where they touch (TP 1);
+        # linear_qkv's rank piece is one box.
+        apart = part[piece[1:]] != part[piece[:-1]] if split.blocks is GATE_UP else None
+        at = where[piece]
+        boxes += [((int(at[i]), *(0,) * len(rest)), (n, *rest)) for i, n in _runs(at, apart)]
     return boxes
+
+
+def _owns_storage(x: torch.Tensor) -> bool:
+    """Whether `x` is all of its storage, in order (what torch.save writes is then `x` alone)."""
+    return x.is_contiguous() and x.storage_offset() == 0 and x.untyped_storage().nbytes() == x.nbytes
+
+
+def fused_rows(parts: Sequence[torch.Tensor], order: torch.Tensor, start: int, n: int) -> torch.Tensor:
+    """Rows [start, start + n) of the fused tensor whose row i is row `order[i]` of cat(parts),
+    copied once from the parts (the whole fused tensor is never built)."""
+    rows = [p.shape[0] for p in parts]
+    _, part = _labels(rows)
+    want = order[start:start + n]
+    pieces = []
+    for i, m in _runs(want, part[want[1:]] != part[want[:-1]]):
+        k = int(part[want[i]])
+        row = int(want[i]) - sum(rows[:k])
+        pieces.append(parts[k][row:row + m])
+    return torch.cat(pieces)
 
 
 @dataclass(frozen=True)
 class Tensor:
-    """One Megatron tensor of the checkpoint: its key, layer (stacked) or None, the canonical
-    tensors it is cut from and its global shape without the layer axis."""
+    """One Megatron tensor of the checkpoint: its key, its index on the stacked axes (layer when
+    layers are stacked, then expert for a routed expert's), the sizes of those axes, the canonical
+    tensors it is cut from and its shape without those axes."""
 
     key: str
-    layer: int | None
+    index: tuple[int, ...]
+    axes: tuple[int, ...]
     slot: S.Slot
     shape: tuple[int, ...]
+
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+_EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
+
+
+def _place(spec: ModelSpec, legacy: str) -> tuple[int | None, tuple[int, ...], tuple[int, ...]]:
+    """(layer in the key or None, index on the stacked axes, their sizes) of a legacy key."""
+    layer = _LAYER.match(legacy)
+    expert = _EXPERT.search(legacy)
+    index: tuple[int, ...] = ()
+    axes: tuple[int, ...] = ()
+    if layer is not None and stacked(spec):
+        index, axes = (int(layer.group(1)),), (spec.num_layers,)
+    if expert is not None:
+        index, axes = (*index, int(expert.group(1))), (*axes, spec.num_experts)
+    keyed = int(layer.group(1)) if layer is not None and not stacked(spec) else None
+    return keyed, index, axes
 
 
 def plan_tensors(spec: ModelSpec, metas: Mapping[str, torch.Tensor], padded: int) -> list[Tensor]:
@@ -114,19 +181,30 @@ def plan_tensors(spec: ModelSpec, metas: Mapping[str, torch.Tensor], padded: int
     whole = S.Stage(0, 0, spec.num_layers, True, True)
     out = []
     for slot in S.slots(spec, KeyTable("local"), whole):
-        layer = int(slot.key.split(".")[2]) if "{}" in slot.rule.key else None
-        shape = S.shard(slot.rule.split, [metas[n] for n in slot.sources], spec, 1, 0, padded).shape
-        out.append(Tensor(dist_key(slot.rule.key), layer, slot, tuple(shape)))
+        keyed, index, axes = _place(spec, slot.key)
+        parts = [metas[n] for n in slot.sources]
+        shape = S.shard(slot.rule.split, parts, S.width_spec(spec, slot.rule), 1, 0, padded).shape
+        out.append(Tensor(dist_key(slot.rule.key, keyed), index, axes, slot, tuple(shape)))
     return out
 
 
 def extra_objects(spec: ModelSpec) -> list[str]:
-    """megatron-core's ShardedObject keys for the local linears' `_extra_state` (None): one
-    per layer, `<module>._extra_state/shard_<layer>_<layers>` (output_layer's is dropped by GPTModel)."""
+    """megatron-core's ShardedObject keys for the local linears' `_extra_state` (None):
+    `<module>._extra_state/shard_<index>_<axes>`, the stacked axes' index and sizes joined by
+    dots (`shard_<layer>_<layers>`, `shard_<layer>.<expert>_<layers>.<experts>`; `shard_0_1` for a
+    layer of its own). output_layer's is dropped by GPTModel."""
+    whole = S.Stage(0, 0, spec.num_layers, True, True)
+    legacy = {**S.extra_keys(spec, "local", whole),
+              **S.expert_extra_keys(S.slots(spec, KeyTable("local"), whole))}
     out = []
-    for module in (m for m in extra_states("local", spec.qk_norm) if "{}" in m):
-        key = module.replace("{}.", "") + EXTRA_SUFFIX
-        out += [f"{key}/shard_{i}_{spec.num_layers}" for i in range(spec.num_layers)]
+    for key in legacy:
+        if not key.startswith("decoder.layers."):
+            continue
+        keyed, index, axes = _place(spec, key)
+        module = _EXPERT.sub(".experts.", key)
+        module = _LAYER.sub("decoder.layers." + ("" if keyed is None else f"{keyed}."), module)
+        index, axes = index or (0,), axes or (1,)
+        out.append(f"{module}/shard_{'.'.join(map(str, index))}_{'.'.join(map(str, axes))}")
     return out
 
 
@@ -189,52 +267,62 @@ def write_dist(
     if used != set(expected):
         raise InputError(f"megatron: canonical tensor '{sorted(set(expected) - used)[0]}' has no place")
 
-    props = TensorProperties(dtype=dtype)
     items: list[WriteItem] = []
     home: dict[tuple[str, tuple[int, ...]], tuple[Tensor, Box]] = {}
     for t in plan:
+        rule = t.slot.rule
+        props = TensorProperties(dtype=S.piece_dtype(rule, dtype))
         rows = [metas[n].shape[0] for n in t.slot.sources]
-        size = torch.Size(t.shape if t.layer is None else (spec.num_layers, *t.shape))
-        for offsets, sizes in tp_boxes(t.slot.rule.split, rows, t.shape, spec, layout.tp):
-            if t.layer is not None:
-                offsets, sizes = (t.layer, *offsets), (1, *sizes)
+        size = torch.Size((*t.axes, *t.shape))
+        for offsets, sizes in tp_boxes(rule.split, rows, t.shape, S.width_spec(spec, rule),
+                                       S.rule_tp(rule, layout.tp, layout.expert_tp)):
+            offsets, sizes = (*t.index, *offsets), (*(1,) * len(t.index), *sizes)
             chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))
             items.append(WriteItem(index=MetadataIndex(t.key, torch.Size(offsets)), type=WriteItemType.SHARD,
                                    tensor_data=TensorWriteData(chunk=chunk, properties=props, size=size)))
             home[(t.key, tuple(offsets))] = (t, (tuple(offsets), tuple(sizes)))
     objects = extra_objects(spec)
     items += [WriteItem(index=MetadataIndex(key), type=WriteItemType.BYTE_IO) for key in objects]
-    boxes = [i.tensor_data.chunk.sizes for i in items if i.tensor_data is not None]
-    total = sum(torch.Size(sizes).numel() for sizes in boxes) * dtype.itemsize
+    total = sum(i.tensor_data.chunk.sizes.numel() * i.tensor_data.properties.dtype.itemsize
+                for i in items if i.tensor_data is not None)
 
-    # (Tensor, its global layer slice): a fused tensor is cut once for all its boxes. A vocabulary
-    # tensor is kept unpadded: each box is cut and padded on its own.
-    last: list[Any] = [None, None]
+    # (Tensor, its canonical parts, their fused row order): a tensor's parts are read once for
+    # all its boxes; each box is copied once out of them (a vocabulary box padded on its own).
+    last: list[Any] = [None, None, None]
     written = [0]
 
     def resolve(item: WriteItem) -> torch.Tensor | io.BytesIO:
         if item.type == WriteItemType.BYTE_IO:
             return _none_bytes()
         t, (offsets, sizes) = home[(item.index.fqn, tuple(item.index.offset))]
-        vocab = t.slot.rule.split == "vocab"
+        split = t.slot.rule.split
         if last[0] is not t:
-            last[:] = [None, None]  # release the previous tensor before cutting the next
+            last[:] = [None, None, None]  # release the previous tensor before reading the next
             parts = [tensors[n].load() for n in t.slot.sources]
-            last[:] = [t, parts[0] if vocab else S.shard(t.slot.rule.split, parts, spec, 1, 0, padded)]
+            order = None
+            if isinstance(split, Fused):
+                labels, _ = _labels([p.shape[0] for p in parts])
+                order = S.shard(split, labels, S.width_spec(spec, t.slot.rule), 1, 0, padded)
+            last[:] = [t, parts, order]
             del parts
-        if t.layer is not None:
-            offsets, sizes = offsets[1:], sizes[1:]
-        box = last[1]
-        if vocab:  # rows [offset, offset + size) of the padded rows: a rank's rows at tp = padded / size
-            box = cut.vocab_rank(box, padded, padded // sizes[0], offsets[0] // sizes[0])
+        offsets, sizes = offsets[len(t.index):], sizes[len(t.index):]
+        parts, order = last[1], last[2]
+        if split == "vocab":  # padded rows [offset, offset + size): a rank's rows at tp = padded / size
+            box = cut.vocab_rank(parts[0], padded, padded // sizes[0], offsets[0] // sizes[0])
+        elif isinstance(split, Fused):
+            box = fused_rows(parts, order, offsets[0], sizes[0])
         else:
+            box = parts[0]
             for dim, (o, n) in enumerate(zip(offsets, sizes, strict=True)):
                 box = box.narrow(dim, o, n)
-        box = box.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
+        # Copied only where it is a view: DCP's torch.save writes a tensor's whole storage. A box
+        # cut by cat, or a whole source tensor (a norm, linear_proj at TP 1), is written as it is.
+        box = box.to(dtype=S.piece_dtype(t.slot.rule, dtype), memory_format=torch.contiguous_format,
+                     copy=not _owns_storage(box))
         written[0] += box.nbytes
         if progress is not None:
             progress(written[0], total)
-        return box.unsqueeze(0) if t.layer is not None else box
+        return box.view(*(1,) * len(t.index), *box.shape)
 
     where = out / S.iteration_dir(str(S.ITERATION))
     where.mkdir(parents=True)
@@ -249,7 +337,7 @@ def write_dist(
             dcp_save({}, storage_writer=writer, planner=_LazyPlanner(items, resolve), no_dist=True)
     except CheckpointException as e:  # DCP wraps (as a BaseException) what failed: the source's own error
         raise next(iter(e.failures.values()))[0] from None
-    last[:] = [None, None]
+    last[:] = [None, None, None]
     (where / BACKEND).write_text(json.dumps(BACKEND_RECORD))
     (out / S.TRACKER).write_text(f"{S.ITERATION}\n")
     recorded = dict(extra)
