@@ -210,6 +210,30 @@ def test_streaming_holds_one_tensor_and_one_rank(models, tmp_path, monkeypatch) 
     assert len(saved) == 4 and most[0] == 3
 
 
+
+def test_source_truncated_while_writing(models, tmp_path) -> None:
+    """The writer maps source tensors rather than reading them: a source file that shrinks
+    under it is still one line naming the file, and DST does not appear."""
+    import os
+
+    from reference.converters import convert as convert_api
+    from reference.errors import InputError
+
+    src = tmp_path / "src"
+    shutil.copytree(models["llama"], src)
+    shard = src / "model.safetensors"
+
+    def shrink(done: int, total: int) -> None:  # after the first tensor is cut
+        if shard.stat().st_size > 1024:
+            os.truncate(shard, 1024)
+
+    from reference.converters.megatron import MegatronLayout
+
+    with pytest.raises(InputError, match=f"{shard}: truncated while reading a tensor"):
+        convert_api(src, tmp_path / "mg", to="megatron", layout=MegatronLayout(tp=2, pp=2), progress=shrink)
+    assert not (tmp_path / "mg").exists()
+
+
 # --- errors: one line naming the field or file, exit 2, nothing written ---------------------
 
 

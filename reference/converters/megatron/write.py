@@ -42,7 +42,12 @@ def _read(lazy: Lazy) -> torch.Tensor:
     memory of their own first: every piece is copied out of it anyway (`_owned`), and reading
     each source tensor once per TP rank into fresh memory was a third of the writer's time.
     The map closes when the last view of it goes."""
-    return lazy.load() if lazy.entry is None else Mapped().tensor(lazy.entry)
+    if lazy.entry is None:
+        return lazy.load()
+    try:
+        return Mapped().tensor(lazy.entry)
+    except ValueError:  # the file shrank since its header was read: shorter than the map wants
+        raise InputError(f"{lazy.entry.path}: truncated while reading a tensor") from None
 
 
 def _save(state: dict[str, Any], path: Path) -> None:
