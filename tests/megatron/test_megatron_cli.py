@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import zipfile
 from argparse import Namespace
 from pathlib import Path
 
@@ -57,6 +58,9 @@ def test_layout_and_args_on_disk(models, tmp_path) -> None:
     assert sorted(p.name for p in (mg / ITER).iterdir()) == [
         "mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000", "mp_rank_01_001"]
     assert json.loads((mg / "hf_source.json").read_text())["model_type"] == "qwen2"
+    for path in sorted(mg.glob("iter_*/mp_rank_*/*.pt")):  # valid zips, CRCs included (unzip -t)
+        with zipfile.ZipFile(path) as z:
+            assert z.testzip() is None, f"{path}: bad CRC in the zip"
     first = torch.load(rank_file(mg, 0, 0), weights_only=False)
     last = torch.load(rank_file(mg, 1, 1), weights_only=False)
     assert sorted(first) == ["args", "checkpoint_version", "iteration", "model"]
@@ -236,6 +240,30 @@ def test_streaming_holds_one_tensor_and_one_rank(models, tmp_path, monkeypatch) 
     monkeypatch.setattr(write.torch, "save", save)
     convert(models["llama"], tmp_path / "mg", "--to", "megatron", "--tp", "2", "--pp", "2")
     assert len(saved) == 4 and most[0] == 3
+
+
+
+def test_source_truncated_while_writing(models, tmp_path) -> None:
+    """The writer maps source tensors rather than reading them: a source file that shrinks
+    under it is still one line naming the file, and DST does not appear."""
+    import os
+
+    from reference.converters import convert as convert_api
+    from reference.errors import InputError
+
+    src = tmp_path / "src"
+    shutil.copytree(models["llama"], src)
+    shard = src / "model.safetensors"
+
+    def shrink(done: int, total: int) -> None:  # after the first tensor is cut
+        if shard.stat().st_size > 1024:
+            os.truncate(shard, 1024)
+
+    from reference.converters.megatron import MegatronLayout
+
+    with pytest.raises(InputError, match=f"{shard}: truncated while reading a tensor"):
+        convert_api(src, tmp_path / "mg", to="megatron", layout=MegatronLayout(tp=2, pp=2), progress=shrink)
+    assert not (tmp_path / "mg").exists()
 
 
 # --- errors: one line naming the field or file, exit 2, nothing written ---------------------

@@ -139,3 +139,25 @@ def test_back_to_hf_is_bitwise(case: Case, converted, tmp_path) -> None:
     config = json.loads((tmp_path / "back" / "config.json").read_text())
     assert config == json.loads((root / f"hf-{case.id}" / "config.json").read_text())  # every field
     assert_bitwise(read_tensors(root / f"hf-{case.id}"), read_tensors(tmp_path / "back"))
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_rank_files_hold_each_tensor_alone(case: Case, converted) -> None:
+    """torch.save writes a tensor's whole storage: every piece must own exactly its bytes (the
+    writer keeps pieces it cut afresh and copies views of the source), or a rank file would
+    carry a whole source tensor, or a whole source file, per piece."""
+    files = sorted((converted / case.id).rglob("model_optim_rng.pt"))
+    assert len(files) == case.layout().tp * case.layout().pp
+    for path in files:
+        state = torch.load(path, map_location="cpu", weights_only=False)  # a plain, unmapped load
+        seen: set[int] = set()
+        for name, model in state.items():
+            if not name.startswith("model"):
+                continue
+            for key, t in model.items():
+                if not isinstance(t, torch.Tensor):
+                    continue
+                store = t.untyped_storage()
+                assert (t.storage_offset(), store.nbytes()) == (0, t.nbytes), f"{path}: {key}"
+                assert store.data_ptr() not in seen or t.nbytes == 0, f"{path}: {key} shares storage"
+                seen.add(store.data_ptr())

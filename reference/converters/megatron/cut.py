@@ -12,6 +12,14 @@ from reference.families.keymap import Fused
 from reference.families.spec import ModelSpec
 
 
+def _cat(pieces: Sequence[torch.Tensor]) -> torch.Tensor:
+    """torch.cat along rows; of data-free stand-ins (shapes planned, checked) only the shape:
+    torch.cat's meta kernel imports torch._dynamo, 0.6 s of every conversion."""
+    if pieces[0].is_meta:
+        return pieces[0].new_empty((sum(p.shape[0] for p in pieces), *pieces[0].shape[1:]))
+    return torch.cat(list(pieces))
+
+
 def cols_rank(x: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
     """Input columns of a row-parallel linear's weight held by `rank`."""
     return x.chunk(tp, dim=1)[rank]
@@ -23,7 +31,7 @@ def vocab_rank(x: torch.Tensor, padded: int, tp: int, rank: int) -> torch.Tensor
     lo, hi = rank * per, (rank + 1) * per
     real = x[lo:min(hi, x.shape[0])]
     pad = x.new_zeros((hi - lo - real.shape[0], *x.shape[1:]))
-    return torch.cat([real, pad])
+    return _cat([real, pad])
 
 
 def merge_vocab(shards: Sequence[torch.Tensor], vocab_size: int) -> torch.Tensor:
@@ -42,7 +50,16 @@ def fused_rank(fused: Fused, parts: Sequence[torch.Tensor], spec: ModelSpec, tp:
     """Rank's rows of a column-parallel fused tensor: its row chunk of every part, laid out as
     the fused tensor of the rank's share of the model (`tp_share`). Megatron's `linear_qkv`
     thus holds whole query groups, and `linear_fc1` cat(gate_r, up_r), which SwiGLU chunks in two."""
-    return fused.merge([p.chunk(tp)[rank] for p in parts], tp_share(spec, tp))
+    chunks = [p.chunk(tp)[rank] for p in parts]
+    share = tp_share(spec, tp)
+    if not chunks[0].is_meta:
+        return fused.merge(chunks, share)
+    taken = [0] * len(chunks)  # the blocks `Fused.merge` concatenates, without its torch.cat
+    blocks = []
+    for part, rows in fused.blocks(share):
+        blocks.append(chunks[part][taken[part]:taken[part] + rows])
+        taken[part] += rows
+    return _cat(blocks)
 
 
 def merge_fused(fused: Fused, shards: Sequence[torch.Tensor], spec: ModelSpec) -> list[torch.Tensor]:
