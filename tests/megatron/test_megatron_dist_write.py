@@ -61,6 +61,7 @@ DEFAULT = [
     Case("qwen3", False, "g4x2", (2, 2), 2, 2),  # qk norm; the layout it was written for
     Case("llama", False, "g4x2", (2, 2), 1, 2),  # resharded to PP 2
     Case("llama", True, "g2x8", (1, 2), 2, 1),  # resharded to TP 2
+    Case("mistral", True, "g4x2", (2, 1), 1, 1),  # merged to TP 1
 ]
 WRITES = [(1, 1), (2, 2), (2, 1), (1, 2)]
 LOADS = [(1, 1), (2, 1), (1, 2), (2, 2)]
@@ -68,7 +69,7 @@ LOADS = [(1, 1), (2, 1), (1, 2), (2, 2)]
 
 def _matrix() -> list[Case]:
     out = []
-    for i, family in enumerate(["llama", "qwen2", "qwen3"]):
+    for i, family in enumerate(["llama", "qwen2", "qwen3", "mistral"]):
         for tie in (False, True):
             for j, (tp, pp) in enumerate(LOADS):
                 shape = ("g4x2", "g2x8")[(i + j + tie) % 2]
