@@ -37,16 +37,15 @@ from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, Writ
 
 from reference.converters.megatron import cut
 from reference.converters.megatron import stage as S
-from reference.converters.megatron.args import build_args, check_heads
 from reference.converters.megatron.dist import BACKEND, COMMON
 from reference.converters.megatron.keys import TE_RENAMES, KeyTable
-from reference.converters.megatron.layout import MegatronLayout, check_layout
-from reference.converters.megatron.write import FAMILY_FILE
+from reference.converters.megatron.layout import MegatronLayout
+from reference.converters.megatron.write import check_placed, prepare, record
 from reference.converters.plan import Lazy
 from reference.converters.safetensors_io import Progress
 from reference.errors import InputError
 from reference.families.keymap import GATE_UP, Fused
-from reference.families.spec import ModelSpec, canonical_names
+from reference.families.spec import ModelSpec
 
 # What Megatron-LM's `_build_sharded_state_dict_metadata` records (megatron-core >= 0.14) and
 # passes back to `sharded_state_dict()` on load: these say "stacked layers, fused fc1 as one key".
@@ -246,26 +245,17 @@ def write_dist(
 ) -> tuple[int, int]:
     """Write the checkpoint into `out` (root: tracker, iter_0000001/, hf_source.json); returns
     (tensors, bytes) written. The args record `layout`, which Megatron-LM may load at another."""
-    counts = check_layout(spec, layout)
-    check_heads(spec)
     if layout.layer_spec != "local":
         raise InputError(f"--layer-spec {layout.layer_spec} with --ckpt-format torch_dist: only the local "
                          "spec is written (TransformerEngine's extra state is not checked here); use "
                          "--layer-spec local, or --ckpt-format torch")
-    expected = list(canonical_names(spec))
-    if sorted(expected) != sorted(tensors):
-        odd = sorted(set(expected) ^ set(tensors))
-        raise InputError(f"megatron: canonical tensors do not fit the spec: {odd[:3]}")
     cast = dtype
-    dtype = dtype or tensors["embed.weight"].meta.dtype
-    args = build_args(spec, layout, counts, dtype)
+    _, dtype, args = prepare(tensors, spec, layout, dtype)
     args.ckpt_format = "torch_dist"
     padded = args.padded_vocab_size
     metas = {n: t.meta for n, t in tensors.items()}
     plan = plan_tensors(spec, metas, padded)
-    used = {n for t in plan for n in t.slot.sources}
-    if used != set(expected):
-        raise InputError(f"megatron: canonical tensor '{sorted(set(expected) - used)[0]}' has no place")
+    check_placed(spec, {n for t in plan for n in t.slot.sources})
 
     items: list[WriteItem] = []
     home: dict[tuple[str, tuple[int, ...]], tuple[Tensor, Box]] = {}
@@ -339,9 +329,5 @@ def write_dist(
         raise next(iter(e.failures.values()))[0] from None
     last[:] = [None, None, None]
     (where / BACKEND).write_text(json.dumps(BACKEND_RECORD))
-    (out / S.TRACKER).write_text(f"{S.ITERATION}\n")
-    recorded = dict(extra)
-    if cast is not None:
-        recorded["dtype"] = str(dtype).removeprefix("torch.")
-    (out / FAMILY_FILE).write_text(json.dumps({"model_type": family, "config": recorded}, indent=2) + "\n")
+    record(out, family, extra, dtype if cast is not None else None)
     return len(plan), written[0]

@@ -50,6 +50,36 @@ def _read(lazy: Lazy) -> torch.Tensor:
         raise InputError(f"{lazy.entry.path}: truncated while reading a tensor") from None
 
 
+def prepare(tensors: Mapping[str, Lazy], spec: ModelSpec, layout: MegatronLayout,
+            dtype: torch.dtype | None) -> tuple[tuple[int, ...], torch.dtype, Any]:
+    """What both Megatron writers check and build first: the layout's layers per stage, the
+    dtype written (the embedding's unless cast) and the checkpoint's args."""
+    counts = check_layout(spec, layout)
+    check_heads(spec)
+    expected = sorted(canonical_names(spec))
+    if expected != sorted(tensors):
+        odd = sorted(set(expected) ^ set(tensors))
+        raise InputError(f"megatron: canonical tensors do not fit the spec: {odd[:3]}")
+    dtype = dtype or tensors["embed.weight"].meta.dtype
+    return counts, dtype, build_args(spec, layout, counts, dtype)
+
+
+def check_placed(spec: ModelSpec, used: set[str]) -> None:
+    """Raise unless the key rules gave every canonical tensor a place in the checkpoint."""
+    missing = sorted(set(canonical_names(spec)) - used)
+    if missing:
+        raise InputError(f"megatron: canonical tensor '{missing[0]}' has no place")
+
+
+def record(out: Path, family: str, extra: Mapping[str, Any], cast: torch.dtype | None) -> None:
+    """The tracker file and our record of the HF family (and a cast dtype) beside the iteration."""
+    (out / S.TRACKER).write_text(f"{S.ITERATION}\n")
+    recorded = dict(extra)
+    if cast is not None:
+        recorded["dtype"] = str(cast).removeprefix("torch.")
+    (out / FAMILY_FILE).write_text(json.dumps({"model_type": family, "config": recorded}, indent=2) + "\n")
+
+
 def write_megatron(
     tensors: Mapping[str, Lazy],
     spec: ModelSpec,
@@ -62,15 +92,8 @@ def write_megatron(
 ) -> tuple[int, int]:
     """Write the checkpoint into `out`; returns (tensors, bytes) written. `progress` is told
     (bytes so far, bytes in all) as each tensor is cut into its rank file."""
-    counts = check_layout(spec, layout)
-    check_heads(spec)
-    expected = list(canonical_names(spec))
-    if sorted(expected) != sorted(tensors):
-        odd = sorted(set(expected) ^ set(tensors))
-        raise InputError(f"megatron: canonical tensors do not fit the spec: {odd[:3]}")
     cast = dtype
-    dtype = dtype or tensors["embed.weight"].meta.dtype
-    args = build_args(spec, layout, counts, dtype)
+    counts, dtype, args = prepare(tensors, spec, layout, dtype)
     table = KeyTable(layout.layer_spec)
     # Virtual stage v * pp + p is model{v} of pipeline rank p; expert-parallel rank e holds the
     # experts e * n/ep .. (e + 1) * n/ep - 1 beside a copy of everything else.
@@ -78,10 +101,8 @@ def write_megatron(
     ep = layout.ep
     ranks = [[[(st, S.slots(spec, table, st, e, ep)) for st in every[p::layout.pp]] for e in range(ep)]
              for p in range(layout.pp)]
-    used = {n for eps in ranks for stages in eps for _, slots in stages for slot in slots
-            for n in slot.sources}
-    if used != set(expected):
-        raise InputError(f"megatron: canonical tensor '{sorted(set(expected) - used)[0]}' has no place")
+    check_placed(spec, {n for eps in ranks for stages in eps for _, slots in stages for slot in slots
+                        for n in slot.sources})
 
     def piece(slot: S.Slot, parts: list[Any], tp_rank: int) -> torch.Tensor:
         tp = S.rule_tp(slot.rule, layout.tp, layout.expert_tp)
@@ -119,9 +140,5 @@ def write_megatron(
                 path.parent.mkdir(parents=True, exist_ok=True)
                 torch.save(state, path)
                 del state
-    (out / S.TRACKER).write_text(f"{S.ITERATION}\n")
-    recorded = dict(extra)
-    if cast is not None:
-        recorded["dtype"] = str(dtype).removeprefix("torch.")
-    (out / FAMILY_FILE).write_text(json.dumps({"model_type": family, "config": recorded}, indent=2) + "\n")
+    record(out, family, extra, dtype if cast is not None else None)
     return n_tensors, n_bytes
