@@ -10,15 +10,10 @@ as in mcore_ranks.py and compared with the HF model's.
 
 from __future__ import annotations
 
-import json
 import traceback
 from argparse import Namespace
 from pathlib import Path
 from typing import Any
-
-from mcore_cpu import side_steps
-from mcore_ranks import TIMEOUT_S, world_of
-from procs import join_gloo
 
 from reference.verify.mcore_model import build, forward
 
@@ -51,7 +46,8 @@ def _load(case: dict[str, Any]) -> Any:
     return model
 
 
-def _case(case: dict[str, Any]) -> dict[str, Any]:
+def load_case(case: dict[str, Any]) -> dict[str, Any]:
+    """One case in this rank: our torch_dist loaded by megatron-core, logits compared (run_group)."""
     import torch
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
@@ -85,16 +81,3 @@ def _case(case: dict[str, Any]) -> dict[str, Any]:
                 result["error"] = str(e)
     ps.destroy_model_parallel()
     return result
-
-
-def load_dist_group(rank: int, world: int, port: int, cases_file: str, out_dir: str) -> None:
-    """Entry point of one rank: every case of this world size, results to out_dir/rank{N}.json."""
-    import torch.distributed as dist
-
-    join_gloo(rank, world, port, TIMEOUT_S)
-    side_steps()
-    cases = [c for c in json.loads(Path(cases_file).read_text()) if world_of(c) == world]
-    results = {c["id"]: _case(c) for c in cases}
-    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(results))
-    dist.barrier()  # rank 0 hosts the store: nobody leaves before everyone has written
-    dist.destroy_process_group()

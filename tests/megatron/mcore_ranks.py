@@ -91,14 +91,15 @@ def _case(case: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def run_group(rank: int, world: int, port: int, cases_file: str, out_dir: str) -> None:
-    """Entry point of one rank: every case of this world size, results to out_dir/rank{N}.json."""
+def run_group(rank: int, world: int, port: int, cases_file: str, out_dir: str, case: Any = None) -> None:
+    """Entry point of one rank: every case of this world size run by `case` (default: load the
+    legacy rank files and compare), results to out_dir/rank{N}.json."""
     import torch.distributed as dist
 
     join_gloo(rank, world, port, TIMEOUT_S)
     side_steps()
     cases = [c for c in json.loads(Path(cases_file).read_text()) if world_of(c) == world]
-    results = {c["id"]: _case(c) for c in cases}
+    results = {c["id"]: (case or _case)(c) for c in cases}
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(results))
     dist.barrier()  # rank 0 hosts the store: nobody leaves before everyone has written
     dist.destroy_process_group()
@@ -144,12 +145,11 @@ def save_dist_group(rank: int, world: int, port: int, cases_file: str) -> None:
     dist.destroy_process_group()
 
 
-def run_cases(records: list[dict[str, Any]], work: Path, entry: Any = None) -> dict[str, dict[str, Any]]:
-    """Every case run by `entry` (default run_group) in one process group per world size;
-    per case id: errors from any rank, whether a last stage compared, its max |logits - hf|."""
+def run_cases(records: list[dict[str, Any]], work: Path, case: Any = None) -> dict[str, dict[str, Any]]:
+    """Every case run by `case` (see run_group) in one process group per world size; per case
+    id: errors from any rank, whether a last stage compared, its max |logits - hf|."""
     from procs import spawn
 
-    entry = entry or run_group
     cases_file = work / "cases.json"
     cases_file.write_text(json.dumps(records))
     merged: dict[str, dict[str, Any]] = {r["id"]: {"errors": [], "compared": False, "max_diff": None}
@@ -157,7 +157,7 @@ def run_cases(records: list[dict[str, Any]], work: Path, entry: Any = None) -> d
     for world in sorted({world_of(r) for r in records}):
         out = work / f"world{world}"
         out.mkdir()
-        spawn(entry, world, str(cases_file), str(out), timeout_s=240, method="fork")
+        spawn(run_group, world, str(cases_file), str(out), case, timeout_s=240, method="fork")
         for rank in range(world):
             for cid, r in json.loads((out / f"rank{rank}.json").read_text()).items():
                 merged[cid]["errors"] += [f"rank {rank}: {r['error']}"] if r["error"] else []

@@ -96,12 +96,12 @@ def written(tmp_path_factory) -> Path:
 def loaded(written, tmp_path_factory) -> dict[str, dict[str, Any]]:
     """Per case: errors from any rank, whether a last stage compared the logits."""
     import megatron.core.models.gpt  # noqa: F401  (imported once, before the ranks fork)
-    from mcore_dist_ranks import load_dist_group
+    from mcore_dist_ranks import load_case
     from mcore_ranks import run_cases
 
     records = [{**asdict(c), "id": c.id, "dist": str(written / c.id), "ref": str(written / f"{c.id}.ref.pt")}
                for c in CASES]
-    return run_cases(records, tmp_path_factory.mktemp("ranks"), load_dist_group)
+    return run_cases(records, tmp_path_factory.mktemp("ranks"), load_case)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
