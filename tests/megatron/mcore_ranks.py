@@ -164,3 +164,23 @@ def run_cases(records: list[dict[str, Any]], work: Path, case: Any = None) -> di
                 merged[cid]["compared"] |= r["compared"]
                 merged[cid]["max_diff"] = r.get("max_diff", merged[cid]["max_diff"])
     return merged
+
+
+def assert_compared(result: dict[str, Any]) -> None:
+    """A case of run_cases: no rank failed, and a last stage compared the logits with HF's."""
+    assert not result["errors"], "\n".join(result["errors"])
+    assert result["compared"], "no last-stage rank compared the logits"
+    print(f"max |logits - hf| = {result['max_diff']:.2e}")
+
+
+def assert_back_to_hf_bitwise(megatron: Path, hf: Path, back: Path, family: str) -> None:
+    """Megatron -> HF gives back the HF directory it came from: the family, no folds or caveats,
+    config.json field for field and every tensor bitwise."""
+    from harness import assert_bitwise, read_tensors
+
+    from reference.converters import convert
+
+    report = convert(megatron, back, to="hf")
+    assert report.target == family and not report.folds and not report.caveats
+    assert json.loads((back / "config.json").read_text()) == json.loads((hf / "config.json").read_text())
+    assert_bitwise(read_tensors(hf), read_tensors(back))

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import torch
-from harness import assert_bitwise, read_tensors
+from mcore_ranks import assert_back_to_hf_bitwise, assert_compared
 from procs import spawn
 from test_megatron_dist_write import _boxes
 from test_megatron_moe import DENSE_FIRST, FOUR
@@ -107,9 +107,7 @@ def loaded(written, tmp_path_factory) -> dict[str, dict[str, Any]]:
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_megatron_core_loads_moe_strictly_and_logits_equal_hf(case: Case, loaded) -> None:
     result = loaded[case.id]
-    assert not result["errors"], "\n".join(result["errors"])
-    assert result["compared"], "no last-stage rank compared the logits"
-    print(f"max |logits - hf| = {result['max_diff']:.2e}")
+    assert_compared(result)
 
 
 def test_moe_metadata_is_what_megatron_cores_save_writes(tmp_path) -> None:
@@ -175,8 +173,5 @@ def test_torch_format_moe_to_torch_dist_writes_the_same_bytes_as_from_hf(tmp_pat
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_moe_back_to_hf_is_bitwise(case: Case, written, tmp_path) -> None:
     """HF -> our torch_dist -> HF (the torch_dist reader, dist.py): every tensor and the config."""
-    assert cli(written / case.id, tmp_path / "back", "--to", "hf") == 0
-    hf = written / f"hf-{case.id}"
-    config = json.loads((tmp_path / "back" / "config.json").read_text())
-    assert config == json.loads((hf / "config.json").read_text())
-    assert_bitwise(read_tensors(hf), read_tensors(tmp_path / "back"))
+    hf, back = written / f"hf-{case.id}", tmp_path / "back"
+    assert_back_to_hf_bitwise(written / case.id, hf, back, case.family)

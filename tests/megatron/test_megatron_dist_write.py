@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import torch
 from harness import assert_bitwise, read_tensors
+from mcore_ranks import assert_back_to_hf_bitwise, assert_compared
 from procs import spawn
 from test_megatron_equivalence import SHAPES
 from torch.distributed.checkpoint import FileSystemReader
@@ -117,18 +118,13 @@ def loaded(written, tmp_path_factory) -> dict[str, dict[str, Any]]:
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_megatron_core_loads_it_and_logits_equal_hf(case: Case, loaded) -> None:
     result = loaded[case.id]
-    assert not result["errors"], "\n".join(result["errors"])
-    assert result["compared"], "no last-stage rank compared the logits"
-    print(f"max |logits - hf| = {result['max_diff']:.2e}")
+    assert_compared(result)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_back_to_hf_is_bitwise(case: Case, written, tmp_path) -> None:
-    assert cli(written / case.id, tmp_path / "back", "--to", "hf") == 0
-    hf = written / f"hf-{case.id}"
-    config = json.loads((tmp_path / "back" / "config.json").read_text())
-    assert config == json.loads((hf / "config.json").read_text())
-    assert_bitwise(read_tensors(hf), read_tensors(tmp_path / "back"))
+    hf, back = written / f"hf-{case.id}", tmp_path / "back"
+    assert_back_to_hf_bitwise(written / case.id, hf, back, case.family)
 
 
 def _boxes(where: Path) -> dict[str, Any]:

@@ -10,14 +10,14 @@ per world size runs all its cases.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from harness import MEGATRON_FAMILIES, assert_bitwise, read_tensors
+from harness import MEGATRON_FAMILIES
+from mcore_ranks import assert_back_to_hf_bitwise, assert_compared
 
 from reference.converters import convert
 from reference.converters.megatron import MegatronLayout
@@ -126,19 +126,13 @@ def mcore_results(converted, tmp_path_factory) -> dict[str, dict[str, Any]]:
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_megatron_core_logits_equal_hf(case: Case, mcore_results) -> None:
     result = mcore_results[case.id]
-    assert not result["errors"], "\n".join(result["errors"])
-    assert result["compared"], "no last-stage rank compared the logits"
-    print(f"max |logits - hf| = {result['max_diff']:.2e}")
+    assert_compared(result)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_back_to_hf_is_bitwise(case: Case, converted, tmp_path) -> None:
-    root = converted
-    report = convert(root / case.id, tmp_path / "back", to="hf")
-    assert report.target == case.family and not report.folds and not report.caveats
-    config = json.loads((tmp_path / "back" / "config.json").read_text())
-    assert config == json.loads((root / f"hf-{case.id}" / "config.json").read_text())  # every field
-    assert_bitwise(read_tensors(root / f"hf-{case.id}"), read_tensors(tmp_path / "back"))
+    hf, back = converted / f"hf-{case.id}", tmp_path / "back"
+    assert_back_to_hf_bitwise(converted / case.id, hf, back, case.family)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)

@@ -12,7 +12,6 @@ equivalence gate (REFERENCE_EQUIVALENCE=1, set by `nox -s equivalence`) adds the
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 
 import pytest
 import torch
-from harness import assert_bitwise, read_tensors
+from mcore_ranks import assert_back_to_hf_bitwise, assert_compared
 from safetensors.torch import load_file, save_file
 
 from reference.cli import main
@@ -126,18 +125,13 @@ def mcore_results(converted, tmp_path_factory) -> dict[str, dict[str, Any]]:
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_megatron_core_moe_logits_equal_hf(case: Case, mcore_results) -> None:
     result = mcore_results[case.id]
-    assert not result["errors"], "\n".join(result["errors"])
-    assert result["compared"], "no last-stage rank compared the logits"
-    print(f"max |logits - hf| = {result['max_diff']:.2e}")
+    assert_compared(result)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_moe_back_to_hf_is_bitwise(case: Case, converted, tmp_path) -> None:
-    report = convert(converted / case.id, tmp_path / "back", to="hf")
-    assert report.target == case.family and not report.folds and not report.caveats
-    config = json.loads((tmp_path / "back" / "config.json").read_text())
-    assert config == json.loads((converted / f"hf-{case.id}" / "config.json").read_text())
-    assert_bitwise(read_tensors(converted / f"hf-{case.id}"), read_tensors(tmp_path / "back"))
+    hf, back = converted / f"hf-{case.id}", tmp_path / "back"
+    assert_back_to_hf_bitwise(converted / case.id, hf, back, case.family)
 
 
 def rank_files(root: Path) -> dict[str, dict[str, Any]]:
