@@ -98,12 +98,16 @@ def check_manifest(path: Path, manifest: dict, output: Path) -> None:
     write_atomically(path, [json.dumps(manifest, indent=1)])
 
 
+def committed_parts(parts: Path) -> list[Path]:
+    """The committed part files, in name order: not the dot files (a temporary part of a worker
+    killed mid-write, or one being written now), which pathlib's glob matches too."""
+    return sorted(p for p in parts.glob("*.jsonl") if not p.name.startswith(".")) if parts.is_dir() else []
+
+
 def read_done(parts: Path, output: Path) -> dict[str, dict]:
     """The rows already committed, by key: every part file, and the output of a finished run."""
     done: dict[str, dict] = {}
-    # not the dot files: a temporary part of a worker killed mid-write, or one being written now
-    files = sorted(p for p in parts.glob("*.jsonl") if not p.name.startswith(".")) if parts.is_dir() else []
-    for f in ([output] if output.is_file() else []) + files:
+    for f in ([output] if output.is_file() else []) + committed_parts(parts):
         for text in f.read_text(encoding="utf-8").splitlines():
             row = json.loads(text)
             done[json.dumps(row["id"])] = row

@@ -14,6 +14,7 @@ import pytest
 from jobs import ENV, NEW, ROWS, check, data, reference
 
 from reference.infer import Infer
+from reference.infer.rows import committed_parts
 
 
 @pytest.mark.parametrize(("workers", "backend"), [(1, "hf"), (2, "hf"), (3, "hf"), (2, "unified")])
@@ -43,12 +44,13 @@ def test_a_killed_run_resumes_without_generating_a_row_twice(model, expected, tm
     proc = reference(*args, env=hang, start_new_session=True)
     parts = tmp_path / "out.jsonl.parts"
     deadline = time.monotonic() + 120
-    while len(list(parts.glob("*.jsonl"))) < 2:
+    while len(committed_parts(parts)) < 2:  # renamed parts, not a temporary being written
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    committed = [json.loads(line)["id"] for f in parts.glob("*.jsonl") for line in f.read_text().splitlines()]
+    committed = [json.loads(line)["id"] for f in committed_parts(parts)
+                 for line in f.read_text().splitlines()]
     assert len(committed) == 4 and not out.exists()
     # what a worker killed while writing its part leaves: a half-written temporary file
     (parts / ".tmp-1-x-000009.jsonl").write_text('{"id": "long", "output": "trunc')
