@@ -1,7 +1,7 @@
-"""Writing canonical tensors as a Megatron-LM `torch` checkpoint, one rank file at a time.
-
-Each rank file is built, saved and released before the next: memory holds one rank's shard
-plus the full tensors of the one Megatron tensor being cut (q, k, v for `linear_qkv`).
+"""Writing canonical tensors as a Megatron-LM `torch` checkpoint, one rank file at a time, and
+each rank file one tensor at a time (`torch_file.TorchFile`, the file torch.save would write):
+memory holds the one Megatron tensor being cut, and the pages of the source tensors it is cut
+from (q, k, v for `linear_qkv`), never a rank's shard.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from reference.converters.megatron import stage as S
 from reference.converters.megatron.args import build_args, check_heads
 from reference.converters.megatron.keys import KeyTable, extra_state_value
 from reference.converters.megatron.layout import MegatronLayout, check_layout
+from reference.converters.megatron.torch_file import TorchFile
 from reference.converters.plan import Lazy
 from reference.converters.safetensors_io import Mapped, Progress
 from reference.errors import InputError
@@ -26,22 +27,11 @@ from reference.families.spec import ModelSpec, canonical_names
 FAMILY_FILE = "hf_source.json"  # the HF family and config fields the weights came with
 
 
-def _owned(x: torch.Tensor, parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """`x` in `dtype`, contiguous, with storage of its own: torch.save writes a view's whole
-    storage. A piece the cut already made afresh (a fused or padded concatenation) is that;
-    copying it again cost a quarter of the writer's time."""
-    store = x.untyped_storage()
-    fresh = (x.dtype == dtype and x.is_contiguous() and x.storage_offset() == 0
-             and store.nbytes() == x.nbytes
-             and all(store.data_ptr() != p.untyped_storage().data_ptr() for p in parts))
-    return x if fresh else x.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
-
-
 def _read(lazy: Lazy) -> torch.Tensor:
     """The tensor; a source file's unchanged bytes as a view of its pages rather than read into
-    memory of their own first: every piece is copied out of it anyway (`_owned`), and reading
-    each source tensor once per TP rank into fresh memory was a third of the writer's time.
-    The map closes when the last view of it goes."""
+    memory of their own first: a piece is cut out of it, or written straight from it, and
+    reading each source tensor once per TP rank into fresh memory was a third of the writer's
+    time. The map closes when the last view of it goes."""
     if lazy.entry is None:
         return lazy.load()
     try:
@@ -118,27 +108,30 @@ def write_megatron(
     n_tensors = n_bytes = 0
     for pp_rank, eps in enumerate(ranks):
         for ep_rank, stages in enumerate(eps):
-            for tp_rank in range(layout.tp):  # each rank reads its tensors anew: memory stays at one rank
+            for tp_rank in range(layout.tp):  # each rank reads its tensors anew: memory stays at one tensor
+                path = S.rank_file(out, str(S.ITERATION), tp_rank, pp_rank, layout.pp, ep_rank, ep)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                file = TorchFile(path)
                 state: dict[str, Any] = {"args": args, "checkpoint_version": S.CHECKPOINT_VERSION,
                                          "iteration": S.ITERATION}
                 for chunk, (st, slots) in enumerate(stages):
                     model: dict[str, Any] = {}
                     for slot in slots:
                         parts = [_read(tensors[n]) for n in slot.sources]
-                        kept = S.piece_dtype(slot.rule, dtype)
-                        model[slot.key] = _owned(piece(slot, parts, tp_rank), parts, kept)
+                        # A piece cut afresh (fused, padded) is written as it is; a view of the
+                        # source only where it is not one run of bytes (TorchFile copies it then).
+                        x = piece(slot, parts, tp_rank).to(S.piece_dtype(slot.rule, dtype))
+                        model[slot.key] = file.tensor(x)
                         n_tensors += 1
-                        n_bytes += model[slot.key].nbytes
-                        del parts
+                        n_bytes += x.nbytes
+                        del parts, x
                         if progress is not None:
                             progress(n_bytes, total)
                     extras = {**S.extra_keys(spec, layout.layer_spec, st), **S.expert_extra_keys(slots)}
                     for key, kind in extras.items():
-                        model[key] = extra_state_value(kind)
+                        value = extra_state_value(kind)
+                        model[key] = value if value is None else file.tensor(value)
                     state[S.model_key(chunk, layout.vpp)] = model
-                path = S.rank_file(out, str(S.ITERATION), tp_rank, pp_rank, layout.pp, ep_rank, ep)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                torch.save(state, path)
-                del state
+                file.finish(state)
     record(out, family, extra, dtype if cast is not None else None)
     return n_tensors, n_bytes
