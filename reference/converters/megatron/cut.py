@@ -8,13 +8,17 @@ from collections.abc import Sequence
 
 import torch
 
+from reference.errors import InputError
 from reference.families.keymap import Fused
 from reference.families.spec import ModelSpec
 
 
-def _cat(pieces: Sequence[torch.Tensor]) -> torch.Tensor:
+def cat_rows(pieces: Sequence[torch.Tensor]) -> torch.Tensor:
     """torch.cat along rows; of data-free stand-ins (shapes planned, checked) only the shape:
-    torch.cat's meta kernel imports torch._dynamo, 0.6 s of every conversion."""
+    torch.cat's meta kernel imports torch._dynamo, 0.6 s of every conversion. One piece is
+    itself, not a copy (a `torch_dist` tensor is read as one piece, TP 1)."""
+    if len(pieces) == 1:
+        return pieces[0]
     if pieces[0].is_meta:
         return pieces[0].new_empty((sum(p.shape[0] for p in pieces), *pieces[0].shape[1:]))
     return torch.cat(list(pieces))
@@ -30,13 +34,15 @@ def vocab_rank(x: torch.Tensor, padded: int, tp: int, rank: int) -> torch.Tensor
     per = padded // tp
     lo, hi = rank * per, (rank + 1) * per
     real = x[lo:min(hi, x.shape[0])]
+    if real.shape[0] == hi - lo:  # nothing to pad: the rows as they are (a writer copies a view if it must)
+        return real
     pad = x.new_zeros((hi - lo - real.shape[0], *x.shape[1:]))
-    return _cat([real, pad])
+    return cat_rows([real, pad])
 
 
 def merge_vocab(shards: Sequence[torch.Tensor], vocab_size: int) -> torch.Tensor:
     """The embedding from every rank's rows, trimmed to the true vocabulary."""
-    return torch.cat(list(shards))[:vocab_size]
+    return cat_rows(shards)[:vocab_size]
 
 
 def tp_share(spec: ModelSpec, tp: int) -> ModelSpec:
@@ -59,12 +65,20 @@ def fused_rank(fused: Fused, parts: Sequence[torch.Tensor], spec: ModelSpec, tp:
     for part, rows in fused.blocks(share):
         blocks.append(chunks[part][taken[part]:taken[part] + rows])
         taken[part] += rows
-    return _cat(blocks)
+    return cat_rows(blocks)
 
 
 def merge_fused(fused: Fused, shards: Sequence[torch.Tensor], spec: ModelSpec) -> list[torch.Tensor]:
     """The parts of a column-parallel fused tensor from every rank's rows; plain concatenation
-    of the ranks would interleave them."""
+    of the ranks would interleave them. Each part is one concatenation of its row blocks, rank
+    after rank (splitting each rank first and then joining the ranks copied every byte twice)."""
     share = tp_share(spec, len(shards))
-    pieces = [fused.split(s, share) for s in shards]
-    return [torch.cat(list(ranks)) for ranks in zip(*pieces, strict=True)]
+    blocks: list[list[torch.Tensor]] = [[] for _ in fused.parts]
+    for shard in shards:
+        start = 0
+        for part, rows in fused.blocks(share):
+            blocks[part].append(shard[start:start + rows])
+            start += rows
+        if start != shard.shape[0]:
+            raise InputError(f"fused tensor of {shard.shape[0]} rows does not fit {fused.parts}")
+    return [cat_rows(b) for b in blocks]

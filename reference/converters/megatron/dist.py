@@ -41,7 +41,7 @@ from reference.converters.megatron import stage as S
 from reference.converters.megatron.args import spec_from_args
 from reference.converters.megatron.family import megatron_family
 from reference.converters.megatron.keys import EMBEDDING, OUTPUT, TE_RENAMES, KeyTable
-from reference.converters.megatron.read import _routing_dtype, load_args_file
+from reference.converters.megatron.read import LastMerged, _routing_dtype, load_args_file
 from reference.converters.plan import Lazy
 from reference.converters.source import Source
 from reference.errors import InputError
@@ -321,6 +321,7 @@ def _plan(where: Path, metadata: Metadata, spec: ModelSpec,
     shapes = canonical_shapes(spec)
     dtype = tensors_md[EMBEDDING].properties.dtype if EMBEDDING in tensors_md else None
     slices = _Slices(where, metadata)
+    last = LastMerged()
     tensors: dict[str, Lazy] = {}
     homes: dict[str, str] = {}
     used: set[str] = set()
@@ -355,7 +356,7 @@ def _plan(where: Path, metadata: Metadata, spec: ModelSpec,
 
         for part, name in enumerate(slot.sources):
             meta = torch.empty(shapes[name], dtype=S.piece_dtype(slot.rule, dtype), device="meta")
-            tensors[name] = Lazy(meta, lambda f=load, i=part: f()[i])
+            tensors[name] = Lazy(meta, lambda f=load, k=label, i=part: last.get(k, f)[i])
             homes[name] = f"{where.name} {label}"
     if spec.tie_word_embeddings:
         used.add(OUTPUT)  # a tied copy, if saved, is not read

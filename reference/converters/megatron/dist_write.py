@@ -40,7 +40,7 @@ from reference.converters.megatron import stage as S
 from reference.converters.megatron.dist import BACKEND, COMMON
 from reference.converters.megatron.keys import TE_RENAMES, KeyTable
 from reference.converters.megatron.layout import MegatronLayout
-from reference.converters.megatron.write import check_placed, prepare, record
+from reference.converters.megatron.write import check_placed, mapped, prepare, record
 from reference.converters.plan import Lazy
 from reference.converters.safetensors_io import Progress
 from reference.errors import InputError
@@ -288,7 +288,7 @@ def write_dist(
         split = t.slot.rule.split
         if last[0] is not t:
             last[:] = [None, None, None]  # release the previous tensor before reading the next
-            parts = [tensors[n].load() for n in t.slot.sources]
+            parts = [mapped(tensors[n]) for n in t.slot.sources]  # views of the source's pages
             order = None
             if isinstance(split, Fused):
                 labels, _ = _labels([p.shape[0] for p in parts])

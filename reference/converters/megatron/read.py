@@ -210,6 +210,23 @@ class _Files:
         return self.open[tp_rank, ep_rank]
 
 
+class LastMerged:
+    """The canonical parts of the Megatron tensor merged last: a fused tensor's parts are pulled
+    one after another (q, k, v), and merging the whole tensor again for each part was most of a
+    reader's copying. Holding one tensor's parts keeps memory at one tensor."""
+
+    def __init__(self) -> None:
+        self.key: object = None
+        self.parts: list[torch.Tensor] = []
+
+    def get(self, key: object, merge: Callable[[], list[torch.Tensor]]) -> list[torch.Tensor]:
+        if key != self.key:
+            self.key, self.parts = None, []  # release the last tensor before merging the next
+            self.parts = merge()
+            self.key = key
+        return self.parts
+
+
 def _merger(files: _Files, slot: S.Slot, pp_rank: int, ep_rank: int, model: str,
             where: str) -> Callable[[], list[torch.Tensor]]:
     ck = files.ck
@@ -234,6 +251,7 @@ def _merger(files: _Files, slot: S.Slot, pp_rank: int, ep_rank: int, model: str,
 def _lazy_tensors(ck: Checkpoint) -> tuple[dict[str, Lazy], dict[str, str]]:
     """Canonical name -> Lazy merge from the rank files; and -> its Megatron key, for messages."""
     files = _Files(ck)
+    last = LastMerged()
     shapes = canonical_shapes(ck.spec)
     tensors: dict[str, Lazy] = {}
     homes: dict[str, str] = {}
@@ -252,7 +270,7 @@ def _lazy_tensors(ck: Checkpoint) -> tuple[dict[str, Lazy], dict[str, str]]:
                 load = _merger(files, slot, pp_rank, ep_rank, model, where)
                 for part, name in enumerate(slot.sources):
                     meta = torch.empty(shapes[name], dtype=S.piece_dtype(slot.rule, ck.dtype), device="meta")
-                    tensors[name] = Lazy(meta, lambda f=load, i=part: f()[i])
+                    tensors[name] = Lazy(meta, lambda f=load, w=where, i=part: last.get(w, f)[i])
                     homes[name] = where
     return tensors, homes
 

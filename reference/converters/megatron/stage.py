@@ -177,7 +177,7 @@ def unshard(split: str | Fused, pieces: Sequence[torch.Tensor], spec: ModelSpec,
     if split == "vocab":
         return [cut.merge_vocab(pieces, spec.vocab_size)]
     if split == "cols":
-        return [torch.cat(list(pieces), dim=1)]
+        return [pieces[0] if len(pieces) == 1 else torch.cat(list(pieces), dim=1)]
     if split == "rows":
-        return [torch.cat(list(pieces))]
+        return [cut.cat_rows(pieces)]
     raise _unknown(split)

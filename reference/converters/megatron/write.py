@@ -27,7 +27,7 @@ from reference.families.spec import ModelSpec, canonical_names
 FAMILY_FILE = "hf_source.json"  # the HF family and config fields the weights came with
 
 
-def _read(lazy: Lazy) -> torch.Tensor:
+def mapped(lazy: Lazy) -> torch.Tensor:
     """The tensor; a source file's unchanged bytes as a view of its pages rather than read into
     memory of their own first: a piece is cut out of it, or written straight from it, and
     reading each source tensor once per TP rank into fresh memory was a third of the writer's
@@ -117,7 +117,7 @@ def write_megatron(
                 for chunk, (st, slots) in enumerate(stages):
                     model: dict[str, Any] = {}
                     for slot in slots:
-                        parts = [_read(tensors[n]) for n in slot.sources]
+                        parts = [mapped(tensors[n]) for n in slot.sources]
                         # A piece cut afresh (fused, padded) is written as it is; a view of the
                         # source only where it is not one run of bytes (TorchFile copies it then).
                         x = piece(slot, parts, tp_rank).to(S.piece_dtype(slot.rule, dtype))
