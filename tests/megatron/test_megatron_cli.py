@@ -222,13 +222,13 @@ def test_streaming_holds_one_tensor_at_a_time(models, tmp_path, monkeypatch) -> 
     now: list[weakref.ref] = []  # those of the one being cut
     written: list[weakref.ref] = []
     most = [0]
-    shard, write_tensor, finish = write.S.shard, TorchFile.tensor, TorchFile.finish
+    shard_rows, write_tensor, finish = write.S.shard_rows, TorchFile.tensor, TorchFile.finish
 
     def tracked(split, parts, *args):  # noqa: ANN001, ANN202
         now[:] = [weakref.ref(p) for p in parts if not p.is_meta]
         sources.extend(now)
         most[0] = max(most[0], sum(r() is not None for r in sources))
-        return shard(split, parts, *args)
+        return shard_rows(split, parts, *args)
 
     def tensor(self, x):  # noqa: ANN001, ANN202
         assert all(r() is None for r in written), "a written tensor outlives its record"
@@ -242,7 +242,7 @@ def test_streaming_holds_one_tensor_at_a_time(models, tmp_path, monkeypatch) -> 
         return finish(self, state)
 
     files: list[dict] = []
-    monkeypatch.setattr(write.S, "shard", tracked)
+    monkeypatch.setattr(write.S, "shard_rows", tracked)
     monkeypatch.setattr(TorchFile, "tensor", tensor)
     monkeypatch.setattr(TorchFile, "finish", finished)
     convert(models["llama"], tmp_path / "mg", "--to", "megatron", "--tp", "2", "--pp", "2")

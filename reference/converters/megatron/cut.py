@@ -29,15 +29,21 @@ def cols_rank(x: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
     return x.chunk(tp, dim=1)[rank]
 
 
-def vocab_rank(x: torch.Tensor, padded: int, tp: int, rank: int) -> torch.Tensor:
-    """Rank's rows of the embedding zero-padded to `padded` rows, without padding all of it."""
+def vocab_blocks(x: torch.Tensor, padded: int, tp: int, rank: int) -> list[torch.Tensor]:
+    """Rank's rows of the embedding zero-padded to `padded` rows: its rows of `x` (a view), and
+    the zeros below them if it has any padding."""
     per = padded // tp
     lo, hi = rank * per, (rank + 1) * per
     real = x[lo:min(hi, x.shape[0])]
-    if real.shape[0] == hi - lo:  # nothing to pad: the rows as they are (a writer copies a view if it must)
-        return real
-    pad = x.new_zeros((hi - lo - real.shape[0], *x.shape[1:]))
-    return cat_rows([real, pad])
+    if real.shape[0] == hi - lo:
+        return [real]
+    return [real, x.new_zeros((hi - lo - real.shape[0], *x.shape[1:]))]
+
+
+def vocab_rank(x: torch.Tensor, padded: int, tp: int, rank: int) -> torch.Tensor:
+    """Rank's rows of the embedding zero-padded to `padded` rows, without padding all of it
+    (unpadded: a view of `x`, which a writer copies if it must)."""
+    return cat_rows(vocab_blocks(x, padded, tp, rank))
 
 
 def merge_vocab(shards: Sequence[torch.Tensor], vocab_size: int) -> torch.Tensor:
@@ -51,21 +57,24 @@ def tp_share(spec: ModelSpec, tp: int) -> ModelSpec:
                         intermediate_size=spec.intermediate_size // tp)
 
 
+def fused_blocks(fused: Fused, parts: Sequence[torch.Tensor], spec: ModelSpec, tp: int,
+                 rank: int) -> list[torch.Tensor]:
+    """The row blocks (views of the parts) whose concatenation is `fused_rank`."""
+    chunks = [p.chunk(tp)[rank] for p in parts]
+    taken = [0] * len(chunks)
+    blocks = []
+    for part, rows in fused.blocks(tp_share(spec, tp)):
+        blocks.append(chunks[part][taken[part]:taken[part] + rows])
+        taken[part] += rows
+    return blocks
+
+
 def fused_rank(fused: Fused, parts: Sequence[torch.Tensor], spec: ModelSpec, tp: int,
                rank: int) -> torch.Tensor:
     """Rank's rows of a column-parallel fused tensor: its row chunk of every part, laid out as
     the fused tensor of the rank's share of the model (`tp_share`). Megatron's `linear_qkv`
     thus holds whole query groups, and `linear_fc1` cat(gate_r, up_r), which SwiGLU chunks in two."""
-    chunks = [p.chunk(tp)[rank] for p in parts]
-    share = tp_share(spec, tp)
-    if not chunks[0].is_meta:
-        return fused.merge(chunks, share)
-    taken = [0] * len(chunks)  # the blocks `Fused.merge` concatenates, without its torch.cat
-    blocks = []
-    for part, rows in fused.blocks(share):
-        blocks.append(chunks[part][taken[part]:taken[part] + rows])
-        taken[part] += rows
-    return cat_rows(blocks)
+    return cat_rows(fused_blocks(fused, parts, spec, tp, rank))
 
 
 def merge_fused(fused: Fused, shards: Sequence[torch.Tensor], spec: ModelSpec) -> list[torch.Tensor]:

@@ -164,6 +164,17 @@ def shard(split: str | Fused, parts: Sequence[torch.Tensor], spec: ModelSpec, tp
     raise _unknown(split)
 
 
+def shard_rows(split: str | Fused, parts: Sequence[torch.Tensor], spec: ModelSpec, tp: int, rank: int,
+               padded: int) -> list[torch.Tensor]:
+    """`shard` as row blocks to be concatenated (views of the parts, a padded vocabulary's
+    zeros), so that a writer can concatenate them into memory it reuses."""
+    if isinstance(split, Fused):
+        return cut.fused_blocks(split, parts, spec, tp, rank)
+    if split == "vocab":
+        return cut.vocab_blocks(parts[0], padded, tp, rank)
+    return [shard(split, parts, spec, tp, rank, padded)]
+
+
 def unshard(split: str | Fused, pieces: Sequence[torch.Tensor], spec: ModelSpec,
             where: str) -> list[torch.Tensor]:
     """The full canonical tensors from every TP rank's piece."""

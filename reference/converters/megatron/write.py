@@ -40,6 +40,23 @@ def mapped(lazy: Lazy) -> torch.Tensor:
         raise InputError(f"{lazy.entry.path}: truncated while reading a tensor") from None
 
 
+class _Scratch:
+    """Memory reused from piece to piece for the pieces that must be copied: cutting each into a
+    fresh allocation cost more than the copy (the kernel zero-fills every new page)."""
+
+    def __init__(self) -> None:
+        self.buf = torch.empty(0, dtype=torch.uint8)
+
+    def cut(self, blocks: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """The blocks concatenated along rows, in `dtype`, into the scratch (valid until the next cut)."""
+        shape = (sum(b.shape[0] for b in blocks), *blocks[0].shape[1:])
+        n = math.prod(shape) * dtype.itemsize
+        if self.buf.numel() < n:
+            self.buf = torch.empty(0, dtype=torch.uint8)  # release the smaller one first
+            self.buf = torch.empty(n, dtype=torch.uint8)
+        return torch.cat(blocks, out=self.buf[:n].view(dtype).view(shape))
+
+
 def prepare(tensors: Mapping[str, Lazy], spec: ModelSpec, layout: MegatronLayout,
             dtype: torch.dtype | None) -> tuple[tuple[int, ...], torch.dtype, Any]:
     """What both Megatron writers check and build first: the layout's layers per stage, the
@@ -94,18 +111,20 @@ def write_megatron(
     check_placed(spec, {n for eps in ranks for stages in eps for _, slots in stages for slot in slots
                         for n in slot.sources})
 
-    def piece(slot: S.Slot, parts: list[Any], tp_rank: int) -> torch.Tensor:
+    def rows(slot: S.Slot, parts: list[Any], tp_rank: int) -> list[torch.Tensor]:
+        """The row blocks whose concatenation is the slot's piece on TP rank `tp_rank`."""
         tp = S.rule_tp(slot.rule, layout.tp, layout.expert_tp)
-        return S.shard(slot.rule.split, parts, S.width_spec(spec, slot.rule), tp, tp_rank,
-                       args.padded_vocab_size)
+        return S.shard_rows(slot.rule.split, parts, S.width_spec(spec, slot.rule), tp, tp_rank,
+                            args.padded_vocab_size)
 
     def piece_bytes(slot: S.Slot, tp_rank: int) -> int:  # cut from the data-free stand-ins
-        shape = piece(slot, [tensors[n].meta for n in slot.sources], tp_rank).shape
-        return math.prod(shape) * S.piece_dtype(slot.rule, dtype).itemsize
+        blocks = rows(slot, [tensors[n].meta for n in slot.sources], tp_rank)
+        return sum(b.numel() for b in blocks) * S.piece_dtype(slot.rule, dtype).itemsize
 
     total = sum(piece_bytes(slot, tp_rank) for eps in ranks for stages in eps for tp_rank in range(layout.tp)
                 for _, slots in stages for slot in slots) if progress is not None else 0
     n_tensors = n_bytes = 0
+    scratch = _Scratch()
     for pp_rank, eps in enumerate(ranks):
         for ep_rank, stages in enumerate(eps):
             for tp_rank in range(layout.tp):  # each rank reads its tensors anew: memory stays at one tensor
@@ -118,13 +137,15 @@ def write_megatron(
                     model: dict[str, Any] = {}
                     for slot in slots:
                         parts = [mapped(tensors[n]) for n in slot.sources]
-                        # A piece cut afresh (fused, padded) is written as it is; a view of the
-                        # source only where it is not one run of bytes (TorchFile copies it then).
-                        x = piece(slot, parts, tp_rank).to(S.piece_dtype(slot.rule, dtype))
+                        blocks = rows(slot, parts, tp_rank)
+                        kept = S.piece_dtype(slot.rule, dtype)
+                        x = blocks[0]  # one run of the source's bytes is written from its pages
+                        if len(blocks) > 1 or x.dtype != kept or not x.is_contiguous() or x.storage_offset():
+                            x = scratch.cut(blocks, kept)
                         model[slot.key] = file.tensor(x)
                         n_tensors += 1
                         n_bytes += x.nbytes
-                        del parts, x
+                        del parts, blocks, x
                         if progress is not None:
                             progress(n_bytes, total)
                     extras = {**S.extra_keys(spec, layout.layer_spec, st), **S.expert_extra_keys(slots)}
