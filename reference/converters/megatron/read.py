@@ -194,17 +194,23 @@ def _check_file(ck: Checkpoint, tp_rank: int, pp_rank: int, ep_rank: int = 0) ->
 
 
 class _Files:
-    """Rank files of one pipeline rank at a time: a pipeline stage is read front to back."""
+    """The rank files of one pipeline rank, opened (mapped) anew for each layer: a stage is read
+    front to back, and the pages read through a file's map stay in the process's RSS until the
+    map closes, so keeping a pipeline rank's files open held all of them by the end. Opening a
+    rank file again costs its pickle (a few ms), once per layer and TP rank."""
 
     def __init__(self, ck: Checkpoint) -> None:
         self.ck = ck
-        self.pp_rank: int | None = None
+        self.at: tuple[int, str, str] | None = None
         self.open: dict[tuple[int, int], dict[str, Any]] = {}
 
-    def get(self, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> dict[str, Any]:
-        if pp_rank != self.pp_rank:
+    def get(self, tp_rank: int, pp_rank: int, ep_rank: int, model: str, key: str) -> dict[str, Any]:
+        """The rank file holding `key` of `model`; the files of another layer are let go."""
+        parts = key.split(".")
+        at = (pp_rank, model, parts[2] if key.startswith("decoder.layers.") else "")
+        if at != self.at:
             self.open.clear()
-            self.pp_rank = pp_rank
+            self.at = at
         if (tp_rank, ep_rank) not in self.open:
             self.open[tp_rank, ep_rank] = load_rank_file(self.ck.file(tp_rank, pp_rank, ep_rank))
         return self.open[tp_rank, ep_rank]
@@ -237,10 +243,10 @@ def _merger(files: _Files, slot: S.Slot, pp_rank: int, ep_rank: int, model: str,
     copies = range(1, ck.layout.ep) if slot.rule.width != "experts" else ()
 
     def load() -> list[torch.Tensor]:
-        pieces = [files.get(t, pp_rank, ep_rank)[model][slot.key] for t in range(tp)]
+        pieces = [files.get(t, pp_rank, ep_rank, model, slot.key)[model][slot.key] for t in range(tp)]
         for e in copies:
             for t, piece in enumerate(pieces):
-                if not torch.equal(files.get(t, pp_rank, e)[model][slot.key], piece):
+                if not torch.equal(files.get(t, pp_rank, e, model, slot.key)[model][slot.key], piece):
                     raise InputError(f"{ck.file(t, pp_rank, e)}: {model} '{slot.key}' differs from "
                                      f"its copy in {ck.file(t, pp_rank, ep_rank).parent.name}")
         return S.unshard(slot.rule.split, pieces, S.width_spec(ck.spec, slot.rule), where)
