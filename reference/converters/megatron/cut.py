@@ -46,9 +46,18 @@ def vocab_rank(x: torch.Tensor, padded: int, tp: int, rank: int) -> torch.Tensor
     return cat_rows(vocab_blocks(x, padded, tp, rank))
 
 
+def vocab_rows(shards: Sequence[torch.Tensor], vocab_size: int) -> list[torch.Tensor]:
+    """`merge_vocab` as row blocks: every rank's rows up to the true vocabulary."""
+    blocks, left = [], vocab_size
+    for s in shards:
+        blocks.append(s[:left])
+        left -= blocks[-1].shape[0]
+    return [b for b in blocks if b.shape[0]] or blocks[:1]
+
+
 def merge_vocab(shards: Sequence[torch.Tensor], vocab_size: int) -> torch.Tensor:
     """The embedding from every rank's rows, trimmed to the true vocabulary."""
-    return cat_rows(shards)[:vocab_size]
+    return cat_rows(vocab_rows(shards, vocab_size))
 
 
 def tp_share(spec: ModelSpec, tp: int) -> ModelSpec:
@@ -77,10 +86,8 @@ def fused_rank(fused: Fused, parts: Sequence[torch.Tensor], spec: ModelSpec, tp:
     return cat_rows(fused_blocks(fused, parts, spec, tp, rank))
 
 
-def merge_fused(fused: Fused, shards: Sequence[torch.Tensor], spec: ModelSpec) -> list[torch.Tensor]:
-    """The parts of a column-parallel fused tensor from every rank's rows; plain concatenation
-    of the ranks would interleave them. Each part is one concatenation of its row blocks, rank
-    after rank (splitting each rank first and then joining the ranks copied every byte twice)."""
+def fused_rows(fused: Fused, shards: Sequence[torch.Tensor], spec: ModelSpec) -> list[list[torch.Tensor]]:
+    """`merge_fused` as row blocks: each part's blocks (views of the shards), rank after rank."""
     share = tp_share(spec, len(shards))
     blocks: list[list[torch.Tensor]] = [[] for _ in fused.parts]
     for shard in shards:
@@ -90,4 +97,11 @@ def merge_fused(fused: Fused, shards: Sequence[torch.Tensor], spec: ModelSpec) -
             start += rows
         if start != shard.shape[0]:
             raise InputError(f"fused tensor of {shard.shape[0]} rows does not fit {fused.parts}")
-    return [cat_rows(b) for b in blocks]
+    return blocks
+
+
+def merge_fused(fused: Fused, shards: Sequence[torch.Tensor], spec: ModelSpec) -> list[torch.Tensor]:
+    """The parts of a column-parallel fused tensor from every rank's rows; plain concatenation
+    of the ranks would interleave them. Each part is one concatenation of its row blocks, rank
+    after rank (splitting each rank first and then joining the ranks copied every byte twice)."""
+    return [cat_rows(b) for b in fused_rows(fused, shards, spec)]

@@ -350,13 +350,14 @@ def _plan(where: Path, metadata: Metadata, spec: ModelSpec,
                 raise InputError(f"{where}: '{p.key}' is {stored}, the embedding {dtype}")
         label = "+".join(p.label for p in parts)
 
-        def load(parts: list[Where] = parts, rule: Any = slot.rule, label: str = label) -> list[torch.Tensor]:
-            return S.unshard(rule.split, [slices.joined(parts)], S.width_spec(spec, rule),
+        def load(parts: list[Where] = parts, rule: Any = slot.rule,
+                 label: str = label) -> list[list[torch.Tensor]]:
+            return S.unshard_rows(rule.split, [slices.joined(parts)], S.width_spec(spec, rule),
                              f"{where}: {label}")
 
         for part, name in enumerate(slot.sources):
             meta = torch.empty(shapes[name], dtype=S.piece_dtype(slot.rule, dtype), device="meta")
-            tensors[name] = Lazy(meta, lambda f=load, k=label, i=part: last.get(k, f)[i])
+            tensors[name] = last.lazy(meta, label, load, part)
             homes[name] = f"{where.name} {label}"
     if spec.tie_word_embeddings:
         used.add(OUTPUT)  # a tied copy, if saved, is not read

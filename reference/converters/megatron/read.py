@@ -19,6 +19,7 @@ import torch
 
 from reference.converters.megatron import stage as S
 from reference.converters.megatron.args import layout_from_args, spec_from_args
+from reference.converters.megatron.cut import cat_rows
 from reference.converters.megatron.family import megatron_family
 from reference.converters.megatron.keys import EXTRA_SUFFIX, OUTPUT, KeyTable
 from reference.converters.megatron.layout import MegatronLayout, check_layout, padded_vocab
@@ -217,24 +218,32 @@ class _Files:
 
 
 class LastMerged:
-    """The canonical parts of the Megatron tensor merged last: a fused tensor's parts are pulled
-    one after another (q, k, v), and merging the whole tensor again for each part was most of a
-    reader's copying. Holding one tensor's parts keeps memory at one tensor."""
+    """The canonical parts of the Megatron tensor merged last, each as its row blocks (views of
+    the TP pieces): a fused tensor's parts are pulled one after another (q, k, v), and merging
+    the whole tensor again for each part was most of a reader's copying. Holding one tensor's
+    pieces keeps memory at one tensor."""
 
     def __init__(self) -> None:
         self.key: object = None
-        self.parts: list[torch.Tensor] = []
+        self.parts: list[list[torch.Tensor]] = []
 
-    def get(self, key: object, merge: Callable[[], list[torch.Tensor]]) -> list[torch.Tensor]:
+    def get(self, key: object, merge: Callable[[], list[list[torch.Tensor]]]) -> list[list[torch.Tensor]]:
         if key != self.key:
             self.key, self.parts = None, []  # release the last tensor before merging the next
             self.parts = merge()
             self.key = key
         return self.parts
 
+    def lazy(self, meta: torch.Tensor, key: object, merge: Callable[[], list[list[torch.Tensor]]],
+             part: int) -> Lazy:
+        """Part `part` of the tensor `merge` gives: concatenated by `load`, or as its row blocks
+        for a writer that writes them in order (`Lazy.rows`)."""
+        return Lazy(meta, lambda: cat_rows(self.get(key, merge)[part]),
+                    rows=lambda: self.get(key, merge)[part])
+
 
 def _merger(files: _Files, slot: S.Slot, pp_rank: int, ep_rank: int, model: str,
-            where: str) -> Callable[[], list[torch.Tensor]]:
+            where: str) -> Callable[[], list[list[torch.Tensor]]]:
     ck = files.ck
     tp = S.rule_tp(slot.rule, ck.layout.tp, ck.layout.expert_tp)
 
@@ -242,14 +251,14 @@ def _merger(files: _Files, slot: S.Slot, pp_rank: int, ep_rank: int, model: str,
     # replicated tensors must across TP ranks.
     copies = range(1, ck.layout.ep) if slot.rule.width != "experts" else ()
 
-    def load() -> list[torch.Tensor]:
+    def load() -> list[list[torch.Tensor]]:
         pieces = [files.get(t, pp_rank, ep_rank, model, slot.key)[model][slot.key] for t in range(tp)]
         for e in copies:
             for t, piece in enumerate(pieces):
                 if not torch.equal(files.get(t, pp_rank, e, model, slot.key)[model][slot.key], piece):
                     raise InputError(f"{ck.file(t, pp_rank, e)}: {model} '{slot.key}' differs from "
                                      f"its copy in {ck.file(t, pp_rank, ep_rank).parent.name}")
-        return S.unshard(slot.rule.split, pieces, S.width_spec(ck.spec, slot.rule), where)
+        return S.unshard_rows(slot.rule.split, pieces, S.width_spec(ck.spec, slot.rule), where)
 
     return load
 
@@ -276,7 +285,7 @@ def _lazy_tensors(ck: Checkpoint) -> tuple[dict[str, Lazy], dict[str, str]]:
                 load = _merger(files, slot, pp_rank, ep_rank, model, where)
                 for part, name in enumerate(slot.sources):
                     meta = torch.empty(shapes[name], dtype=S.piece_dtype(slot.rule, ck.dtype), device="meta")
-                    tensors[name] = Lazy(meta, lambda f=load, w=where, i=part: last.get(w, f)[i])
+                    tensors[name] = last.lazy(meta, where, load, part)
                     homes[name] = where
     return tensors, homes
 

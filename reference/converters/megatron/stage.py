@@ -175,20 +175,28 @@ def shard_rows(split: str | Fused, parts: Sequence[torch.Tensor], spec: ModelSpe
     return [shard(split, parts, spec, tp, rank, padded)]
 
 
-def unshard(split: str | Fused, pieces: Sequence[torch.Tensor], spec: ModelSpec,
-            where: str) -> list[torch.Tensor]:
-    """The full canonical tensors from every TP rank's piece."""
+def unshard_rows(split: str | Fused, pieces: Sequence[torch.Tensor], spec: ModelSpec,
+                 where: str) -> list[list[torch.Tensor]]:
+    """The full canonical tensors from every TP rank's piece, each as row blocks to be
+    concatenated (views of the pieces; a row-parallel weight's columns are joined here, as they
+    are not rows), so that a writer can write them one after another."""
     if isinstance(split, Fused):
-        return cut.merge_fused(split, pieces, spec)
+        return cut.fused_rows(split, pieces, spec)
     if split == "replicated":
         for r, p in enumerate(pieces[1:], 1):
             if not torch.equal(p, pieces[0]):
                 raise InputError(f"{where}: replicated tensor differs between TP ranks 0 and {r}")
-        return [pieces[0]]
+        return [[pieces[0]]]
     if split == "vocab":
-        return [cut.merge_vocab(pieces, spec.vocab_size)]
+        return [cut.vocab_rows(pieces, spec.vocab_size)]
     if split == "cols":
-        return [pieces[0] if len(pieces) == 1 else torch.cat(list(pieces), dim=1)]
+        return [[pieces[0] if len(pieces) == 1 else torch.cat(list(pieces), dim=1)]]
     if split == "rows":
-        return [cut.cat_rows(pieces)]
+        return [list(pieces)]
     raise _unknown(split)
+
+
+def unshard(split: str | Fused, pieces: Sequence[torch.Tensor], spec: ModelSpec,
+            where: str) -> list[torch.Tensor]:
+    """The full canonical tensors from every TP rank's piece."""
+    return [cut.cat_rows(blocks) for blocks in unshard_rows(split, pieces, spec, where)]
