@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from reference.converters.megatron.read import load_rank_file
-from reference.converters.megatron.torch_file import TorchFile
+from reference.converters.megatron.torch_file import TorchFile, own_bytes
 
 
 def _state() -> dict[str, Any]:
@@ -100,3 +100,12 @@ def test_a_tensor_not_written_first_is_refused(tmp_path) -> None:
     f = TorchFile(tmp_path / "x.pt")
     with pytest.raises(TypeError, match="not written through TorchFile.tensor"):
         f.finish({"a": torch.ones(2)})
+
+
+def test_own_bytes_aliases_a_run_of_rows_and_copies_only_strided_views() -> None:
+    base = torch.arange(48, dtype=torch.float32).to(torch.bfloat16).reshape(6, 8)
+    rows = own_bytes(base[2:5])  # the bytes the writers would otherwise copy: a source's row run
+    assert rows.data_ptr() == base[2:5].data_ptr() and rows.untyped_storage().nbytes() == rows.nbytes
+    assert torch.equal(rows, base[2:5]) and own_bytes(base) is base
+    cols = own_bytes(base[:, 4:])
+    assert cols.data_ptr() != base.data_ptr() and torch.equal(cols, base[:, 4:]) and cols.is_contiguous()

@@ -24,6 +24,20 @@ import torch
 from torch.serialization import _get_storage_alignment, get_crc32_options
 
 
+def own_bytes(x: torch.Tensor) -> torch.Tensor:
+    """`x` as a tensor whose storage is exactly its bytes, which torch.save and a record write
+    whole: a contiguous view aliased, not copied (a numpy array of it starts at its first byte,
+    and torch.from_numpy makes that the storage's start), anything else copied."""
+    if not x.is_contiguous():
+        return x.clone(memory_format=torch.contiguous_format)
+    if x.storage_offset() == 0 and x.untyped_storage().nbytes() == x.nbytes:
+        return x
+    if x.numel() == 0:
+        return torch.empty(x.shape, dtype=x.dtype)
+    flat = torch.from_numpy(x.reshape(-1).view(torch.uint8).numpy())  # keeps x's memory alive
+    return flat.view(x.dtype).view(x.shape)
+
+
 class _Storage:
     """A storage already written as record `data/<key>`, as torch.save's persistent_id names it."""
 
@@ -80,8 +94,7 @@ class TorchFile:
             raise ValueError(f"TorchFile writes plain CPU tensors only, not {x.device} {x.layout}")
         if x.is_conj() or x.is_neg():
             x = x.resolve_conj().resolve_neg()
-        if not x.is_contiguous() or x.storage_offset() != 0:  # the record is the storage from its start
-            x = x.clone(memory_format=torch.contiguous_format)
+        x = own_bytes(x)  # the record is written from the storage's start
         storage = _Storage(str(self._count), x.dtype, x.numel())
         self._zip.write_record(f"data/{storage.key}", x.untyped_storage(), x.nbytes)
         self._count += 1

@@ -140,7 +140,7 @@ def write_megatron(
                         blocks = rows(slot, parts, tp_rank)
                         kept = S.piece_dtype(slot.rule, dtype)
                         x = blocks[0]  # one run of the source's bytes is written from its pages
-                        if len(blocks) > 1 or x.dtype != kept or not x.is_contiguous() or x.storage_offset():
+                        if len(blocks) > 1 or x.dtype != kept or not x.is_contiguous():
                             x = scratch.cut(blocks, kept)
                         model[slot.key] = file.tensor(x)
                         n_tensors += 1
