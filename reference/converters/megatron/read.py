@@ -2,7 +2,8 @@
 
 Opening checks every rank file against the args (keys, shapes, dtypes, layers per stage)
 without reading tensor data: files are memory-mapped. A canonical tensor is merged from its
-TP pieces when pulled; the files of one pipeline rank are kept open at a time.
+TP pieces when pulled (or handed to a writer as those pieces' row blocks, `Lazy.rows`); the
+rank files are mapped for one layer at a time.
 """
 
 from __future__ import annotations
