@@ -206,6 +206,10 @@ def _run(job: MegatronJob, device: torch.device) -> dict[str, Any]:
     pp, vpp = (1, None) if _collapsed(job) else (layout.pp, layout.vpp)
     ps.initialize_model_parallel(tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=pp,
                                  virtual_pipeline_model_parallel_size=vpp)
+    if device.type == "cuda":  # attention forks the model-parallel CUDA RNG (dropout 0: it draws nothing)
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(0)
     out: dict[str, Any] = {}
     try:
         models = _load(job, device)
