@@ -10,7 +10,8 @@ The local MLA layer spec has no keys map: unlike a dense layer's, its norms keep
 names (`decoder.layers.input_layernorm.weight`). DeepSeek's dense first layer makes the layers
 non-homogeneous (one key per layer); every layer a mixture stacks them (`[L, ...]`).
 The default run holds one EP 2 and one TP 2 load, one megatron-core save at TP 2 and at EP 2;
-REFERENCE_EQUIVALENCE=1 adds the rest of the matrix.
+REFERENCE_EQUIVALENCE=1 adds the rest of the matrix. A `torch` checkpoint converted to `torch_dist` writes the
+bytes the HF model does.
 """
 
 from __future__ import annotations
@@ -200,3 +201,15 @@ def test_what_megatron_core_computes_otherwise_is_refused_in_torch_dist_too(fami
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and all(n in err for n in needles), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+def test_torch_format_mla_to_torch_dist_writes_the_same_bytes_as_from_hf(tmp_path) -> None:
+    """Megatron `torch` (TP 2 x EP 2) -> `torch_dist` writes the very .distcp file HF -> `torch_dist` does."""
+    deepseek(MlaCase("deepseek_v3", 2, 2, BASE)).save_pretrained(tmp_path / "hf")
+    assert cli(tmp_path / "hf", tmp_path / "legacy", "--to", "megatron", "--tp", 2, "--ep", 2) == 0
+    for src, dst in (("hf", "direct"), ("legacy", "via-torch")):
+        assert cli(tmp_path / src, tmp_path / dst, "--to", "megatron", "--tp", 2, "--ep", 2,
+                   "--ckpt-format", "torch_dist") == 0
+    direct, via = (tmp_path / d / "iter_0000001" for d in ("direct", "via-torch"))
+    assert (direct / "__0_0.distcp").read_bytes() == (via / "__0_0.distcp").read_bytes()
+    assert _boxes(direct) == _boxes(via)
