@@ -9,9 +9,9 @@ equal logits.
 The local MLA layer spec has no keys map: unlike a dense layer's, its norms keep their local
 names (`decoder.layers.input_layernorm.weight`). DeepSeek's dense first layer makes the layers
 non-homogeneous (one key per layer); every layer a mixture stacks them (`[L, ...]`).
+A `torch` checkpoint converted to `torch_dist` writes the bytes the HF model does.
 The default run holds one EP 2 and one TP 2 load, one megatron-core save at TP 2 and at EP 2;
-REFERENCE_EQUIVALENCE=1 adds the rest of the matrix. A `torch` checkpoint converted to `torch_dist` writes the
-bytes the HF model does.
+REFERENCE_EQUIVALENCE=1 adds the rest of the matrix.
 """
 
 from __future__ import annotations
