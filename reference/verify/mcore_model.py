@@ -65,7 +65,9 @@ def mla_config(args: Namespace) -> dict[str, Any]:
     if not getattr(args, "multi_latent_attention", False):
         return {}
     fields = {f: getattr(args, f) for f in MLA_FIELDS if getattr(args, f, None) is not None}
-    return {"rotary_base": getattr(args, "rotary_base", 10000), "rope_type": "yarn", **fields}
+    # q_lora_rank None is one q projection (V2-Lite): unset, MLATransformerConfig's 1536 would be taken
+    return {"rotary_base": getattr(args, "rotary_base", 10000), "rope_type": "yarn", **fields,
+            "q_lora_rank": getattr(args, "q_lora_rank", None)}
 
 
 def latent_core_attention() -> type:

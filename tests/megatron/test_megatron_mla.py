@@ -288,12 +288,3 @@ def test_megatron_mla_args_megatron_computes_otherwise_are_refused_by_name(chang
     _fails(capsys, [str(mg), str(tmp_path / "back"), "--to", "hf"], needle, "mp_rank_00")
     assert not (tmp_path / "back").exists()
 
-
-def test_torch_dist_is_refused_by_name(tmp_path, capsys) -> None:
-    """The torch_dist writer knows the dense layouts only: latent attention (and experts) are
-    refused by the flag, not written with boxes megatron-core would not declare."""
-    hf, out = tmp_path / "hf", tmp_path / "out"
-    tiny_model("deepseek_v3", **BASE).save_pretrained(hf)
-    _fails(capsys, [str(hf), str(out), "--to", "megatron", "--ckpt-format", "torch_dist"],
-           "--ckpt-format torch_dist", "torch format only")
-    assert not out.exists() and not list(tmp_path.glob("out*"))

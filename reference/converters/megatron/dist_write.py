@@ -15,6 +15,10 @@ layer axis (`decoder.layers.mlp.experts.experts.linear_fc1.weight` is `[L, E, ..
 can load them; shared experts are cut like the dense MLP, the router is replicated. When not
 every layer is a mixture (`moe_layer_freq` a list), megatron-core does not stack the layers: each
 has keys of its own (`decoder.layers.<global layer>.`), without the layer axis.
+
+Latent attention (DeepSeek-V2/V3, the local MLA spec) has column-parallel projections only, each
+rank's box a run of rows, and no keys map: its layers' norms keep their local names
+(`decoder.layers.input_layernorm.weight`).
 """
 
 from __future__ import annotations
@@ -64,12 +68,18 @@ def stacked(spec: ModelSpec) -> bool:
     return spec.moe is None or all(spec.moe.on(i) for i in range(spec.num_layers))
 
 
-def dist_key(template: str, layer: int | None = None) -> str:
-    """A Megatron rule's key in the checkpoint: TE names for the norms, layers stacked
+def norm_renames(spec: ModelSpec) -> Mapping[str, str]:
+    """The renames megatron-core's local layer spec gives the norms in a sharded state dict (its
+    `sharded_state_dict_keys_map`: TE names), none in its latent-attention layer, which has no map."""
+    return {} if spec.mla is not None else TE_RENAMES
+
+
+def dist_key(template: str, layer: int | None = None, renames: Mapping[str, str] = TE_RENAMES) -> str:
+    """A Megatron rule's key in the checkpoint: `renames` for the norms, layers stacked
     (`decoder.layers.{}.input_layernorm.weight` ->
     `decoder.layers.self_attention.linear_qkv.layer_norm_weight`) or, given `layer`, that
     layer's own key; routed experts' `local_experts.{}.` is SequentialMLP's `experts.` axis."""
-    key = TE_RENAMES.get(template, template).replace("local_experts.{}.", "experts.")
+    key = renames.get(template, template).replace("local_experts.{}.", "experts.")
     return key.replace("{}.", "" if layer is None else f"{layer}.")
 
 
@@ -107,6 +117,9 @@ def tp_boxes(split: str | Fused, rows: Sequence[int], shape: Sequence[int], spec
     if split == "cols":
         per = shape[1] // tp
         return [((0, r * per, *(0,) * (len(shape) - 2)), (shape[0], per, *shape[2:])) for r in range(tp)]
+    if split == "rows":  # MLA's projections: one run of rows per rank
+        per = shape[0] // tp
+        return [((r * per, *(0,) * len(rest)), (per, *rest)) for r in range(tp)]
     if not isinstance(split, Fused):
         raise InputError(f"unknown Megatron split {split!r}")
     labels, part = _labels(rows)
@@ -183,7 +196,8 @@ def plan_tensors(spec: ModelSpec, metas: Mapping[str, torch.Tensor], padded: int
         keyed, index, axes = _place(spec, slot.key)
         parts = [metas[n] for n in slot.sources]
         shape = S.shard(slot.rule.split, parts, S.width_spec(spec, slot.rule), 1, 0, padded).shape
-        out.append(Tensor(dist_key(slot.rule.key, keyed), index, axes, slot, tuple(shape)))
+        key = dist_key(slot.rule.key, keyed, norm_renames(spec))
+        out.append(Tensor(key, index, axes, slot, tuple(shape)))
     return out
 
 

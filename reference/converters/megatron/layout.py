@@ -81,9 +81,6 @@ def check_latent(spec: ModelSpec, layout: MegatronLayout) -> None:
     if layout.layer_spec != "local":
         raise InputError(f"--layer-spec {layout.layer_spec}: latent attention is written in the local "
                          "spec only")
-    if layout.ckpt_format != "torch":
-        raise InputError(f"--ckpt-format {layout.ckpt_format}: latent attention is written in the torch "
-                         "format only")
     for what, size in (("q_lora_rank", m.q_rank or 0),
                        ("kv_lora_rank + qk_rope_head_dim", m.kv_rank + spec.head_dim)):
         if size % layout.tp:

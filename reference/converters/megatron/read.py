@@ -19,13 +19,12 @@ import torch
 
 from reference.converters.megatron import stage as S
 from reference.converters.megatron.args import layout_from_args, spec_from_args
-from reference.converters.megatron.family import megatron_family
+from reference.converters.megatron.family import megatron_family, routing_dtype
 from reference.converters.megatron.keys import EXTRA_SUFFIX, OUTPUT, KeyTable
 from reference.converters.megatron.layout import MegatronLayout, check_layout, padded_vocab
 from reference.converters.plan import Lazy
 from reference.converters.source import Source
 from reference.errors import InputError
-from reference.families.family import Family
 from reference.families.spec import ModelSpec, canonical_shapes
 
 # Unpickled without running arbitrary code: tensors, plain values and the args Namespace.
@@ -117,23 +116,6 @@ def _open(root: Path) -> Checkpoint:
     except InputError as e:
         raise InputError(f"{first}: args: {e}") from None
     return Checkpoint(root, tracker, spec, layout, counts, KeyTable(layout.layer_spec), _dtype(state, first))
-
-
-def _routing_dtype(spec: ModelSpec, family: Family) -> ModelSpec:
-    """The spec with the family's dtype of routing weights and of latent attention's rope, and its
-    group score where there are no groups:
-    megatron-core's args have no such setting (its probabilities take the router's dtype, its
-    rope the model's), and in fp32 both compute the same."""
-    if spec.mla is not None:
-        spec = spec.replace(fp32_rope=family.express(spec).fp32_rope)
-    if spec.moe is None:
-        return spec
-    held = family.express(spec).moe
-    if held is None:
-        return spec
-    # without groups the group score computes nothing: the family's (DeepSeek-V3's "top2")
-    score = held.group_score if spec.moe.groups == 1 else spec.moe.group_score
-    return spec.replace(moe=replace(spec.moe, fp32_weights=held.fp32_weights, group_score=score))
 
 
 def _check_rank_dirs(ck: Checkpoint) -> None:
@@ -276,5 +258,5 @@ def read_megatron(path: Path, family: str | None = None, *, any_fit: bool = Fals
     for tp_rank, pp_rank, ep_rank in ck.ranks():
         _check_file(ck, tp_rank, pp_rank, ep_rank)
     tensors, homes = _lazy_tensors(ck)
-    spec = _routing_dtype(ck.spec, family)
+    spec = routing_dtype(ck.spec, family)
     return Source(ck.root, family, spec, extra, tensors, lambda name: homes.get(name, name))
