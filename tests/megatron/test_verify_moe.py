@@ -58,7 +58,7 @@ class Case:
     @property
     def id(self) -> str:
         lay = self.layout
-        parts = [self.model, f"tp{lay.tp}", f"pp{lay.pp}", f"ep{lay.ep}"]
+        parts = [self.model, f"tp{lay.tp}", f"pp{lay.pp}", *[f"vpp{lay.vpp}"] * bool(lay.vpp), f"ep{lay.ep}"]
         parts += ["dist"] * (lay.ckpt_format == "torch_dist") + [f"layers{self.layers}"] * bool(self.layers)
         return "-".join(parts)
 
@@ -86,6 +86,8 @@ GATE = [
     Case("deepseek_v2", MegatronLayout(tp=2)),
     Case("qwen2_moe", MegatronLayout(tp=2, ckpt_format="torch_dist")),
     Case("qwen3_moe", MegatronLayout(pp=2, ep=2, ckpt_format="torch_dist"), layers=3),
+    Case("qwen3_moe", MegatronLayout(pp=2, vpp=2, ep=2)),  # world 4, a layer per virtual stage
+    Case("qwen2_moe", MegatronLayout(pp=2, vpp=2, ep=2), layers=3),
 ]
 CASES = DEFAULT + GATE * FULL
 BAD = {Case("mixtral", EP2).dir, Case("mixtral", MegatronLayout(ep=2, ckpt_format="torch_dist")).dir,
@@ -143,7 +145,8 @@ def test_a_good_moe_conversion_agrees(case: Case, ckpts) -> None:
     code, out = verify(ckpts / f"hf-{case.model}", ckpts / case.dir, layers=case.layers)
     assert code == 0 and "OK: within the noise floor" in out, out
     lay = case.layout
-    assert f"{lay.ckpt_format} tp {lay.tp} pp {lay.pp}" + (f" ep {lay.ep}" if lay.ep > 1 else "") in out
+    assert (f"{lay.ckpt_format} tp {lay.tp} pp {lay.pp}" + (f" vpp {lay.vpp}" if lay.vpp else "")
+            + (f" ep {lay.ep}" if lay.ep > 1 else "")) in out
     assert ("hidden states after layer" in out) == bool(case.layers)
 
 
