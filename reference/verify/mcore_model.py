@@ -46,11 +46,20 @@ MOE_FIELDS = ("moe_router_topk", "moe_ffn_hidden_size", "moe_shared_expert_inter
               "expert_model_parallel_size", "expert_tensor_parallel_size")
 
 
+# How tokens travel to their experts, not what the experts compute: a checkpoint trained with
+# the alltoall or flex dispatcher, overlapped shared experts or TE's fused permutation computes
+# the same function with megatron-core's allgather dispatcher, unfused, which alone runs without
+# CUDA streams and events (and without TransformerEngine).
+MOE_RUNTIME = {"moe_token_dispatcher_type": "allgather", "moe_shared_expert_overlap": False,
+               "moe_permute_fusion": False}
+
+
 def moe_config(args: Namespace) -> dict[str, Any]:
     """TransformerConfig's MoE fields from checkpoint args (none for a dense model)."""
     if not getattr(args, "num_experts", None):
         return {}
-    return {"num_moe_experts": args.num_experts, **{f: getattr(args, f) for f in MOE_FIELDS}}
+    return {"num_moe_experts": args.num_experts, **{f: getattr(args, f) for f in MOE_FIELDS},
+            **MOE_RUNTIME}
 
 
 # MLATransformerConfig fields a checkpoint's latent-attention args set under their own name (as
@@ -113,9 +122,13 @@ def check_args(args: Namespace, where: str) -> None:
     if getattr(args, "position_embedding_type", "learned_absolute") != "rope":
         raise InputError(f"{where}: args position_embedding_type "
                          f"{getattr(args, 'position_embedding_type', None)!r}: only rope is built")
-    if getattr(args, "num_experts", None):
-        raise InputError(f"{where}: args num_experts {args.num_experts}: "
-                         "MoE checkpoints are not verified yet")
+    etp = getattr(args, "expert_tensor_parallel_size", None)
+    if getattr(args, "num_experts", None) and etp not in (None, args.tensor_model_parallel_size):
+        # the ranks are TP x PP x EP, each expert cut as the dense layers are (the converters
+        # write experts at --etp equal to --tp only)
+        raise InputError(f"{where}: args expert_tensor_parallel_size {etp} with "
+                         f"tensor_model_parallel_size {args.tensor_model_parallel_size}: experts are "
+                         "verified at expert TP equal to TP only")
 
 
 def build(args: Namespace, vp_stage: int | None, post_process: bool | None = None) -> Any:
