@@ -155,11 +155,10 @@ def test_metadata_is_megatron_cores_local_save_plus_te_norm_objects(tmp_path) ->
     for family, _, _ in families:
         where = tmp_path / family / "ours" / "iter_0000001"
         ours, theirs = _boxes(where), _boxes(tmp_path / family / "mcore" / "iter_0000001")
-        norms = ["decoder.final_layernorm"] + [f"decoder.layers.self_attention.{n}_layernorm"
-                                               for n in "qk" if family == "qwen3"]
-        te_only = sorted(f"{n}._extra_state/shard_0_1" if n == "decoder.final_layernorm" else
-                         f"{n}._extra_state/shard_{i}_{layers[family]}" for n in norms
-                         for i in range(1 if n == "decoder.final_layernorm" else layers[family]))
+        n = layers[family]  # the q/k norms' objects are stacked by layer, the final norm's is one
+        te_only = sorted(["decoder.final_layernorm._extra_state/shard_0_1"]
+                         + [f"decoder.layers.self_attention.{qk}_layernorm._extra_state/shard_{i}_{n}"
+                            for qk in "qk" if family == "qwen3" for i in range(n)])
         assert _te_only(where) == te_only
         assert sorted(set(ours) - set(theirs)) == te_only and set(theirs) <= set(ours)
         for key in theirs:
