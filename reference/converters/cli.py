@@ -59,8 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     mg.add_argument("--etp", type=int, help="tensor-parallel size of each expert (default: --tp)")
     mg.add_argument("--ckpt-format", choices=CKPT_FORMATS,
                     help=f"Megatron-LM's checkpoint format: per-rank files (torch), or a distributed "
-                         f"checkpoint Megatron-LM can also load at another TP/PP (torch_dist; local "
-                         f"--layer-spec only) (default {d.ckpt_format})")
+                         f"checkpoint Megatron-LM can also load at another TP/PP (torch_dist) "
+                         f"(default {d.ckpt_format})")
     p.add_argument("--max-shard-size", type=int, metavar="BYTES",
                    help="largest output shard, for an HF target (default: one file from a single-file "
                         "source, else the source's largest shard; 5 GiB from Megatron)")

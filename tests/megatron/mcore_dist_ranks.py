@@ -38,8 +38,16 @@ def _load(case: dict[str, Any]) -> Any:
     metadata = dist_checkpointing.load_content_metadata(preloaded_state_dict=common)
     assert metadata == {"distrib_optim_sharding_type": "dp_reshardable", "singleton_local_shards": False,
                         "chained_optim_avoid_prefix": True}, metadata
-    state = dist_checkpointing.load({"model": model.sharded_state_dict(metadata=metadata)}, where,
-                                    strict=StrictHandling.RAISE_ALL)
+    sharded = {"model": model.sharded_state_dict(metadata=metadata)}
+    if case.get("te_only") is None:
+        state = dist_checkpointing.load(sharded, where, strict=StrictHandling.RAISE_ALL)
+    else:
+        # A TransformerEngine-spec checkpoint in this local-spec model: every key the model asks
+        # for is there (none unexpected), and what it does not ask for is exactly case["te_only"]
+        # (the extra states of the norms that are TE modules in that spec).
+        state, missing, unexpected = dist_checkpointing.load(sharded, where, strict=StrictHandling.RETURN_ALL)
+        assert not unexpected, sorted(unexpected)
+        assert sorted(missing) == sorted(case["te_only"]), sorted(missing)
     model.load_state_dict(state["model"], strict=True)
     for p in model.parameters():
         assert torch.isfinite(p).all()
