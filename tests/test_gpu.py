@@ -80,29 +80,27 @@ def test_blocks_over_cuda_and_cpu_equal_one_device(tie: bool, tmp_path) -> None:
     assert torch.equal(torch.stack([t.cpu() for t in got_tokens]), torch.stack([t.cpu() for t in want]))
 
 
-@pytest.fixture(scope="module")
-def qwen3(tmp_path_factory):
-    path = tmp_path_factory.mktemp("verify") / "qwen3"
-    tiny_model("qwen3").save_pretrained(path)  # GQA 2 groups of 2, head_dim != hidden / heads, qk norm
-    return path
-
-
-@pytest.mark.parametrize("fmt", ["torch", "torch_dist"])
-def test_verify_runs_megatron_core_under_nccl(qwen3, fmt: str, tmp_path, capsys) -> None:
+# qwen3: GQA 2 groups of 2, head_dim != hidden / heads, qk norm; mixtral: experts (EP 1 on one
+# GPU); deepseek_v3: latent attention and sigmoid routing (at its published eps: megatron-core's
+# latent norms take the model's)
+@pytest.mark.parametrize(("family", "fmt"), [("qwen3", "torch"), ("qwen3", "torch_dist"),
+                                             ("mixtral", "torch"), ("deepseek_v3", "torch_dist")])
+def test_verify_runs_megatron_core_under_nccl(family: str, fmt: str, tmp_path) -> None:
     from reference.converters import convert
     from reference.converters.megatron import MegatronLayout
     from reference.verify.compare import report, verify
 
     assert torch.cuda.device_count() >= 1  # TP 1 x PP 1: one rank, on the GPU, joined under NCCL
-    convert(qwen3, tmp_path / "mcore", to="megatron", layout=MegatronLayout(ckpt_format=fmt))
-    good = verify(qwen3, tmp_path / "mcore")
+    tiny_model(family, rms_norm_eps=1e-6).save_pretrained(tmp_path / "hf")
+    convert(tmp_path / "hf", tmp_path / "mcore", to="megatron", layout=MegatronLayout(ckpt_format=fmt))
+    good = verify(tmp_path / "hf", tmp_path / "mcore")
     print("\n".join(report(good)))
     assert good.ok and good.top1 == good.tokens, report(good)
 
-    convert(tmp_path / "mcore", tmp_path / "back", to="qwen3")
+    convert(tmp_path / "mcore", tmp_path / "back", to=family)
     shard = tmp_path / "back" / "model.safetensors"
     tensors = safetensors.torch.load_file(shard)
-    name = "model.layers.1.mlp.down_proj.weight"
+    name = "model.layers.1.self_attn.o_proj.weight"  # every token goes through it
     tensors[name] = tensors[name] + 1e-3
     safetensors.torch.save_file(tensors, shard, metadata={"format": "pt"})
     bad = verify(tmp_path / "back", tmp_path / "mcore")

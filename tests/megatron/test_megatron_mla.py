@@ -205,6 +205,18 @@ def test_expert_bias_stays_float32_in_a_bfloat16_checkpoint(tmp_path) -> None:
     assert back.dtype == torch.float32 and torch.equal(back, bias)
 
 
+@pytest.mark.parametrize("layers,first_k", [(2, 1), (4, 3)])
+def test_first_k_dense_layers_megatron_spells_as_a_layer_step_come_back(layers: int, first_k: int,
+                                                                        tmp_path) -> None:
+    """moe_layer_freq [0, 1] (or [0, 0, 0, 1]) reads as "a mixture every 2nd (4th) layer", the
+    same layers as DeepSeek's first_k_dense_replace 1 (3): held, and written back as first k."""
+    hf = tmp_path / "hf"
+    deepseek(Case("deepseek_v3", 1, 1, {**BASE, "num_hidden_layers": layers,
+                                        "first_k_dense_replace": first_k})).save_pretrained(hf)
+    convert(hf, tmp_path / "mg", to="megatron")
+    assert_back_to_hf_bitwise(tmp_path / "mg", hf, tmp_path / "back", "deepseek_v3")
+
+
 @pytest.mark.parametrize("start,end", [((2, 1, 1), (1, 2, 2)), ((1, 2, 2), (2, 1, 1))],
                          ids=lambda lay: "x".join(map(str, lay)))
 def test_mla_reshard_equals_direct_conversion(start, end, tmp_path) -> None:
