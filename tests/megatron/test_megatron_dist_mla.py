@@ -27,12 +27,17 @@ import torch
 from harness import assert_bitwise, read_tensors
 from mcore_ranks import assert_back_to_hf_bitwise, assert_compared
 from procs import spawn
-from test_megatron_dist_write import _boxes
+from test_megatron_dist_write import (
+    _boxes,
+    assert_refused,
+    assert_via_torch_writes_the_same_bytes,
+    cli,
+    write_cases,
+)
 from test_megatron_mla import BASE, V2_LITE, V3_GROUPED, YARN, deepseek
 from test_megatron_mla import Case as MlaCase
 from transformers import AutoModelForCausalLM
 
-from reference.cli import main
 from reference.converters import convert
 from reference.converters.megatron import MegatronLayout
 from reference.tiny import SHAPE, logits
@@ -87,23 +92,9 @@ if GATE:
                   "v3-grouped-ep2": ("deepseek_v3", V3_GROUPED, 1, 2)})
 
 
-def cli(*args: object) -> int:
-    return main(["convert", *map(str, args)])
-
-
 @pytest.fixture(scope="module")
 def written(tmp_path_factory) -> Path:
-    """root/hf-ID (the HF model), root/ID (our torch_dist) and root/ID.ref.pt (HF logits)."""
-    root = tmp_path_factory.mktemp("distmla")
-    ids = torch.randint(0, SHAPE["vocab_size"], (2, 10), generator=torch.Generator().manual_seed(7))
-    for case in CASES:
-        model = case.model()
-        model.save_pretrained(root / f"hf-{case.id}")
-        tp, pp, ep = case.write
-        assert cli(root / f"hf-{case.id}", root / case.id, "--to", "megatron", "--tp", tp, "--pp", pp,
-                   "--ep", ep, "--ckpt-format", "torch_dist") == 0
-        torch.save({"input_ids": ids, "logits": logits(model, ids)}, root / f"{case.id}.ref.pt")
-    return root
+    return write_cases(tmp_path_factory.mktemp("distmla"), CASES, lambda c: c.model())
 
 
 @pytest.fixture(scope="module")
@@ -195,21 +186,10 @@ def test_megatron_cores_mla_save_to_hf_is_bitwise_with_equal_logits(name: str, s
 def test_what_megatron_core_computes_otherwise_is_refused_in_torch_dist_too(family, overrides, flags, needles,
                                                                            tmp_path, capsys) -> None:
     deepseek(MlaCase(family, 1, 1, overrides)).save_pretrained(tmp_path / "hf")
-    capsys.readouterr()
-    out = tmp_path / "out"
-    assert cli(tmp_path / "hf", out, "--to", "megatron", "--ckpt-format", "torch_dist", *flags) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and all(n in err for n in needles), err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+    assert_refused(tmp_path / "hf", capsys, flags, needles)
 
 
 def test_torch_format_mla_to_torch_dist_writes_the_same_bytes_as_from_hf(tmp_path) -> None:
     """Megatron `torch` (TP 2 x EP 2) -> `torch_dist` writes the very .distcp file HF -> `torch_dist` does."""
     deepseek(MlaCase("deepseek_v3", 2, 2, BASE)).save_pretrained(tmp_path / "hf")
-    assert cli(tmp_path / "hf", tmp_path / "legacy", "--to", "megatron", "--tp", 2, "--ep", 2) == 0
-    for src, dst in (("hf", "direct"), ("legacy", "via-torch")):
-        assert cli(tmp_path / src, tmp_path / dst, "--to", "megatron", "--tp", 2, "--ep", 2,
-                   "--ckpt-format", "torch_dist") == 0
-    direct, via = (tmp_path / d / "iter_0000001" for d in ("direct", "via-torch"))
-    assert (direct / "__0_0.distcp").read_bytes() == (via / "__0_0.distcp").read_bytes()
-    assert _boxes(direct) == _boxes(via)
+    assert_via_torch_writes_the_same_bytes(tmp_path / "hf", tmp_path)

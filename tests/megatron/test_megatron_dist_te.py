@@ -20,7 +20,7 @@ import io
 import json
 import os
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -28,34 +28,19 @@ import pytest
 import torch
 from mcore_ranks import assert_back_to_hf_bitwise, assert_compared
 from procs import spawn
-from test_megatron_dist_write import _boxes
+from test_megatron_dist_write import Case, _boxes, tied_scaled, write_cases
 from test_megatron_equivalence import SHAPES
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint import load as dcp_load
 
 from reference.converters import convert
 from reference.converters.megatron import MegatronLayout
-from reference.tiny import SHAPE, logits, tiny_model
+from reference.tiny import tiny_model
 
 pytest.importorskip("megatron.core")
 pytestmark = pytest.mark.xdist_group("megatron")
 
 GATE = os.environ.get("REFERENCE_EQUIVALENCE") == "1"
-
-
-@dataclass(frozen=True)
-class Case:
-    family: str
-    tie: bool
-    shape: str
-    write: tuple[int, int]  # (tp, pp) the conversion is asked for
-    tp: int  # the layout megatron-core loads it at
-    pp: int
-
-    @property
-    def id(self) -> str:
-        return (f"{self.family}-{'tied' if self.tie else 'untied'}-{self.shape}-"
-                f"written-tp{self.write[0]}pp{self.write[1]}-loaded-tp{self.tp}pp{self.pp}")
 
 
 DEFAULT = [
@@ -79,20 +64,8 @@ def _te_only(where: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def written(tmp_path_factory) -> Path:
-    """root/hf-ID (the HF model), root/ID (our TE torch_dist) and root/ID.ref.pt (HF logits)."""
-    root = tmp_path_factory.mktemp("distte")
-    ids = torch.randint(0, SHAPE["vocab_size"], (2, 10), generator=torch.Generator().manual_seed(7))
-    for case in CASES:
-        model = tiny_model(case.family, tie=case.tie, **SHAPES[case.shape])
-        if case.tie:  # as in test_megatron_equivalence: a tied head at an untied head's scale
-            with torch.no_grad():
-                model.get_input_embeddings().weight.mul_(2 * model.config.hidden_size ** -0.5)
-        model.save_pretrained(root / f"hf-{case.id}")
-        tp, pp = case.write
-        convert(root / f"hf-{case.id}", root / case.id, to="megatron",
-                layout=MegatronLayout(tp=tp, pp=pp, layer_spec="te", ckpt_format="torch_dist"))
-        torch.save({"input_ids": ids, "logits": logits(model, ids)}, root / f"{case.id}.ref.pt")
-    return root
+    return write_cases(tmp_path_factory.mktemp("distte"), CASES,
+                       lambda c: tied_scaled(c.family, c.tie, **SHAPES[c.shape]), "--layer-spec", "te")
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
