@@ -41,6 +41,12 @@ class MegatronLayout:
         return self.etp or self.tp
 
     @property
+    def stage_ranks(self) -> int:
+        """Ranks of the smallest job at this layout, per pipeline stage: a multiple of TP (dense
+        data parallelism beyond it) and of expert TP x EP (expert data parallelism beyond it)."""
+        return math.lcm(self.tp, self.expert_tp * self.ep)
+
+    @property
     def chunks(self) -> int:
         """Virtual stages per pipeline rank (1 without VPP)."""
         return self.vpp or 1
