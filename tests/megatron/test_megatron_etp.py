@@ -187,3 +187,25 @@ def test_torch_format_refuses_expert_tp_not_dividing_tp() -> None:
         check_experts(spec, MegatronLayout(etp=2))
     check_experts(spec, MegatronLayout(etp=2, ckpt_format="torch_dist"))
 
+
+
+def test_expert_copies_that_differ_between_files_are_refused(tmp_path) -> None:
+    """TP 2, etp 1: both files hold the whole experts (expert-TP rank 0); the reader takes
+    mp_rank_00's and refuses, naming the file and key, a copy in mp_rank_01 that differs."""
+    from reference.converters import convert
+    from reference.converters.source import open_source
+
+    tiny_model("qwen3_moe").save_pretrained(tmp_path / "hf")
+    convert(tmp_path / "hf", tmp_path / "mg", to="megatron", layout=MegatronLayout(tp=2, etp=1))
+    path = tmp_path / "mg" / "iter_0000001" / "mp_rank_01" / "model_optim_rng.pt"
+    state = torch.load(path, weights_only=False)
+    key = "decoder.layers.1.mlp.experts.local_experts.3.linear_fc2.weight"
+    full = state["model"][key]
+    assert list(full.shape) == [SHAPE["hidden_size"], 32]  # not cut: the expert's whole width
+    state["model"][key] = full + 1e-3
+    torch.save(state, path)
+    source = open_source(tmp_path / "mg")
+    with pytest.raises(InputError, match=f"mp_rank_01/model_optim_rng.pt: model '{key}' differs from its "
+                                         "copy in mp_rank_00"):
+        for lazy in source.tensors.values():
+            lazy.load()
