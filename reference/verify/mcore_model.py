@@ -122,13 +122,6 @@ def check_args(args: Namespace, where: str) -> None:
     if getattr(args, "position_embedding_type", "learned_absolute") != "rope":
         raise InputError(f"{where}: args position_embedding_type "
                          f"{getattr(args, 'position_embedding_type', None)!r}: only rope is built")
-    etp = getattr(args, "expert_tensor_parallel_size", None)
-    if getattr(args, "num_experts", None) and etp not in (None, args.tensor_model_parallel_size):
-        # the ranks are TP x PP x EP, each expert cut as the dense layers are (the converters
-        # write experts at --etp equal to --tp only)
-        raise InputError(f"{where}: args expert_tensor_parallel_size {etp} with "
-                         f"tensor_model_parallel_size {args.tensor_model_parallel_size}: experts are "
-                         "verified at expert TP equal to TP only")
 
 
 def build(args: Namespace, vp_stage: int | None, post_process: bool | None = None) -> Any:

@@ -4,7 +4,8 @@ rank, else under gloo on the CPU (with `cpu_side_steps` applied inside each rank
 
 A mixture of experts runs on TP x PP x EP ranks: each expert-parallel rank is a data-parallel
 copy of the rest of the model that holds its own experts, and the tokens reach the experts of
-the other EP ranks through megatron-core's token dispatcher.
+the other EP ranks through megatron-core's token dispatcher. With experts at a TP size of their
+own (expert TP), a stage has lcm(TP, expert TP x EP) ranks, as megatron-core lays them out.
 
 Legacy `torch` checkpoints: each rank loads its own rank file (`mp_rank_TT[_PPP][_EEE]`) with
 `strict=True`. `torch_dist` checkpoints: each rank loads through megatron-core's
@@ -41,9 +42,8 @@ class MegatronJob:
 
     kind: str  # "torch" or "torch_dist"
     files: dict[str, str]  # torch: "tp,pp,ep" -> rank file; torch_dist: {"dir": iteration dir}
-    world: int  # TP x PP x EP; TP x EP for the first layers of a legacy checkpoint (`_collapsed`)
-    tp: int
-    ep: int  # expert-parallel ranks (1 for a dense model)
+    world: int  # stage x PP; stage for the first layers of a legacy checkpoint (`_collapsed`)
+    stage: int  # ranks per pipeline stage: TP x EP, lcm(TP, expert TP x EP) with expert TP != TP
     layer_spec: str  # "local" or "te"
     vocab_size: int  # logits are trimmed to it (the padded rows are zeros)
     ids: list[list[int]]
@@ -215,7 +215,8 @@ def _run(job: MegatronJob, device: torch.device) -> dict[str, Any]:
     pp, vpp = (1, None) if _collapsed(job) else (layout.pp, layout.vpp)
     ps.initialize_model_parallel(tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=pp,
                                  virtual_pipeline_model_parallel_size=vpp,
-                                 expert_model_parallel_size=layout.ep)
+                                 expert_model_parallel_size=layout.ep,
+                                 expert_tensor_parallel_size=layout.expert_tp)
     if device.type == "cuda":  # attention forks the model-parallel CUDA RNG (dropout 0: it draws nothing)
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 

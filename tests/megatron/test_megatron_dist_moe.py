@@ -132,7 +132,7 @@ def test_moe_metadata_is_what_megatron_cores_save_writes(tmp_path) -> None:
 
 
 @pytest.mark.parametrize(("flags", "needles"), [
-    (["--tp", "2", "--etp", "1"], ["--etp 1"]),
+    (["--etp", "3"], ["--etp 3", "moe_ffn_hidden_size 32"]),
     (["--layer-spec", "te"], ["--layer-spec te"]),
     (["--ep", "3"], ["--ep 3", "num_experts 4"]),
 ])

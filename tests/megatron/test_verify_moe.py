@@ -28,7 +28,6 @@ from test_verify import perturbed
 from reference.cli import main
 from reference.converters import convert
 from reference.converters.megatron import MegatronLayout
-from reference.errors import InputError
 from reference.tiny import tiny_model
 from reference.verify.compare import report
 from reference.verify.compare import verify as api_verify
@@ -59,6 +58,7 @@ class Case:
     def id(self) -> str:
         lay = self.layout
         parts = [self.model, f"tp{lay.tp}", f"pp{lay.pp}", *[f"vpp{lay.vpp}"] * bool(lay.vpp), f"ep{lay.ep}"]
+        parts += [f"etp{lay.etp}"] * (lay.etp is not None)
         parts += ["dist"] * (lay.ckpt_format == "torch_dist") + [f"layers{self.layers}"] * bool(self.layers)
         return "-".join(parts)
 
@@ -69,7 +69,9 @@ class Case:
 
 
 EP2 = MegatronLayout(ep=2)
+ETP1 = MegatronLayout(tp=2, etp=1, ep=2)  # world 2: files mp_rank_00_000 and mp_rank_01_001
 DEFAULT = [
+    Case("mixtral", ETP1),
     Case("qwen2_moe", MegatronLayout(pp=2, ep=2)),  # world 4
     Case("qwen2_moe", MegatronLayout(pp=2, ep=2), layers=3),  # layer 3 on stage 1: TP x EP ranks
     Case("deepseek_v3", EP2),
@@ -90,10 +92,13 @@ GATE = [
     Case("qwen3_moe", MegatronLayout(pp=2, ep=2, ckpt_format="torch_dist"), layers=3),
     Case("qwen3_moe", MegatronLayout(pp=2, vpp=2, ep=2)),  # world 4, a layer per virtual stage
     Case("qwen2_moe", MegatronLayout(pp=2, vpp=2, ep=2), layers=3),
+    Case("qwen3_moe", MegatronLayout(etp=2, ckpt_format="torch_dist")),  # world 2, expert TP above TP
+    Case("qwen2_moe", MegatronLayout(tp=2, etp=1, pp=2, ep=2), layers=3),  # world 4
+    Case("deepseek_v3", MegatronLayout(tp=2, etp=1, ep=2, ckpt_format="torch_dist")),
 ]
 CASES = DEFAULT + GATE * FULL
 BAD = {Case("mixtral", EP2).dir, Case("mixtral", MegatronLayout(ep=2, ckpt_format="torch_dist")).dir,
-       Case("qwen2_moe", MegatronLayout(pp=2, ep=2)).dir}
+       Case("qwen2_moe", MegatronLayout(pp=2, ep=2)).dir, Case("mixtral", ETP1).dir}
 
 
 def hf_model(name: str, out: Path) -> None:
@@ -148,7 +153,7 @@ def test_a_good_moe_conversion_agrees(case: Case, ckpts) -> None:
     assert code == 0 and "OK: within the noise floor" in out, out
     lay = case.layout
     assert (f"{lay.ckpt_format} tp {lay.tp} pp {lay.pp}" + (f" vpp {lay.vpp}" if lay.vpp else "")
-            + (f" ep {lay.ep}" if lay.ep > 1 else "")) in out
+            + (f" ep {lay.ep}" if lay.ep > 1 else "") + (f" etp {lay.etp}" if lay.etp else "")) in out
     assert ("hidden states after layer" in out) == bool(case.layers)
 
 
@@ -171,14 +176,23 @@ def test_layers_see_the_moved_expert_only_once_they_reach_it(ckpts) -> None:
     assert code == 1 and "hidden states after layer 3" in out and beyond(out) > 10, out
 
 
-def test_what_the_converters_refuse_is_refused_by_name() -> None:
-    """The converters write experts at expert TP equal to TP only (the ranks are TP x PP x EP)."""
+def test_what_the_converters_refuse_is_refused_by_name(tmp_path, capsys) -> None:
+    """A torch-format checkpoint whose args put experts at expert TP 2 beside TP 1 (two ranks of
+    one rank-file name would hold different expert pieces): one line, exit 2, nothing run."""
+    import torch
+
     from reference.verify.mcore_model import check_args
 
     args = Namespace(swiglu=True, position_embedding_type="rope", multi_latent_attention=True,
-                     num_experts=4, tensor_model_parallel_size=2, expert_tensor_parallel_size=2)
-    check_args(args, "ckpt")  # latent attention and experts at expert TP = TP: built
-    args.expert_tensor_parallel_size = 1
-    with pytest.raises(InputError, match="ckpt: args expert_tensor_parallel_size 1 with "
-                                         "tensor_model_parallel_size 2: experts are verified at"):
-        check_args(args, "ckpt")
+                     num_experts=4, tensor_model_parallel_size=2, expert_tensor_parallel_size=1)
+    check_args(args, "ckpt")  # latent attention and experts at an expert TP of their own: built
+    tiny_model("qwen3_moe").save_pretrained(tmp_path / "hf")
+    convert(tmp_path / "hf", tmp_path / "mg", to="megatron")
+    path = tmp_path / "mg" / "iter_0000001" / "mp_rank_00" / "model_optim_rng.pt"
+    state = torch.load(path, weights_only=False)
+    state["args"].expert_tensor_parallel_size = 2
+    torch.save(state, path)
+    capsys.readouterr()
+    assert main(["verify", str(tmp_path / "hf"), str(tmp_path / "mg")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--etp 2 does not divide --tp 1" in err, err

@@ -103,42 +103,43 @@ def write_megatron(
              for p in range(layout.pp)]
     check_placed(spec, {n for eps in ranks for stages in eps for _, slots in stages for slot in slots
                         for n in slot.sources})
+    files = S.rank_files(layout.tp, layout.expert_tp, ep)
 
-    def piece(slot: S.Slot, parts: list[Any], tp_rank: int) -> torch.Tensor:
+    def piece(slot: S.Slot, parts: list[Any], tp_rank: int, etp_rank: int) -> torch.Tensor:
         tp = S.rule_tp(slot.rule, layout.tp, layout.expert_tp)
-        return S.shard(slot.rule.split, parts, S.width_spec(spec, slot.rule), tp, tp_rank,
-                       args.padded_vocab_size)
+        return S.shard(slot.rule.split, parts, S.width_spec(spec, slot.rule), tp,
+                       S.rule_tp(slot.rule, tp_rank, etp_rank), args.padded_vocab_size)
 
-    def piece_bytes(slot: S.Slot, tp_rank: int) -> int:  # cut from the data-free stand-ins
-        shape = piece(slot, [tensors[n].meta for n in slot.sources], tp_rank).shape
+    def piece_bytes(slot: S.Slot, tp_rank: int, etp_rank: int) -> int:  # cut from the data-free stand-ins
+        shape = piece(slot, [tensors[n].meta for n in slot.sources], tp_rank, etp_rank).shape
         return math.prod(shape) * S.piece_dtype(slot.rule, dtype).itemsize
 
-    total = sum(piece_bytes(slot, tp_rank) for eps in ranks for stages in eps for tp_rank in range(layout.tp)
-                for _, slots in stages for slot in slots) if progress is not None else 0
+    total = sum(piece_bytes(slot, t, a) for eps in ranks for t, e, a in files
+                for _, slots in eps[e] for slot in slots) if progress is not None else 0
     n_tensors = n_bytes = 0
     for pp_rank, eps in enumerate(ranks):
-        for ep_rank, stages in enumerate(eps):
-            for tp_rank in range(layout.tp):  # each rank reads its tensors anew: memory stays at one rank
-                state: dict[str, Any] = {"args": args, "checkpoint_version": S.CHECKPOINT_VERSION,
-                                         "iteration": S.ITERATION}
-                for chunk, (st, slots) in enumerate(stages):
-                    model: dict[str, Any] = {}
-                    for slot in slots:
-                        parts = [_read(tensors[n]) for n in slot.sources]
-                        kept = S.piece_dtype(slot.rule, dtype)
-                        model[slot.key] = _owned(piece(slot, parts, tp_rank), parts, kept)
-                        n_tensors += 1
-                        n_bytes += model[slot.key].nbytes
-                        del parts
-                        if progress is not None:
-                            progress(n_bytes, total)
-                    extras = {**S.extra_keys(spec, layout.layer_spec, st), **S.expert_extra_keys(slots)}
-                    for key, kind in extras.items():
-                        model[key] = extra_state_value(kind)
-                    state[S.model_key(chunk, layout.vpp)] = model
-                path = S.rank_file(out, str(S.ITERATION), tp_rank, pp_rank, layout.pp, ep_rank, ep)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                torch.save(state, path)
-                del state
+        for tp_rank, ep_rank, etp_rank in files:  # each file reads its tensors anew: memory stays at one rank
+            stages = eps[ep_rank]
+            state: dict[str, Any] = {"args": args, "checkpoint_version": S.CHECKPOINT_VERSION,
+                                     "iteration": S.ITERATION}
+            for chunk, (st, slots) in enumerate(stages):
+                model: dict[str, Any] = {}
+                for slot in slots:
+                    parts = [_read(tensors[n]) for n in slot.sources]
+                    kept = S.piece_dtype(slot.rule, dtype)
+                    model[slot.key] = _owned(piece(slot, parts, tp_rank, etp_rank), parts, kept)
+                    n_tensors += 1
+                    n_bytes += model[slot.key].nbytes
+                    del parts
+                    if progress is not None:
+                        progress(n_bytes, total)
+                extras = {**S.extra_keys(spec, layout.layer_spec, st), **S.expert_extra_keys(slots)}
+                for key, kind in extras.items():
+                    model[key] = extra_state_value(kind)
+                state[S.model_key(chunk, layout.vpp)] = model
+            path = S.rank_file(out, str(S.ITERATION), tp_rank, pp_rank, layout.pp, ep_rank, ep)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(state, path)
+            del state
     record(out, family, extra, dtype if cast is not None else None)
     return n_tensors, n_bytes
