@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,12 @@ class Source:
     # record carries it along), else the source's own: written back whole by a target of that
     # family while the weights still describe it, so no field the spec omits is lost.
     config: dict[str, Any] | None = None
+    # How the tensors were read ("dequantized 40 fp8 tensors (block 128x128) to bfloat16"), and
+    # the parts no class of the family computes with, kept out of `tensors`: feature -> keys
+    # (a conversion refuses them unless allowed, unheld.py; loading a model ignores them, as
+    # transformers' class does).
+    read_as: tuple[str, ...] = ()
+    unheld: dict[str, list[str]] = field(default_factory=dict)
 
 
 def passthrough(config: dict[str, Any]) -> dict[str, Any]:
@@ -81,4 +87,5 @@ def _open(path: Path, family: str | None, any_fit: bool) -> Source:
         return Source(path, family, model.spec, passthrough(model.config), {}, str, model.config)
     tensors = read_canonical(model.entries, family, model.spec, str(path))
     return Source(path, family, model.spec, passthrough(model.config), tensors,
-                  lambda name: family.keys.hf(name, family.model_type)[0], model.config)
+                  lambda name: family.keys.hf(name, family.model_type)[0], model.config,
+                  model.read_as, model.unheld)
