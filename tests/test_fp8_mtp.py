@@ -53,7 +53,8 @@ def mtp_layer(dense: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]
     out = {f"model.layers.{n}." + k.removeprefix(last): v for k, v in dense.items() if k.startswith(last)}
     hidden = dense["model.norm.weight"].shape[0]
     g = torch.Generator().manual_seed(n)
-    out.update({f"model.layers.{n}.enorm.weight": torch.ones(hidden), f"model.layers.{n}.hnorm.weight": torch.ones(hidden),
+    out.update({f"model.layers.{n}.enorm.weight": torch.ones(hidden),
+                f"model.layers.{n}.hnorm.weight": torch.ones(hidden),
                 f"model.layers.{n}.eh_proj.weight": torch.randn(hidden, 2 * hidden, generator=g) / hidden,
                 f"model.layers.{n}.shared_head.norm.weight": torch.ones(hidden),
                 f"model.layers.{n}.shared_head.head.weight": dense["lm_head.weight"],
@@ -174,7 +175,8 @@ DAMAGE = {
 def test_bad_scales_name_the_tensor(case: str, dense, tmp_path, capsys) -> None:
     damage, needles = DAMAGE[case]
     fp8 = publish(dense, tmp_path / "fp8", (16, 16), damage)
-    _fails(capsys, ["convert", str(fp8), str(tmp_path / "dst"), "--to", "hf", "--allow-drop", "mtp"], *needles)
+    args = ["convert", str(fp8), str(tmp_path / "dst"), "--to", "hf", "--allow-drop", "mtp"]
+    _fails(capsys, args, *needles)
     assert not (tmp_path / "dst").exists()
 
 
@@ -184,3 +186,90 @@ def test_mtp_refused_by_name_without_allow_drop(dense, tmp_path, capsys) -> None
         _fails(capsys, ["convert", str(fp8), str(tmp_path / "dst"), "--to", to],
                "multi-token-prediction", "'model.layers.2.*'", "--allow-drop mtp")
         assert not (tmp_path / "dst").exists()
+
+
+# DeepSeek-V3's published config.json (the fields that shape its tensors and features).
+V3 = {"model_type": "deepseek_v3", "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432,
+      "moe_intermediate_size": 2048, "num_hidden_layers": 61, "num_attention_heads": 128,
+      "num_key_value_heads": 128, "n_shared_experts": 1, "n_routed_experts": 256,
+      "routed_scaling_factor": 2.5,
+      "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_rope_head_dim": 64, "v_head_dim": 128,
+      "qk_nope_head_dim": 128, "topk_method": "noaux_tc", "n_group": 8, "topk_group": 4,
+      "num_experts_per_tok": 8, "moe_layer_freq": 1, "first_k_dense_replace": 3, "norm_topk_prob": True,
+      "scoring_func": "sigmoid", "hidden_act": "silu", "max_position_embeddings": 163840,
+      "rms_norm_eps": 1e-6,
+      "rope_theta": 10000, "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0,
+                                            "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096,
+                                            "type": "yarn"},
+      "tie_word_embeddings": False, "torch_dtype": "bfloat16", "num_nextn_predict_layers": 1,
+      "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                              "weight_block_size": [128, 128]}}
+
+
+def published_v3() -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """DeepSeek-V3's published tensors: name -> (dtype, shape), layer 61 its MTP module."""
+    h, v = V3["hidden_size"], V3["vocab_size"]
+    heads, experts = V3["num_attention_heads"], V3["n_routed_experts"]
+    bf16, f32, fp8 = torch.bfloat16, torch.float32, torch.float8_e4m3fn
+    out = {"model.embed_tokens.weight": (bf16, (v, h)), "model.norm.weight": (bf16, (h,)),
+           "lm_head.weight": (bf16, (v, h))}
+
+    def linear(name: str, rows: int, cols: int) -> None:
+        out[name] = (fp8, (rows, cols))
+        out[name + "_scale_inv"] = (f32, (math.ceil(rows / 128), math.ceil(cols / 128)))
+
+    def mlp(prefix: str, size: int) -> None:
+        for p in ("gate", "up"):
+            linear(f"{prefix}.{p}_proj.weight", size, h)
+        linear(f"{prefix}.down_proj.weight", h, size)
+
+    for i in range(V3["num_hidden_layers"] + 1):
+        p = f"model.layers.{i}"
+        out.update({f"{p}.input_layernorm.weight": (bf16, (h,)),
+                    f"{p}.post_attention_layernorm.weight": (bf16, (h,)),
+                    f"{p}.self_attn.q_a_layernorm.weight": (bf16, (1536,)),
+                    f"{p}.self_attn.kv_a_layernorm.weight": (bf16, (512,))})
+        linear(f"{p}.self_attn.q_a_proj.weight", 1536, h)
+        linear(f"{p}.self_attn.q_b_proj.weight", heads * 192, 1536)
+        linear(f"{p}.self_attn.kv_a_proj_with_mqa.weight", 576, h)  # 4.5 blocks of rows
+        linear(f"{p}.self_attn.kv_b_proj.weight", heads * 256, 512)
+        linear(f"{p}.self_attn.o_proj.weight", h, heads * 128)
+        if i < V3["first_k_dense_replace"]:
+            mlp(f"{p}.mlp", V3["intermediate_size"])
+            continue
+        out.update({f"{p}.mlp.gate.weight": (bf16, (experts, h)),
+                    f"{p}.mlp.gate.e_score_correction_bias": (f32, (experts,))})
+        for e in range(experts):
+            mlp(f"{p}.mlp.experts.{e}", 2048)
+        mlp(f"{p}.mlp.shared_experts", 2048)
+    p = f"model.layers.{V3['num_hidden_layers']}"
+    out.update({f"{p}.enorm.weight": (bf16, (h,)), f"{p}.hnorm.weight": (bf16, (h,)),
+                f"{p}.shared_head.norm.weight": (bf16, (h,)), f"{p}.shared_head.head.weight": (bf16, (v, h)),
+                f"{p}.embed_tokens.weight": (bf16, (v, h))})
+    linear(f"{p}.eh_proj.weight", h, 2 * h)
+    return out
+
+
+def test_published_v3_every_key_placed_at_real_size() -> None:
+    """Real sizes without real weights: every published tensor is read once (the MTP layer kept
+    apart), every scale grid fits, kv_a_proj_with_mqa's cut-short block included."""
+    from reference.converters.fp8 import Dequantized, dequantized, read_fp8
+    from reference.converters.plan import read_canonical
+    from reference.converters.safetensors_io import Entry
+    from reference.converters.unheld import split_unheld
+    from reference.families.registry import FAMILIES
+    from reference.families.resolve import as_loaded
+
+    family = FAMILIES["deepseek_v3"]
+    spec = family.read(as_loaded(V3, "V3"), "V3")
+    entries = {k: Entry(Path("V3"), 0, 0, dtype, shape) for k, (dtype, shape) in published_v3().items()}
+    unheld = split_unheld(entries, V3, spec.num_layers)
+    assert len(unheld["mtp"]) == sum(k.startswith("model.layers.61.") for k in entries)
+    kept = {k: e for k, e in entries.items() if k not in set(unheld["mtp"])}
+    read = dequantized(kept, read_fp8(V3, "V3"), "V3")
+    fp8 = [e for e in read.values() if isinstance(e, Dequantized)]
+    assert len(fp8) == sum(k.endswith("_scale_inv") for k in kept)
+    assert all(e.meta().dtype == torch.bfloat16 for e in fp8)
+    assert read["model.layers.0.self_attn.kv_a_proj_with_mqa.weight"].scale.shape == (5, 56)
+    tensors = read_canonical(read, family, spec, "V3")  # raises on any key left over or missing
+    assert tensors["layers.3.attn.kv_a.weight"].meta.dtype == torch.bfloat16

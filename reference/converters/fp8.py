@@ -128,8 +128,9 @@ def dequantized(entries: Mapping[str, Entry], fp8: BlockFP8 | None,
     out: dict[str, Entry | Dequantized] = {}
     for key, entry in entries.items():
         if key in scales:
-            if key.removesuffix(SCALE) not in entries:
-                raise InputError(f"{where}: tensor '{key}' scales '{key.removesuffix(SCALE)}', which is missing")
+            weight = key.removesuffix(SCALE)
+            if weight not in entries:
+                raise InputError(f"{where}: tensor '{key}' scales '{weight}', which is missing")
             continue
         scale = entries.get(key + SCALE)
         if scale is None:

@@ -71,6 +71,6 @@ def open_hf(path: Path) -> HFModel:
     apart = {k for keys in unheld.values() for k in keys}  # their scales included: same prefix
     read = dequantized({k: e for k, e in entries.items() if k not in apart}, fp8, str(path))
     count = sum(isinstance(e, Dequantized) for e in read.values())
-    read_as = (fp8.describe(count),) if fp8 is not None else ()
+    read_as = (fp8.describe(count),) if count else ()
     cfg = {k: v for k, v in cfg.items() if k != "quantization_config"}
     return HFModel(path, cfg, family, spec, read, read_as, unheld)
