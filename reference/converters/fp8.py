@@ -9,9 +9,11 @@ the weight is `weight * scale_inv` block by block, the last block of a row or co
 The arithmetic is transformers' dequantize path (integrations/finegrained_fp8.py, Fp8Dequantize):
 both factors in float32, one product, rounded once to the dtype the model is loaded in (its
 config's `dtype`, float32 when it names none). Its blocks follow `weight_block_size`, as
-transformers' FP8Linear and DeepSeek's own kernel do; transformers' Fp8Dequantize instead derives
-the block from the scale grid (rows // grid rows), which equals it exactly when the block divides
-the weight and misreads a cut-short last block otherwise.
+transformers' FP8Linear and DeepSeek's own kernel do. transformers' Fp8Dequantize instead derives
+the block from the scale grid (rows // grid rows): the same where the block divides the weight,
+and where it does not, a ValueError (transformers 5.25 cannot dequantize the published
+DeepSeek-V3 on a CPU: kv_a_proj_with_mqa's 576 rows over 5 scale rows) or, where the grid happens
+to divide the weight, blocks of the wrong size.
 """
 
 from __future__ import annotations
