@@ -126,10 +126,17 @@ def test_fp8_reads_as_transformers_dequantizes_and_mtp_drops_on_request(dense, t
     assert_bitwise(theirs.state_dict(), ours.state_dict())
     assert ours.config.num_mtp_layers == 0
     ids = golden_input()
-    want = logits(theirs.float(), ids)
-    torch.testing.assert_close(logits(transformers_model(tmp_path / "bf16", torch.float32), ids), want)
+    torch.testing.assert_close(logits(transformers_model(tmp_path / "bf16", torch.float32), ids),
+                               logits(theirs.float(), ids))
+
+    # Asked for float32, both dequantize straight into it: one rounding, not two.
+    theirs = transformers_model(fp8, torch.float32)
+    assert main(["convert", str(fp8), str(tmp_path / "fp32"), "--to", "hf", "--allow-drop", "mtp",
+                 "--dtype", "float32"]) == 0
+    assert "fp8 tensors (block 8x8) to float32" in capsys.readouterr().out
+    assert_bitwise(theirs.state_dict(), transformers_model(tmp_path / "fp32", torch.float32).state_dict())
     unified = UnifiedForCausalLM.from_pretrained(fp8, dtype=torch.float32)  # the same reader
-    torch.testing.assert_close(logits(unified, ids), want)
+    torch.testing.assert_close(logits(unified, ids), logits(theirs, ids))
 
     args = ["--allow-drop", "mtp", "--tp", "2", "--ep", "2"]
     assert main(["convert", str(fp8), str(tmp_path / "mg"), "--to", "megatron", *args]) == 0

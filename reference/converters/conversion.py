@@ -177,7 +177,7 @@ def convert(
     """
     src, dst = Path(src), Path(dst)
     cast = parse_dtype(dtype)
-    source = open_source(src, family)
+    source = open_source(src, family, dtype=cast)
     config, dropped = drop_unheld(source.unheld, source.config, allow, str(src))
     source = dataclasses.replace(source, config=config)
     shard_bytes = max_shard_bytes or source_shard_bytes(src)

@@ -46,8 +46,9 @@ class BlockFP8:
         return f"dequantized {count} fp8 tensors (block {self.block[0]}x{self.block[1]}) to {dtype}"
 
 
-def read_fp8(config: Mapping[str, Any], where: str) -> BlockFP8 | None:
-    """The FP8 block quantization config.json declares, or None; any other quantization raises."""
+def read_fp8(config: Mapping[str, Any], where: str, dtype: torch.dtype | None = None) -> BlockFP8 | None:
+    """The FP8 block quantization config.json declares, or None; any other quantization raises.
+    The weights are read in `dtype`, else the config's, else float32 (transformers' default)."""
     q = config.get("quantization_config")
     if q is None:
         return None
@@ -64,6 +65,8 @@ def read_fp8(config: Mapping[str, Any], where: str) -> BlockFP8 | None:
             or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
         raise InputError(f"{where}: quantization_config.weight_block_size is {block!r}, not two positive "
                          "integers (per-tensor FP8 scales are not read)")
+    if dtype is not None:
+        return BlockFP8((block[0], block[1]), dtype)
     declared = config.get("dtype", config.get("torch_dtype"))
     dtype = getattr(torch, declared, None) if isinstance(declared, str) else None
     if declared is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from reference.converters.fp8 import Dequantized, dequantized, read_fp8
 from reference.converters.safetensors_io import Entry, read_dir
 from reference.converters.unheld import split_unheld
@@ -55,17 +57,17 @@ def read_beside(path: Path, family: Family) -> dict[str, str]:
             if (path / name).is_file()}
 
 
-def open_hf(path: Path) -> HFModel:
+def open_hf(path: Path, dtype: torch.dtype | None = None) -> HFModel:
     """Config, family, spec and the tensor index of an HF model directory. FP8 block-scaled
-    weights are read dequantized, and the config is returned without its quantization_config
-    (what is read is no longer quantized)."""
+    weights are read dequantized (into `dtype`, default the config's), and the config is
+    returned without its quantization_config (what is read is no longer quantized)."""
     cfg = read_config(path)
     where = str(path / "config.json")
     family = family_of(cfg, where)
     files = read_beside(path, family)
     family.read(cfg, where, files)  # the fields a checkpoint must state, before any class fills them
     spec = family.read(as_loaded(cfg, where), where, files)
-    fp8 = read_fp8(cfg, where)
+    fp8 = read_fp8(cfg, where, dtype)
     entries = read_dir(path)
     unheld = split_unheld(entries, cfg, spec.num_layers)
     apart = {k for keys in unheld.values() for k in keys}  # their scales included: same prefix

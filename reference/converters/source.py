@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from reference.converters.hf_dir import open_hf
 from reference.converters.plan import Lazy, read_canonical
 from reference.converters.unified_dir import is_unified_dir, read_unified
@@ -63,16 +65,19 @@ def carried_config(path: Path) -> dict[str, Any] | None:
     return carried if isinstance(carried, dict) and "model_type" in carried else None
 
 
-def open_source(path: Path, family: str | None = None, *, any_fit: bool = False) -> Source:
+def open_source(path: Path, family: str | None = None, *, any_fit: bool = False,
+                dtype: torch.dtype | None = None) -> Source:
     """An HF model directory, a unified one or a Megatron checkpoint, by what it holds;
     `family` (--family) names the family of a Megatron checkpoint that does not record one;
-    `any_fit` takes the first family its args fit, for callers that use only the spec."""
-    source = _open(path, family, any_fit)
+    `any_fit` takes the first family its args fit, for callers that use only the spec; `dtype`
+    is the one FP8 weights are dequantized into (default: the config's, fp8.py), so that a
+    cast asked for rounds the float32 product once, as transformers loading in that dtype does."""
+    source = _open(path, family, any_fit, dtype)
     carried = carried_config(path)
     return dataclasses.replace(source, config=carried) if carried else source
 
 
-def _open(path: Path, family: str | None, any_fit: bool) -> Source:
+def _open(path: Path, family: str | None, any_fit: bool, dtype: torch.dtype | None) -> Source:
     from reference.converters import megatron
 
     if megatron.is_megatron_dir(path):
@@ -81,7 +86,7 @@ def _open(path: Path, family: str | None, any_fit: bool) -> Source:
         raise InputError(f"--family {family}: applies only to a Megatron-LM checkpoint, not {path}")
     if is_unified_dir(path):
         return read_unified(path)
-    model = open_hf(path)
+    model = open_hf(path, dtype)
     family = model.family
     if family.keys is None:  # known by its features only: fine for refusing, not for reading
         return Source(path, family, model.spec, passthrough(model.config), {}, str, model.config)
