@@ -41,7 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "while sequences fit the window, recorded in DST/conversion.json")
     p.add_argument("--allow-drop", action="append", default=[], metavar="FEATURE",
                    help="the same for another feature that acts only on long inputs "
-                        "(long_context_scaling: Qwen v1's dynamic NTK and log-n attention)")
+                        "(long_context_scaling: Qwen v1's dynamic NTK and log-n attention), or for "
+                        "a part of the checkpoint no class computes with (mtp: DeepSeek-V3's "
+                        "multi-token-prediction layer)")
     mg = p.add_argument_group("Megatron layout (only with --to megatron)")
     mg.add_argument("--tp", type=int, help=f"tensor-parallel size (default {d.tp})")
     mg.add_argument("--pp", type=int, help=f"pipeline-parallel size (default {d.pp})")
@@ -145,6 +147,8 @@ def run(args: argparse.Namespace) -> int:
                          fold_precision=args.fold_precision, family=args.family)
     print(f"{report.source} -> {report.target}: {report.tensors} tensors, "
           f"{report.bytes / 2**20:.1f} MiB written to {args.dst}")
+    for line in report.read_as:
+        print(line)
     for line in fold_lines(report.fold_costs):
         print(line)
     for caveat in report.caveats:
