@@ -79,8 +79,9 @@ def tiny_config(model_type: str, *, tie: bool = False, **overrides: Any):
     from transformers import AutoConfig
 
     fields = {**SHAPE, **TINY[model_type], "tie_word_embeddings": tie, **overrides}
-    # None in a TINY row removes a SHAPE field the family does not take (a None window stays).
-    fields = {k: v for k, v in fields.items() if v is not None or k == "sliding_window"}
+    # None removes a SHAPE field the family does not take; any other None is the config's value
+    # (a None window, q_lora_rank None: one q projection), which dropping would turn into its default.
+    fields = {k: v for k, v in fields.items() if v is not None or k not in SHAPE}
     return AutoConfig.for_model(model_type, **fields)
 
 

@@ -11,8 +11,9 @@ from reference.converters.megatron import MegatronLayout, MegatronTarget
 from reference.errors import Inexpressible
 from reference.families.cli import rows
 from reference.families.registry import FAMILIES
+from reference.families.resolve import as_loaded
 from reference.families.spec import BIAS_KEYS
-from reference.families.verdict import CLASS_DEFAULTS, class_defaults, typical_config, verdict
+from reference.families.verdict import CLASS_DEFAULTS, class_defaults, typical, typical_config, verdict
 from reference.tiny import save_tiny
 
 REFUSED_CELLS = [(s, t) for s in BUILT for t in TARGETS
@@ -41,6 +42,21 @@ def test_cells_name_the_blocking_feature() -> None:
     # Megatron-LM's gated MLP is SwiGLU: Gemma's tanh-GELU is refused by name, not by footnote.
     assert table["gemma"]["-> megatron"] == "refused: hidden_act"
     assert table["gemma"]["-> llama"].startswith("exact with folding")
+    # DeepSeek's latent norms have eps 1e-6, as its configs' rms_norm_eps: one layernorm_epsilon
+    # serves megatron-core (tests/megatron/test_megatron_mla.py converts them exactly)
+    assert table["deepseek_v2"]["-> megatron"] == table["deepseek_v3"]["-> megatron"] == "exact"
+
+
+def test_the_example_keeps_each_class_default_norm_eps() -> None:
+    """The 7B example of `reference families` sets no eps: one eps for every family describes
+    models some families never publish (a 1e-5 DeepSeek made megatron refuse it by norm_eps)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    classes = [f for f in FAMILIES.values() if f.model_type in CONFIG_MAPPING]
+    for family in classes:
+        default = family.read(as_loaded({"model_type": family.model_type}, family.model_type), "default")
+        assert typical(family).norm_eps == default.norm_eps, family.model_type
+    assert {typical(f).norm_eps for f in classes} >= {1e-5, 1e-6}  # the classes do differ
 
 
 def test_gemma_to_megatron_is_refused_naming_the_activation(tmp_path) -> None:

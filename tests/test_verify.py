@@ -1,7 +1,7 @@
 """`reference verify` between HF directories (and a unified one): a good conversion is within
 the noise floor (exit 0); one tensor moved by 1e-3 is far beyond it (exit 1); `--layers 1`
 sees a layer-0 change only; bad input is one line, exit 2. Megatron sides:
-tests/megatron/test_verify_megatron.py.
+tests/megatron/test_verify_megatron.py, and mixtures of experts tests/megatron/test_verify_moe.py.
 """
 
 from __future__ import annotations
@@ -125,3 +125,24 @@ def test_cpu_side_steps_are_restored_on_exit() -> None:
         raise KeyError("inside")
     assert (torch.cuda.current_device, torch.Tensor.cuda, torch.cuda.synchronize,
             tensor_parallel.get_cuda_rng_tracker) == before
+
+
+def test_te_side_steps_are_restored_on_exit() -> None:
+    """Without TransformerEngine, the MoE router's te_general_gemm (never defined) is None and
+    latent attention's HAVE_TE False inside the block only, even when it raises."""
+    pytest.importorskip("megatron.core")
+    import importlib.util
+
+    if importlib.util.find_spec("transformer_engine") is not None:
+        pytest.skip("TransformerEngine is installed: te_side_steps patches nothing")
+    from megatron.core.transformer import multi_latent_attention
+    from megatron.core.transformer.moe import moe_utils
+
+    from reference.verify.cpu import te_side_steps
+
+    had_gemm, have_te = hasattr(moe_utils, "te_general_gemm"), multi_latent_attention.HAVE_TE
+    with pytest.raises(KeyError), te_side_steps():
+        assert moe_utils.te_general_gemm is None and multi_latent_attention.HAVE_TE is False
+        raise KeyError("inside")
+    assert hasattr(moe_utils, "te_general_gemm") == had_gemm
+    assert multi_latent_attention.HAVE_TE == have_te

@@ -41,7 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "while sequences fit the window, recorded in DST/conversion.json")
     p.add_argument("--allow-drop", action="append", default=[], metavar="FEATURE",
                    help="the same for another feature that acts only on long inputs "
-                        "(long_context_scaling: Qwen v1's dynamic NTK and log-n attention)")
+                        "(long_context_scaling: Qwen v1's dynamic NTK and log-n attention), or for "
+                        "a part of the checkpoint no class computes with (mtp: DeepSeek-V3's "
+                        "multi-token-prediction layer)")
     mg = p.add_argument_group("Megatron layout (only with --to megatron)")
     mg.add_argument("--tp", type=int, help=f"tensor-parallel size (default {d.tp})")
     mg.add_argument("--pp", type=int, help=f"pipeline-parallel size (default {d.pp})")
@@ -59,8 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     mg.add_argument("--etp", type=int, help="tensor-parallel size of each expert (default: --tp)")
     mg.add_argument("--ckpt-format", choices=CKPT_FORMATS,
                     help=f"Megatron-LM's checkpoint format: per-rank files (torch), or a distributed "
-                         f"checkpoint Megatron-LM can also load at another TP/PP (torch_dist; local "
-                         f"--layer-spec only) (default {d.ckpt_format})")
+                         f"checkpoint Megatron-LM can also load at another TP/PP (torch_dist) "
+                         f"(default {d.ckpt_format})")
     p.add_argument("--max-shard-size", type=int, metavar="BYTES",
                    help="largest output shard, for an HF target (default: one file from a single-file "
                         "source, else the source's largest shard; 5 GiB from Megatron)")
@@ -145,6 +147,8 @@ def run(args: argparse.Namespace) -> int:
                          fold_precision=args.fold_precision, family=args.family)
     print(f"{report.source} -> {report.target}: {report.tensors} tensors, "
           f"{report.bytes / 2**20:.1f} MiB written to {args.dst}")
+    for line in report.read_as:
+        print(line)
     for line in fold_lines(report.fold_costs):
         print(line)
     for caveat in report.caveats:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from collections.abc import Collection, Mapping
@@ -19,6 +20,7 @@ from reference.converters.hf_target import HFTarget
 from reference.converters.plan import SCORE, Lazy, adapt, prune_zero_biases, refuse_score, retie
 from reference.converters.safetensors_io import INDEX, SINGLE, Progress
 from reference.converters.source import RECORD, Source, open_source
+from reference.converters.unheld import drop_unheld
 from reference.converters.unified_dir import UnifiedTarget
 from reference.errors import Inexpressible, InputError
 from reference.families.registry import family_named
@@ -43,6 +45,7 @@ class Report:
     # fields the written config.json does not hold.
     source_config: dict[str, Any] | None = None
     dropped_fields: list[str] = field(default_factory=list)
+    read_as: list[str] = field(default_factory=list)  # how the source was read (FP8 dequantized)
 
 
 def parse_dtype(name: str | None) -> torch.dtype | None:
@@ -164,7 +167,8 @@ def convert(
     `to` is a family's model_type, `hf` (back to the family the checkpoint came from),
     `unified` (the unified model's own format) or `megatron` (laid out by `layout`, a
     MegatronLayout). `allow` names features the user
-    accepts dropping (e.g. `sliding_window`); each is recorded in DST/conversion.json.
+    accepts dropping (e.g. `sliding_window`, or `mtp`: DeepSeek-V3's multi-token-prediction
+    layer, unheld.py); each is recorded in DST/conversion.json.
     HF output shards hold at most `max_shard_bytes` (default: as `source_shard_bytes` says).
     `progress`, if given, is told (bytes written, bytes in all) as the tensors are written.
     `fold_precision` is `exact` (a folded tensor is written in float32 where its dtype cannot
@@ -173,7 +177,9 @@ def convert(
     """
     src, dst = Path(src), Path(dst)
     cast = parse_dtype(dtype)
-    source = open_source(src, family)
+    source = open_source(src, family, dtype=cast)
+    config, dropped = drop_unheld(source.unheld, source.config, allow, str(src))
+    source = dataclasses.replace(source, config=config)
     shard_bytes = max_shard_bytes or source_shard_bytes(src)
     target = resolve_target(to, source, shard_bytes, layout)
     if fold_precision not in PRECISIONS:
@@ -183,8 +189,8 @@ def convert(
         count, size = target.write(prepared.tensors, prepared.held, source.extra, cast, out, progress)
         for path in side_files(src):
             shutil.copy2(path, out / path.name)
-        report = Report(source.family.model_type, target.name, count, size, prepared.caveats,
+        report = Report(source.family.model_type, target.name, count, size, dropped + prepared.caveats,
                         prepared.folds, [asdict(c) for c in prepared.costs], source.config,
-                        dropped_fields(source.config, out))
+                        dropped_fields(source.config, out), list(source.read_as))
         (out / RECORD).write_text(json.dumps(asdict(report), indent=2) + "\n")
     return report

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from reference.converters.fp8 import Dequantized, dequantized, read_fp8
 from reference.converters.safetensors_io import Entry, read_dir
+from reference.converters.unheld import split_unheld
 from reference.errors import InputError
 from reference.families.family import Family
 from reference.families.registry import family_of
@@ -23,7 +27,11 @@ class HFModel:
     config: dict[str, Any]
     family: Family
     spec: ModelSpec
-    entries: dict[str, Entry]
+    entries: dict[str, Entry | Dequantized]  # FP8 weights read as the dense ones they stand for
+    # How the tensors were read, for the conversion report ("dequantized 40 fp8 tensors ...").
+    read_as: tuple[str, ...] = ()
+    # Parts no class of the family computes with (unheld.py), kept out of `entries`: feature -> keys.
+    unheld: dict[str, list[str]] = field(default_factory=dict)
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -49,12 +57,22 @@ def read_beside(path: Path, family: Family) -> dict[str, str]:
             if (path / name).is_file()}
 
 
-def open_hf(path: Path) -> HFModel:
-    """Config, family, spec and the tensor index of an HF model directory."""
+def open_hf(path: Path, dtype: torch.dtype | None = None) -> HFModel:
+    """Config, family, spec and the tensor index of an HF model directory. FP8 block-scaled
+    weights are read dequantized (into `dtype`, default the config's), and the config is
+    returned without its quantization_config (what is read is no longer quantized)."""
     cfg = read_config(path)
     where = str(path / "config.json")
     family = family_of(cfg, where)
     files = read_beside(path, family)
     family.read(cfg, where, files)  # the fields a checkpoint must state, before any class fills them
     spec = family.read(as_loaded(cfg, where), where, files)
-    return HFModel(path, cfg, family, spec, read_dir(path))
+    fp8 = read_fp8(cfg, where, dtype)
+    entries = read_dir(path)
+    unheld = split_unheld(entries, cfg, spec.num_layers)
+    apart = {k for keys in unheld.values() for k in keys}  # their scales included: same prefix
+    read = dequantized({k: e for k, e in entries.items() if k not in apart}, fp8, str(path))
+    count = sum(isinstance(e, Dequantized) for e in read.values())
+    read_as = (fp8.describe(count),) if count else ()
+    cfg = {k: v for k, v in cfg.items() if k != "quantization_config"}
+    return HFModel(path, cfg, family, spec, read, read_as, unheld)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from reference.converters.folds import FOLDS, UNTIES, FoldCost, Refold, is_default, measure, written_dtype
+from reference.converters.fp8 import Dequantized
 from reference.converters.safetensors_io import Entry, Planned
 from reference.errors import Inexpressible, InputError
 from reference.families.family import Family
@@ -74,7 +75,7 @@ def refuse_score(model_type: str, where: str) -> None:
 
 
 def read_canonical(
-    entries: Mapping[str, Entry], family: Family, spec: ModelSpec, where: str
+    entries: Mapping[str, Entry | Dequantized], family: Family, spec: ModelSpec, where: str
 ) -> dict[str, Lazy]:
     """The canonical tensors of a checkpoint, checked against what its spec must hold; a
     sequence-classification checkpoint's `score.weight` is taken as it is, in place of lm_head."""
@@ -94,8 +95,9 @@ def read_canonical(
             _check_computed(key, entry, fused, spec, where)
             continue
         if fused is None:
+            stored = entry if isinstance(entry, Entry) else None  # a dequantized weight is computed
             for name in names:
-                out[name] = Lazy(entry.meta(), entry.load, entry)
+                out[name] = Lazy(entry.meta(), entry.load, stored)
             continue
         metas = fused.split(entry.meta(), spec)
         for i, name in enumerate(names):
@@ -110,7 +112,7 @@ def read_canonical(
     if spec.tie_word_embeddings:
         out.pop("lm_head.weight", None)  # a tied head is the embedding; transformers ignores a saved copy
     if score is not None:
-        out[SCORE] = Lazy(score.meta(), score.load, score)
+        out[SCORE] = Lazy(score.meta(), score.load, score if isinstance(score, Entry) else None)
     expected = expected_names(spec, score is not None)
     for name in expected:
         if name not in out:

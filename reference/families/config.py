@@ -277,6 +277,11 @@ class Latent(Codec):
         return {}
 
 
+def _first_mixture(spec: ModelSpec, m: MoE) -> int:
+    """The first layer whose MLP is the mixture (num_layers if none is)."""
+    return next((i for i in range(spec.num_layers) if m.on(i)), spec.num_layers)
+
+
 @dataclass(frozen=True)
 class DeepSeekExperts(Codec):
     """DeepSeek's mixture (ModelSpec.num_experts and its `moe` record): n_routed_experts of
@@ -319,12 +324,10 @@ class DeepSeekExperts(Codec):
 
     def express(self, spec: ModelSpec) -> dict[str, Any]:
         m = spec.moe or MoE(top_k=1, expert_size=spec.intermediate_size)
-        first = 0
-        while first in m.dense_layers:
-            first += 1
+        # the layers before the first mixture dense, the rest mixtures (ModelSpec spells it)
         return {"num_experts": spec.num_experts or self.default, "moe": MoE(
             top_k=m.top_k, expert_size=m.expert_size, norm_topk_prob=m.norm_topk_prob and self.renormalise,
-            fp32_weights=True, shared_size=m.shared_size, dense_layers=tuple(range(first)),
+            fp32_weights=True, shared_size=m.shared_size, dense_layers=tuple(range(_first_mixture(spec, m))),
             scoring=self.scoring, groups=m.groups, top_groups=m.top_groups, group_score=self.group_score,
             choice_bias=self.choice_bias, scale=m.scale, fp32_router=True, gated_shared=False)}
 
@@ -334,7 +337,7 @@ class DeepSeekExperts(Codec):
         out: dict[str, Any] = {
             "n_routed_experts": spec.num_experts, "num_experts_per_tok": m.top_k,
             "moe_intermediate_size": m.expert_size, "n_shared_experts": m.shared_size // m.expert_size,
-            "first_k_dense_replace": len(m.dense_layers), "routed_scaling_factor": m.scale,
+            "first_k_dense_replace": _first_mixture(spec, m), "routed_scaling_factor": m.scale,
             "norm_topk_prob": m.norm_topk_prob}
         if self.grouped_by is None or m.groups > 1:  # else greedy: the groups are not read
             out.update(n_group=m.groups, topk_group=m.top_groups)

@@ -7,7 +7,8 @@ family -> canonical -> family. The canonical names are the unified model's state
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping
+import math
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +55,20 @@ class MoE:
     def on(self, layer: int) -> bool:
         """Whether a layer's MLP is the mixture (else the dense MLP of intermediate_size)."""
         return layer not in self.dense_layers and (layer + 1) % self.sparse_step == 0
+
+    def spelled(self, num_layers: int) -> MoE:
+        """The same layers, in the one spelling every reader gives them (`layer_spelling`)."""
+        step, dense = layer_spelling([self.on(i) for i in range(num_layers)])
+        return dataclasses.replace(self, sparse_step=step, dense_layers=dense)
+
+
+def layer_spelling(mixture: Sequence[bool]) -> tuple[int, tuple[int, ...]]:
+    """(sparse_step, dense_layers) of a layer pattern, one spelling of many: the largest step
+    every mixture layer keeps, the other layers it would make mixtures listed dense. DeepSeek's
+    first k dense layers of 2 ([dense, mixture]) and Qwen-MoE's decoder_sparse_step 2 are one
+    pattern; spelled one way, specs that compute the same compare equal."""
+    step = math.gcd(*(i + 1 for i, on in enumerate(mixture) if on)) or 1
+    return step, tuple(i for i, on in enumerate(mixture) if not on and (i + 1) % step == 0)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -165,6 +180,8 @@ class ModelSpec:
             object.__setattr__(self, "moe", None)
         if isinstance(self.moe, Mapping):  # from a unified config.json
             object.__setattr__(self, "moe", MoE(**self.moe))
+        if self.moe is not None:
+            object.__setattr__(self, "moe", self.moe.spelled(self.num_layers))
         if not self.latent_attention:
             object.__setattr__(self, "mla", None)
         if isinstance(self.mla, Mapping):

@@ -35,9 +35,12 @@ class Unified:
 
 
 # A 7B shape; the vocabulary is large enough for every class's default token ids (no warnings).
+# No norm eps: each class's own default stands, as in the family's real configs. One eps for
+# every family would describe models none publishes (DeepSeek's latent norms are fixed at 1e-6,
+# so a 1e-5 model eps would make megatron-core, one layernorm_epsilon for every norm, refuse it).
 _DIMS = {"vocab_size": 262144, "hidden_size": 4096, "intermediate_size": 11008,
          "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
-         "head_dim": 128, "max_position_embeddings": 32768, "rms_norm_eps": 1e-5}
+         "head_dim": 128, "max_position_embeddings": 32768}
 
 
 class Holder(Protocol):

@@ -50,9 +50,10 @@ def run_ray(job: Job, plan: list[list[str]], todo: list[Row], batch_size: int) -
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
         devices = plan[0]
-        gpus = len(devices) if devices[0].startswith("cuda") else 0
+        sharing = plan.count(devices)  # replicas per device when there are more workers than devices
+        gpus = len(devices) / sharing if devices[0].startswith("cuda") else 0
         # Ray sets each actor's CUDA_VISIBLE_DEVICES to the GPUs it grants: they count from 0 there
-        local = [f"cuda:{i}" for i in range(gpus)] if gpus else ["cpu"]
+        local = [f"cuda:{i}" for i in range(len(devices))] if gpus else ["cpu"]
         ordered = sorted(todo, key=lambda r: (-r.size, r.line))  # long rows first, as the local engine
         ds = ray.data.from_items([{"row": json.dumps(dataclasses.asdict(r))} for r in ordered])
         ds = ds.map_batches(RayReplica, fn_constructor_args=(job, local, 1), batch_size=batch_size,

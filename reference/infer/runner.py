@@ -32,16 +32,21 @@ class WorkersFailed(RuntimeError):
 
 
 def plan_devices(devices: list[str] | None, workers: int) -> list[list[str]]:
-    """Each worker's devices: an even split, or the CPU for all."""
+    """Each worker's devices: an even split; or, with more workers than devices, each device
+    shared by the same number of replicas (a small model leaves most of a GPU idle, and a second
+    replica fills the gaps between the first one's kernel launches); or the CPU for all."""
     if workers < 1:
         raise InputError(f"--workers {workers}: give at least 1")
     if not devices:
         return [["cpu"]] * workers
-    if len(devices) % workers:
-        raise InputError(f"--workers {workers} does not divide the {len(devices)} devices "
-                         f"({','.join(devices)}); give a worker count that divides them")
-    k = len(devices) // workers
-    return [devices[w * k:(w + 1) * k] for w in range(workers)]
+    n = len(devices)
+    if n % workers == 0:
+        k = n // workers
+        return [devices[w * k:(w + 1) * k] for w in range(workers)]
+    if workers % n == 0:
+        return [[devices[w % n]] for w in range(workers)]
+    raise InputError(f"--workers {workers} does not divide the {n} devices ({','.join(devices)}) "
+                     f"nor is a multiple of them; give a worker count that divides them or that they divide")
 
 
 def batches(rows: list[Row], size: int) -> list[list[Row]]:

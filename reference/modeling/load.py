@@ -29,7 +29,7 @@ def load(path: str | Path, dtype: torch.dtype | None = None, attn_implementation
     from reference.errors import Inexpressible, InputError
     from reference.families.verdict import blocking
 
-    source = open_source(Path(path), any_fit=True)  # the spec, not the family's name, is used
+    source = open_source(Path(path), any_fit=True, dtype=dtype)  # the spec, not the family's name, is used
     refused = blocking(source.spec, held(source.spec))
     if refused:
         f = refused[0]

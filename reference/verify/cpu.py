@@ -1,4 +1,5 @@
-"""megatron-core's CUDA assumptions side-stepped on the CPU, for the duration of a `with` block.
+"""megatron-core's CUDA assumptions side-stepped on the CPU, and its TransformerEngine ones where
+TE is not installed, for the duration of a `with` block.
 
 The one place in the library where these patches are allowed (shared/notes/megatron-core-on-cpu.md
 explains each): `reference verify` runs megatron-core's own GPTModel on a machine without a GPU.
@@ -29,6 +30,25 @@ class _NoRngTracker:
         return contextlib.nullcontext()
 
 
+_ABSENT = object()  # an attribute the module does not define: deleted again on exit
+
+
+@contextlib.contextmanager
+def _patched(patches: list[tuple[Any, str, Any]]) -> Iterator[None]:
+    """Set each (owner, name, value); put every one back on exit, even when the block raises."""
+    saved = [(owner, name, getattr(owner, name, _ABSENT)) for owner, name, _ in patches]
+    try:
+        for owner, name, value in patches:
+            setattr(owner, name, value)
+        yield
+    finally:
+        for owner, name, value in reversed(saved):
+            if value is _ABSENT:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, value)
+
+
 @contextlib.contextmanager
 def cpu_side_steps() -> Iterator[None]:
     """Patch, in this process, what megatron-core assumes of CUDA; restore it all on exit.
@@ -42,17 +62,34 @@ def cpu_side_steps() -> Iterator[None]:
     import torch
     from megatron.core import tensor_parallel
 
-    patches: list[tuple[Any, str, Any]] = [
+    with _patched([
         (torch.cuda, "current_device", lambda: "cpu"),
         (torch.Tensor, "cuda", lambda self, *args, **kwargs: self),
         (tensor_parallel, "get_cuda_rng_tracker", lambda *a, **k: _NoRngTracker()),
         (torch.cuda, "synchronize", lambda *a, **k: None),
-    ]
-    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
-    try:
-        for owner, name, value in patches:
-            setattr(owner, name, value)
+    ]):
         yield
-    finally:
-        for owner, name, value in saved:
-            setattr(owner, name, value)
+
+
+@contextlib.contextmanager
+def te_side_steps() -> Iterator[None]:
+    """Without TransformerEngine (on a GPU too), patch what megatron-core 0.16.1 assumes of it;
+    restore it on exit. With TransformerEngine installed, nothing is patched.
+
+    - the MoE router's gating linear reads `moe_utils.te_general_gemm`, a name never defined when
+      TE's import fails: None, its own "no TE" value;
+    - `megatron.core.extensions.transformer_engine` imports without TE (its classes are
+      stand-ins), so multi_latent_attention sets HAVE_TE and then asks isinstance() of a stand-in,
+      a TypeError: HAVE_TE False, as is true.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("transformer_engine") is not None:
+        yield
+        return
+    from megatron.core.transformer import multi_latent_attention
+    from megatron.core.transformer.moe import moe_utils
+
+    with _patched([(moe_utils, "te_general_gemm", getattr(moe_utils, "te_general_gemm", None)),
+                   (multi_latent_attention, "HAVE_TE", False)]):
+        yield

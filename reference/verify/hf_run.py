@@ -59,9 +59,11 @@ def run_hf(path: Path, ids: torch.Tensor, layers: int | None) -> dict[str, torch
     logging.disable_progress_bar()
     logging.set_verbosity_error()
     try:
-        # eager attention: the reference path every backend is tested against
+        # eager attention, and for a mixture transformers' eager experts loop (its default is
+        # grouped_mm): the reference paths every backend is tested against
         model, info = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32,
                                                            attn_implementation="eager",
+                                                           experts_implementation="eager",
                                                            output_loading_info=True)
     finally:
         logging.set_verbosity(level)

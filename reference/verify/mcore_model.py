@@ -46,11 +46,20 @@ MOE_FIELDS = ("moe_router_topk", "moe_ffn_hidden_size", "moe_shared_expert_inter
               "expert_model_parallel_size", "expert_tensor_parallel_size")
 
 
+# How tokens travel to their experts, not what the experts compute: a checkpoint trained with
+# the alltoall or flex dispatcher, overlapped shared experts or TE's fused permutation computes
+# the same function with megatron-core's allgather dispatcher, unfused, which alone runs without
+# CUDA streams and events (and without TransformerEngine).
+MOE_RUNTIME = {"moe_token_dispatcher_type": "allgather", "moe_shared_expert_overlap": False,
+               "moe_permute_fusion": False}
+
+
 def moe_config(args: Namespace) -> dict[str, Any]:
     """TransformerConfig's MoE fields from checkpoint args (none for a dense model)."""
     if not getattr(args, "num_experts", None):
         return {}
-    return {"num_moe_experts": args.num_experts, **{f: getattr(args, f) for f in MOE_FIELDS}}
+    return {"num_moe_experts": args.num_experts, **{f: getattr(args, f) for f in MOE_FIELDS},
+            **MOE_RUNTIME}
 
 
 # MLATransformerConfig fields a checkpoint's latent-attention args set under their own name (as
@@ -65,7 +74,9 @@ def mla_config(args: Namespace) -> dict[str, Any]:
     if not getattr(args, "multi_latent_attention", False):
         return {}
     fields = {f: getattr(args, f) for f in MLA_FIELDS if getattr(args, f, None) is not None}
-    return {"rotary_base": getattr(args, "rotary_base", 10000), "rope_type": "yarn", **fields}
+    # q_lora_rank None is one q projection (V2-Lite): unset, MLATransformerConfig's 1536 would be taken
+    return {"rotary_base": getattr(args, "rotary_base", 10000), "rope_type": "yarn", **fields,
+            "q_lora_rank": getattr(args, "q_lora_rank", None)}
 
 
 def latent_core_attention() -> type:
@@ -111,9 +122,6 @@ def check_args(args: Namespace, where: str) -> None:
     if getattr(args, "position_embedding_type", "learned_absolute") != "rope":
         raise InputError(f"{where}: args position_embedding_type "
                          f"{getattr(args, 'position_embedding_type', None)!r}: only rope is built")
-    if getattr(args, "num_experts", None):
-        raise InputError(f"{where}: args num_experts {args.num_experts}: "
-                         "MoE checkpoints are not verified yet")
 
 
 def build(args: Namespace, vp_stage: int | None, post_process: bool | None = None) -> Any:

@@ -2,12 +2,17 @@
 with: one process per rank, spawned fresh, joined under NCCL when there is a GPU for every
 rank, else under gloo on the CPU (with `cpu_side_steps` applied inside each rank, restored on exit).
 
-Legacy `torch` checkpoints: each rank loads its own rank file with `strict=True`.
-`torch_dist` checkpoints: each rank loads through megatron-core's `dist_checkpointing.load`
-into its model's `sharded_state_dict()`, as Megatron-LM's `load_checkpoint` does.
-The ranks run the same token ids in fp32, then in fp64 (the noise floor, see `compare.py`);
-the rank that holds the answer (TP rank 0 of the last stage, or of the stage holding layer K)
-writes it for the parent.
+A mixture of experts runs on TP x PP x EP ranks: each expert-parallel rank is a data-parallel
+copy of the rest of the model that holds its own experts, and the tokens reach the experts of
+the other EP ranks through megatron-core's token dispatcher. With experts at a TP size of their
+own (expert TP), a stage has lcm(TP, expert TP x EP) ranks, as megatron-core lays them out.
+
+Legacy `torch` checkpoints: each rank loads its own rank file (`mp_rank_TT[_PPP][_EEE]`) with
+`strict=True`. `torch_dist` checkpoints: each rank loads through megatron-core's
+`dist_checkpointing.load` into its model's `sharded_state_dict()`, as Megatron-LM's
+`load_checkpoint` does. The ranks run the same token ids in fp32, then in fp64 (the noise
+floor, see `compare.py`); the rank that holds the answer (TP rank 0 of the first data-parallel
+copy, on the last stage or on the stage holding layer K) writes it for the parent.
 """
 
 from __future__ import annotations
@@ -36,9 +41,9 @@ class MegatronJob:
     """What every rank needs: where the weights are and what to run."""
 
     kind: str  # "torch" or "torch_dist"
-    files: dict[str, str]  # torch: "tp,pp" -> rank file; torch_dist: {"dir": iteration dir}
-    world: int  # TP x PP; TP alone for the first layers of a legacy checkpoint (`_collapsed`)
-    tp: int
+    files: dict[str, str]  # torch: "tp,pp,ep" -> rank file; torch_dist: {"dir": iteration dir}
+    world: int  # stage x PP; stage for the first layers of a legacy checkpoint (`_collapsed`)
+    stage: int  # ranks per pipeline stage: TP x EP, lcm(TP, expert TP x EP) with expert TP != TP
     layer_spec: str  # "local" or "te"
     vocab_size: int  # logits are trimmed to it (the padded rows are zeros)
     ids: list[list[int]]
@@ -104,6 +109,9 @@ def rank_main(rank: int, world: int, port: int, tmp: str, threads: int) -> None:
     # loader: about their API's future, not this checkpoint
     warnings.filterwarnings("ignore", category=FutureWarning,
                             module=r"(megatron|torch\.distributed\.checkpoint)\.")
+    # and the collectives megatron-core's MoE token dispatcher calls, deprecated in torch
+    warnings.filterwarnings("ignore", category=FutureWarning,
+                            message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)`")
     torch.set_num_threads(threads)
     job = MegatronJob(**json.loads((Path(tmp) / "job.json").read_text()))
     cuda = torch.cuda.device_count() >= world  # NCCL wants a GPU of its own for every rank
@@ -111,21 +119,21 @@ def rank_main(rank: int, world: int, port: int, tmp: str, threads: int) -> None:
         torch.cuda.set_device(rank)
     dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}",
                             rank=rank, world_size=world, timeout=timedelta(seconds=TIMEOUT_S))
-    from reference.verify.cpu import cpu_side_steps
+    from reference.verify.cpu import cpu_side_steps, te_side_steps
 
-    with contextlib.nullcontext() if cuda else cpu_side_steps():
+    with te_side_steps(), contextlib.nullcontext() if cuda else cpu_side_steps():
         out = _run(job, torch.device("cuda") if cuda else torch.device("cpu"))
     torch.save(out, Path(tmp) / f"rank{rank}.pt")
     dist.barrier()  # rank 0 hosts the store: nobody leaves before everyone has written
     dist.destroy_process_group()
 
 
-def _args(job: MegatronJob, tp_rank: int, pp_rank: int) -> tuple[Any, Any]:
+def _args(job: MegatronJob, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> tuple[Any, Any]:
     """(args, rank file state or None) of this rank."""
     if job.kind == "torch":
         from reference.converters.megatron.read import load_rank_file
 
-        path = job.files[f"{tp_rank},{pp_rank}"]
+        path = job.files[f"{tp_rank},{pp_rank},{ep_rank}"]
         state = load_rank_file(Path(path))
         return state["args"], state
     from reference.converters.megatron.dist import COMMON, load_common
@@ -143,7 +151,7 @@ def _strict(model: Any, sd: dict[str, Any], job: MegatronJob, what: str) -> None
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:
-        where = job.files.get("dir") or job.files["0,0"]
+        where = job.files.get("dir") or job.files["0,0,0"]
         raise InputError(f"{where}: megatron-core refused {what}: "
                          f"{str(e).splitlines()[0]}") from None
 
@@ -154,13 +162,14 @@ def _load(job: MegatronJob, device: torch.device) -> list[Any]:
 
     from reference.verify.mcore_model import build, check_args, te_to_local
 
-    tp_rank = ps.get_tensor_model_parallel_rank()
-    args, state = _args(job, tp_rank, ps.get_pipeline_model_parallel_rank())
-    check_args(args, job.files.get("dir") or job.files["0,0"])
+    # each expert-parallel rank loads its own file: the same dense tensors, its own experts
+    tp_rank, ep_rank = ps.get_tensor_model_parallel_rank(), ps.get_expert_model_parallel_rank()
+    args, state = _args(job, tp_rank, ps.get_pipeline_model_parallel_rank(), ep_rank)
+    check_args(args, job.files.get("dir") or job.files["0,0,0"])
     if _collapsed(job):
         from reference.verify.first_layers import first_layers_args, first_layers_state
 
-        sd = first_layers_state(args, job.layers, lambda pp_rank: _args(job, tp_rank, pp_rank)[1])
+        sd = first_layers_state(args, job.layers, lambda pp_rank: _args(job, tp_rank, pp_rank, ep_rank)[1])
         model = build(first_layers_args(args, job.layers), None, post_process=False)
         _strict(model, te_to_local(sd) if job.layer_spec == "te" else sd, job, f"layers 1..{job.layers}")
         return [model.to(device)]
@@ -205,7 +214,13 @@ def _run(job: MegatronJob, device: torch.device) -> dict[str, Any]:
     layout, _ = layout_from_args(args, "args")
     pp, vpp = (1, None) if _collapsed(job) else (layout.pp, layout.vpp)
     ps.initialize_model_parallel(tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=pp,
-                                 virtual_pipeline_model_parallel_size=vpp)
+                                 virtual_pipeline_model_parallel_size=vpp,
+                                 expert_model_parallel_size=layout.ep,
+                                 expert_tensor_parallel_size=layout.expert_tp)
+    if device.type == "cuda":  # attention forks the model-parallel CUDA RNG (dropout 0: it draws nothing)
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(0)
     out: dict[str, Any] = {}
     try:
         models = _load(job, device)
@@ -224,7 +239,9 @@ def _run(job: MegatronJob, device: torch.device) -> dict[str, Any]:
     seen: list[Any] = []
     if job.layers is not None:
         _capture(models, job.layers, seen)
-    tp_rank = ps.get_tensor_model_parallel_rank()
+    # TP ranks hold the same hidden states; data-parallel copies (the EP ranks, outside the
+    # experts) compute the same answer: TP rank 0 of the first copy returns it
+    first = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
     for name in DTYPES:
         dtype = getattr(torch, name)
         for m in models:
@@ -233,12 +250,12 @@ def _run(job: MegatronJob, device: torch.device) -> dict[str, Any]:
         seen.clear()
         shard = forward(models, ids, dtype)
         if job.layers is not None:
-            if seen and tp_rank == 0:  # hidden states are the same on every TP rank
+            if seen and first:
                 out[name] = seen[0].transpose(0, 1).cpu()  # (S, B, H) -> (B, S, H)
         elif shard is not None:
             pieces = [torch.empty_like(shard) for _ in range(layout.tp)]
             dist.all_gather(pieces, shard.contiguous(), group=ps.get_tensor_model_parallel_group())
-            if tp_rank == 0:
+            if first:
                 out[name] = torch.cat(pieces, dim=-1)[..., : job.vocab_size].cpu()
     ps.destroy_model_parallel()
     return out

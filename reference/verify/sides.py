@@ -42,7 +42,7 @@ class Side:
 
         job = replace(self.job, ids=ids.tolist(), layers=layers)
         if layers is not None and self.kind == "torch":
-            job = replace(job, world=job.tp)  # the first layers run at PP 1 (first_layers.py)
+            job = replace(job, world=job.stage)  # the first layers run at PP 1 (first_layers.py)
         return run_megatron(job, start_method)
 
 
@@ -60,12 +60,15 @@ def _megatron(path: Path, spec: ModelSpec) -> Side:
         ck = _open(path)
         layout = ck.layout
         kind = "torch"
-        files = {f"{t},{p}": str(ck.file(t, p)) for t in range(layout.tp) for p in range(layout.pp)}
-    world = layout.tp * layout.pp
+        files = {f"{t},{p},{e}": str(ck.file(t, p, e)) for t, p, e in ck.ranks()}
+    # expert parallelism is data parallelism outside the experts: every EP rank runs the model
+    world = layout.stage_ranks * layout.pp
     vpp = f" vpp {layout.vpp}" if layout.vpp else ""
-    label = f"megatron-core GPTModel, {kind} tp {layout.tp} pp {layout.pp}{vpp}"
-    job = MegatronJob(kind=kind, files=files, world=world, tp=layout.tp, layer_spec=layout.layer_spec,
-                      vocab_size=spec.vocab_size, ids=[], layers=None)
+    ep = f" ep {layout.ep}" if layout.ep > 1 else ""
+    etp = f" etp {layout.expert_tp}" if layout.expert_tp != layout.tp else ""
+    label = f"megatron-core GPTModel, {kind} tp {layout.tp} pp {layout.pp}{vpp}{ep}{etp}"
+    job = MegatronJob(kind=kind, files=files, world=world, stage=layout.stage_ranks,
+                      layer_spec=layout.layer_spec, vocab_size=spec.vocab_size, ids=[], layers=None)
     return Side(path, kind, label, spec, job)
 
 

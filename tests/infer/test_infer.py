@@ -15,6 +15,7 @@ from jobs import ENV, NEW, ROWS, check, data, reference
 
 from reference.infer import Infer
 from reference.infer.rows import committed_parts
+from reference.infer.runner import plan_devices
 
 
 @pytest.mark.parametrize(("workers", "backend"), [(1, "hf"), (2, "hf"), (3, "hf"), (2, "unified")])
@@ -75,11 +76,19 @@ def test_a_malformed_line_is_refused_by_number_before_any_work(model, tmp_path) 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl"]
 
 
-def test_workers_that_do_not_divide_the_devices_are_refused(model, tmp_path) -> None:
+def test_workers_that_neither_divide_the_devices_nor_are_a_multiple_are_refused(model, tmp_path) -> None:
     run = reference("infer", str(model), str(data(tmp_path)), str(tmp_path / "o"), "--workers", "3",
                     "--devices", "cpu,cpu")
     _, err = run.communicate(timeout=60)
     assert run.returncode == 2 and "--workers 3 does not divide the 2 devices" in err
+
+
+def test_more_workers_than_devices_share_them(model, expected, tmp_path) -> None:
+    assert plan_devices(["cuda:0", "cuda:1"], 4) == [["cuda:0"], ["cuda:1"], ["cuda:0"], ["cuda:1"]]
+    out = tmp_path / "out.jsonl"
+    n = Infer(model, data(tmp_path), out, 2, devices=["cpu"], batch_size=2, max_new_tokens=NEW).run()
+    assert n == len(ROWS)
+    check(out, expected)
 
 
 def test_an_output_from_another_input_or_model_is_refused(model, tmp_path) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 from reference.verify.mcore_model import build, forward
 
 
-def _load(case: dict[str, Any]) -> Any:
+def _load(case: dict[str, Any]) -> tuple[Any, Namespace, dict[str, Any]]:
     import torch
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
@@ -28,8 +28,9 @@ def _load(case: dict[str, Any]) -> Any:
     saved = common["args"]
     assert (common["checkpoint_version"], common["iteration"], saved.ckpt_format) == (3.0, 1, "torch_dist")
     # The loading job's own layout; every other argument is the checkpoint's.
-    # (a mixture's experts too: EP as the case says, their TP equal to TP)
-    experts = {"expert_model_parallel_size": case.get("ep", 1), "expert_tensor_parallel_size": case["tp"]}
+    # (a mixture's experts too: EP and expert TP as the case says, expert TP TP's by default)
+    experts = {"expert_model_parallel_size": case.get("ep", 1),
+               "expert_tensor_parallel_size": case.get("etp") or case["tp"]}
     args = Namespace(**{**vars(saved), "tensor_model_parallel_size": case["tp"],
                         "pipeline_model_parallel_size": case["pp"],
                         **(experts if getattr(saved, "num_experts", None) else {}),
@@ -38,27 +39,58 @@ def _load(case: dict[str, Any]) -> Any:
     metadata = dist_checkpointing.load_content_metadata(preloaded_state_dict=common)
     assert metadata == {"distrib_optim_sharding_type": "dp_reshardable", "singleton_local_shards": False,
                         "chained_optim_avoid_prefix": True}, metadata
-    state = dist_checkpointing.load({"model": model.sharded_state_dict(metadata=metadata)}, where,
-                                    strict=StrictHandling.RAISE_ALL)
+    sharded = {"model": model.sharded_state_dict(metadata=metadata)}
+    if case.get("te_only") is None:
+        state = dist_checkpointing.load(sharded, where, strict=StrictHandling.RAISE_ALL)
+    else:
+        # A TransformerEngine-spec checkpoint in this local-spec model: every key the model asks
+        # for is there (none unexpected), and what it does not ask for is exactly case["te_only"]
+        # (the extra states of the norms that are TE modules in that spec).
+        state, missing, unexpected = dist_checkpointing.load(sharded, where, strict=StrictHandling.RETURN_ALL)
+        assert not unexpected, sorted(unexpected)
+        assert sorted(missing) == sorted(case["te_only"]), sorted(missing)
     model.load_state_dict(state["model"], strict=True)
     for p in model.parameters():
         assert torch.isfinite(p).all()
-    return model
+    return model, args, metadata
+
+
+def _resave(model: Any, args: Namespace, metadata: dict[str, Any], root: Path) -> None:
+    """megatron-core's own `dist_checkpointing.save` of the loaded model, laid out as
+    Megatron-LM's `save_checkpoint` does (as mcore_ranks.save_dist_group): its `.metadata` is
+    what a save at the loading layout writes, whatever values the model holds."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    torch.cuda.synchronize = lambda *a, **k: None  # the save path's preload_tensors (notes)
+    where = root / "iter_0000001"
+    where.mkdir(parents=True, exist_ok=True)  # the target must exist before save
+    state = {"args": args, "checkpoint_version": 3.0, "iteration": 1,
+             "model": model.sharded_state_dict(metadata=metadata)}
+    dist_checkpointing.save(state, str(where), content_metadata=metadata)
+    if dist.get_rank() == 0:
+        (root / "latest_checkpointed_iteration.txt").write_text("1")
+    dist.barrier()
 
 
 def load_case(case: dict[str, Any]) -> dict[str, Any]:
-    """One case in this rank: our torch_dist loaded by megatron-core, logits compared (run_group)."""
+    """One case in this rank: our torch_dist loaded by megatron-core, logits compared (run_group);
+    with case["resave"] a directory, the loaded model saved there by megatron-core too."""
     import torch
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     ps.initialize_model_parallel(tensor_model_parallel_size=case["tp"],
                                  pipeline_model_parallel_size=case["pp"],
-                                 expert_model_parallel_size=case.get("ep", 1))
+                                 expert_model_parallel_size=case.get("ep", 1),
+                                 expert_tensor_parallel_size=case.get("etp"))
     result: dict[str, Any] = {"error": None, "compared": False}
     model = None
     try:
-        model = _load(case)
+        model, args, metadata = _load(case)
+        if case.get("resave"):
+            _resave(model, args, metadata, Path(case["resave"]))
     except Exception:
         result["error"] = traceback.format_exc(limit=-4)
     ok = torch.tensor([result["error"] is None], dtype=torch.int32)

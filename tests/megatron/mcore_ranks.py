@@ -13,6 +13,7 @@ GPTModel is built, and its stages driven, by the library's own `reference.verify
 from __future__ import annotations
 
 import json
+import math
 import traceback
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,9 @@ TIMEOUT_S = 120
 
 
 def world_of(case: dict[str, Any]) -> int:
-    """Ranks a case runs on: TP x PP x EP (experts' TP equal to TP, data parallel = EP)."""
-    return case["tp"] * case["pp"] * case.get("ep", 1)
+    """Ranks a case runs on: the fewest whose stage both TP (x data parallel) and expert TP x EP
+    (x expert data parallel) fill, times PP; TP x EP x PP when experts' TP ("etp") is TP."""
+    return math.lcm(case["tp"], (case.get("etp") or case["tp"]) * case.get("ep", 1)) * case["pp"]
 
 
 def _rank_file(case: dict[str, Any], tp_rank: int, pp_rank: int, ep_rank: int = 0) -> Path:
@@ -66,7 +68,8 @@ def _case(case: dict[str, Any]) -> dict[str, Any]:
     ps.initialize_model_parallel(tensor_model_parallel_size=case["tp"],
                                  pipeline_model_parallel_size=case["pp"],
                                  virtual_pipeline_model_parallel_size=case["vpp"],
-                                 expert_model_parallel_size=case.get("ep", 1))
+                                 expert_model_parallel_size=case.get("ep", 1),
+                                 expert_tensor_parallel_size=case.get("etp"))
     result: dict[str, Any] = {"error": None, "compared": False}
     try:
         models = _load(case)
@@ -121,7 +124,8 @@ def save_dist_group(rank: int, world: int, port: int, cases_file: str) -> None:
         ps.initialize_model_parallel(tensor_model_parallel_size=case["tp"],
                                      pipeline_model_parallel_size=case["pp"],
                                      virtual_pipeline_model_parallel_size=case["vpp"],
-                                     expert_model_parallel_size=case.get("ep", 1))
+                                     expert_model_parallel_size=case.get("ep", 1),
+                                     expert_tensor_parallel_size=case.get("etp"))
         models = _load(case)
         args = torch.load(_rank_file(case, 0, 0), weights_only=False)["args"]
         root = Path(case["dist"])

@@ -19,16 +19,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from mcore_ranks import assert_back_to_hf_bitwise, assert_compared
 from procs import spawn
-from test_megatron_dist_write import _boxes
+from test_megatron_dist_write import (
+    _boxes,
+    assert_refused,
+    assert_via_torch_writes_the_same_bytes,
+    tied_scaled,
+    write_cases,
+)
 from test_megatron_moe import DENSE_FIRST, FOUR
 
-from reference.cli import main
 from reference.converters import convert
 from reference.converters.megatron import MegatronLayout
-from reference.tiny import SHAPE, logits, tiny_model
+from reference.tiny import tiny_model
 
 pytest.importorskip("megatron.core")
 pytestmark = pytest.mark.xdist_group("megatron")
@@ -70,26 +74,10 @@ MORE = [
 CASES = DEFAULT + MORE * GATE
 
 
-def cli(*args: object) -> int:
-    return main(["convert", *map(str, args)])
-
-
 @pytest.fixture(scope="module")
 def written(tmp_path_factory) -> Path:
-    """root/hf-ID (the HF model), root/ID (our torch_dist) and root/ID.ref.pt (HF logits)."""
-    root = tmp_path_factory.mktemp("distmoe")
-    ids = torch.randint(0, SHAPE["vocab_size"], (2, 10), generator=torch.Generator().manual_seed(7))
-    for case in CASES:
-        model = tiny_model(case.family, tie=case.tie, **case.overrides)
-        if case.tie:  # as test_megatron_moe: a tied head at an untied head's scale
-            with torch.no_grad():
-                model.get_input_embeddings().weight.mul_(2 * model.config.hidden_size ** -0.5)
-        model.save_pretrained(root / f"hf-{case.id}")
-        tp, pp, ep = case.write
-        assert cli(root / f"hf-{case.id}", root / case.id, "--to", "megatron", "--tp", tp, "--pp", pp,
-                   "--ep", ep, "--ckpt-format", "torch_dist") == 0
-        torch.save({"input_ids": ids, "logits": logits(model, ids)}, root / f"{case.id}.ref.pt")
-    return root
+    return write_cases(tmp_path_factory.mktemp("distmoe"), CASES,
+                       lambda c: tied_scaled(c.family, c.tie, **c.overrides))
 
 
 @pytest.fixture(scope="module")
@@ -144,30 +132,19 @@ def test_moe_metadata_is_what_megatron_cores_save_writes(tmp_path) -> None:
 
 
 @pytest.mark.parametrize(("flags", "needles"), [
-    (["--tp", "2", "--etp", "1"], ["--etp 1"]),
+    (["--etp", "3"], ["--etp 3", "moe_ffn_hidden_size 32"]),
     (["--layer-spec", "te"], ["--layer-spec te"]),
     (["--ep", "3"], ["--ep 3", "num_experts 4"]),
 ])
 def test_moe_refusals_are_one_line_and_write_nothing(tmp_path, capsys, flags, needles) -> None:
     tiny_model("qwen3_moe").save_pretrained(tmp_path / "hf")
-    capsys.readouterr()
-    dst = tmp_path / "dst"
-    assert cli(tmp_path / "hf", dst, "--to", "megatron", "--ckpt-format", "torch_dist", *flags) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and all(n in err for n in needles), err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+    assert_refused(tmp_path / "hf", capsys, flags, needles)
 
 
 def test_torch_format_moe_to_torch_dist_writes_the_same_bytes_as_from_hf(tmp_path) -> None:
     """Megatron `torch` (TP 2 x EP 2) -> `torch_dist` writes the very .distcp file HF -> `torch_dist` does."""
     tiny_model("qwen2_moe", **DENSE_FIRST).save_pretrained(tmp_path / "hf")
-    assert cli(tmp_path / "hf", tmp_path / "legacy", "--to", "megatron", "--tp", 2, "--ep", 2) == 0
-    for src, dst in (("hf", "direct"), ("legacy", "via-torch")):
-        assert cli(tmp_path / src, tmp_path / dst, "--to", "megatron", "--tp", 2, "--ep", 2,
-                   "--ckpt-format", "torch_dist") == 0
-    direct, via = (tmp_path / d / "iter_0000001" for d in ("direct", "via-torch"))
-    assert (direct / "__0_0.distcp").read_bytes() == (via / "__0_0.distcp").read_bytes()
-    assert _boxes(direct) == _boxes(via)
+    assert_via_torch_writes_the_same_bytes(tmp_path / "hf", tmp_path)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import weakref
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -85,22 +86,54 @@ def cli(*args: object) -> int:
     return main(["convert", *map(str, args)])
 
 
-@pytest.fixture(scope="module")
-def written(tmp_path_factory) -> Path:
-    """root/hf-ID (the HF model), root/ID (our torch_dist) and root/ID.ref.pt (HF logits)."""
-    root = tmp_path_factory.mktemp("distw")
+def tied_scaled(family: str, tie: bool, **overrides: Any) -> torch.nn.Module:
+    """The tiny model; a tied head at an untied head's scale (as in test_megatron_equivalence)."""
+    model = tiny_model(family, tie=tie, **overrides)
+    if tie:
+        with torch.no_grad():
+            model.get_input_embeddings().weight.mul_(2 * model.config.hidden_size ** -0.5)
+    return model
+
+
+def write_cases(root: Path, cases: list[Any], model_of: Callable[[Any], torch.nn.Module],
+                *options: str) -> Path:
+    """root/hf-ID (the HF model), root/ID (our torch_dist at the case's `write` (tp, pp[, ep]),
+    with `options`) and root/ID.ref.pt (HF logits) for every case."""
     ids = torch.randint(0, SHAPE["vocab_size"], (2, 10), generator=torch.Generator().manual_seed(7))
-    for case in CASES:
-        model = tiny_model(case.family, tie=case.tie, **SHAPES[case.shape])
-        if case.tie:  # as in test_megatron_equivalence: a tied head at an untied head's scale
-            with torch.no_grad():
-                model.get_input_embeddings().weight.mul_(2 * model.config.hidden_size ** -0.5)
+    for case in cases:
+        model = model_of(case)
         model.save_pretrained(root / f"hf-{case.id}")
-        tp, pp = case.write
+        tp, pp, *ep = case.write
         assert cli(root / f"hf-{case.id}", root / case.id, "--to", "megatron", "--tp", tp, "--pp", pp,
-                   "--ckpt-format", "torch_dist") == 0
+                   *(("--ep", ep[0]) if ep else ()), "--ckpt-format", "torch_dist", *options) == 0
         torch.save({"input_ids": ids, "logits": logits(model, ids)}, root / f"{case.id}.ref.pt")
     return root
+
+
+def assert_refused(hf: Path, capsys: Any, flags: list[str], needles: list[str]) -> None:
+    """HF -> torch_dist with `flags` exits 2 with one line holding every needle, writing nothing."""
+    capsys.readouterr()
+    assert cli(hf, hf.parent / "out", "--to", "megatron", "--ckpt-format", "torch_dist", *flags) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and all(n in err for n in needles), err
+    assert sorted(p.name for p in hf.parent.iterdir()) == [hf.name]
+
+
+def assert_via_torch_writes_the_same_bytes(hf: Path, work: Path) -> None:
+    """Megatron `torch` (TP 2 x EP 2) -> `torch_dist` writes the very .distcp file HF -> `torch_dist` does."""
+    assert cli(hf, work / "legacy", "--to", "megatron", "--tp", 2, "--ep", 2) == 0
+    for src, dst in ((hf, "direct"), (work / "legacy", "via-torch")):
+        assert cli(src, work / dst, "--to", "megatron", "--tp", 2, "--ep", 2,
+                   "--ckpt-format", "torch_dist") == 0
+    direct, via = (work / d / "iter_0000001" for d in ("direct", "via-torch"))
+    assert (direct / "__0_0.distcp").read_bytes() == (via / "__0_0.distcp").read_bytes()
+    assert _boxes(direct) == _boxes(via)
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory) -> Path:
+    return write_cases(tmp_path_factory.mktemp("distw"), CASES,
+                       lambda c: tied_scaled(c.family, c.tie, **SHAPES[c.shape]))
 
 
 @pytest.fixture(scope="module")
@@ -200,14 +233,16 @@ def test_memory_holds_one_layer_at_a_time(tmp_path, monkeypatch) -> None:
     assert live and peak[0] <= layer + ends < total / 2, (peak[0], layer, ends, total)
 
 
-def test_torch_to_torch_dist_to_torch_is_bitwise(tmp_path) -> None:
+@pytest.mark.parametrize("spec", ["local", "te"])
+def test_torch_to_torch_dist_to_torch_is_bitwise(tmp_path, spec: str) -> None:
     hf = tmp_path / "hf"
     tiny_model("qwen2", tie=False, **SHAPES["g2x8"]).save_pretrained(hf)
-    assert cli(hf, tmp_path / "torch", "--to", "megatron", "--tp", 2, "--pp", 2) == 0
-    assert cli(tmp_path / "torch", tmp_path / "dist", "--to", "megatron", "--tp", 2, "--pp", 2,
+    layout = ("--tp", 2, "--pp", 2, "--layer-spec", spec)
+    assert cli(hf, tmp_path / "torch", "--to", "megatron", *layout) == 0
+    assert cli(tmp_path / "torch", tmp_path / "dist", "--to", "megatron", *layout,
                "--ckpt-format", "torch_dist") == 0
     assert (tmp_path / "dist" / "iter_0000001" / ".metadata").is_file()
-    assert cli(tmp_path / "dist", tmp_path / "back", "--to", "megatron", "--tp", 2, "--pp", 2,
+    assert cli(tmp_path / "dist", tmp_path / "back", "--to", "megatron", *layout,
                "--ckpt-format", "torch") == 0
     def rank_files(root: Path) -> list[Path]:
         return sorted(p.relative_to(root) for p in root.rglob("model_optim_rng.pt"))
@@ -261,8 +296,6 @@ def test_bad_parent_is_one_line(small_hf, tmp_path, capsys, parent: str) -> None
 
 @pytest.mark.parametrize(("flags", "needles"), [
     (["--to", "hf", "--ckpt-format", "torch_dist"], ["--ckpt-format", "--to megatron"]),
-    (["--to", "megatron", "--ckpt-format", "torch_dist", "--layer-spec", "te"],
-     ["--layer-spec te", "torch_dist"]),
     (["--to", "megatron", "--ckpt-format", "torch_dist", "--tp", "3"], ["--tp 3"]),
 ])
 def test_refusals_are_one_line_and_write_nothing(small_hf, tmp_path, capsys, flags, needles) -> None:

@@ -205,6 +205,18 @@ def test_expert_bias_stays_float32_in_a_bfloat16_checkpoint(tmp_path) -> None:
     assert back.dtype == torch.float32 and torch.equal(back, bias)
 
 
+@pytest.mark.parametrize("layers,first_k", [(2, 1), (4, 3)])
+def test_first_k_dense_layers_megatron_spells_as_a_layer_step_come_back(layers: int, first_k: int,
+                                                                        tmp_path) -> None:
+    """moe_layer_freq [0, 1] (or [0, 0, 0, 1]) reads as "a mixture every 2nd (4th) layer", the
+    same layers as DeepSeek's first_k_dense_replace 1 (3): held, and written back as first k."""
+    hf = tmp_path / "hf"
+    deepseek(Case("deepseek_v3", 1, 1, {**BASE, "num_hidden_layers": layers,
+                                        "first_k_dense_replace": first_k})).save_pretrained(hf)
+    convert(hf, tmp_path / "mg", to="megatron")
+    assert_back_to_hf_bitwise(tmp_path / "mg", hf, tmp_path / "back", "deepseek_v3")
+
+
 @pytest.mark.parametrize("start,end", [((2, 1, 1), (1, 2, 2)), ((1, 2, 2), (2, 1, 1))],
                          ids=lambda lay: "x".join(map(str, lay)))
 def test_mla_reshard_equals_direct_conversion(start, end, tmp_path) -> None:
@@ -288,12 +300,3 @@ def test_megatron_mla_args_megatron_computes_otherwise_are_refused_by_name(chang
     _fails(capsys, [str(mg), str(tmp_path / "back"), "--to", "hf"], needle, "mp_rank_00")
     assert not (tmp_path / "back").exists()
 
-
-def test_torch_dist_is_refused_by_name(tmp_path, capsys) -> None:
-    """The torch_dist writer knows the dense layouts only: latent attention (and experts) are
-    refused by the flag, not written with boxes megatron-core would not declare."""
-    hf, out = tmp_path / "hf", tmp_path / "out"
-    tiny_model("deepseek_v3", **BASE).save_pretrained(hf)
-    _fails(capsys, [str(hf), str(out), "--to", "megatron", "--ckpt-format", "torch_dist"],
-           "--ckpt-format torch_dist", "torch format only")
-    assert not out.exists() and not list(tmp_path.glob("out*"))

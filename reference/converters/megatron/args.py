@@ -7,7 +7,6 @@ hyper-parameter that changes what the model computes is written, as a plain valu
 
 from __future__ import annotations
 
-import math
 from argparse import Namespace
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -19,7 +18,7 @@ from reference.converters.megatron.layout import (
     parse_layout_string,
 )
 from reference.errors import Inexpressible, InputError
-from reference.families.spec import MLA, ModelSpec, MoE
+from reference.families.spec import MLA, ModelSpec, MoE, layer_spelling
 
 if TYPE_CHECKING:  # imported where the args are built: `reference families` asks `refuses` only
     import torch
@@ -167,10 +166,7 @@ def moe_from_args(args: Namespace, num_layers: int, where: str) -> dict[str, Any
     pattern = [int(i % freq == 0) for i in range(num_layers)] if isinstance(freq, int) else list(freq)
     if len(pattern) != num_layers:
         raise InputError(f"{where}: args moe_layer_freq {freq!r} does not fit num_layers {num_layers}")
-    # The pattern as HF's (decoder_sparse_step, mlp_only_layers) with the fewest dense layers
-    # listed: the largest step every mixture layer keeps, the rest of its layers listed dense.
-    step = math.gcd(*(i + 1 for i, on in enumerate(pattern) if on)) or 1
-    dense = tuple(i for i, on in enumerate(pattern) if not on and (i + 1) % step == 0)
+    step, dense = layer_spelling([bool(on) for on in pattern])
     pre = getattr(args, "moe_router_pre_softmax", False)
     scoring = getattr(args, "moe_router_score_function", "softmax")
     if scoring not in ("softmax", "sigmoid"):

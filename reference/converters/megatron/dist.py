@@ -39,9 +39,9 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 
 from reference.converters.megatron import stage as S
 from reference.converters.megatron.args import spec_from_args
-from reference.converters.megatron.family import megatron_family
+from reference.converters.megatron.family import megatron_family, routing_dtype
 from reference.converters.megatron.keys import EMBEDDING, OUTPUT, TE_RENAMES, KeyTable
-from reference.converters.megatron.read import LastMerged, _routing_dtype, load_args_file
+from reference.converters.megatron.read import LastMerged, load_args_file
 from reference.converters.plan import Lazy
 from reference.converters.source import Source
 from reference.errors import InputError
@@ -377,6 +377,6 @@ def read_dist(path: Path, family: str | None = None, *, any_fit: bool = False) -
     spec = spec_from_args(args, str(where / COMMON))
     padded = getattr(args, "padded_vocab_size", None) or spec.vocab_size
     family_, extra = megatron_family(root, spec, family, str(where / COMMON), any_fit)
-    spec = _routing_dtype(spec, family_)
+    spec = routing_dtype(spec, family_)
     tensors, homes = _plan(where, metadata, spec, padded)
     return Source(root, family_, spec, extra, tensors, lambda name: homes.get(name, name))

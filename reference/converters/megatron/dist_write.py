@@ -10,11 +10,24 @@ layer's slice of each TP piece), so `.metadata` is what megatron-core's own save
 hand them to torch.distributed.checkpoint's FileSystemWriter through a planner that cuts each
 box only when the writer asks for it: one Megatron tensor of one layer is in memory at a time.
 
+TransformerEngine's spec (`--layer-spec te`, dense layers only) declares the same tensors under
+the same keys: TELayerNormColumnParallelLinear keeps the fused norm's `layer_norm_weight` out of
+its TP axis map (replicated, as the local spec's renamed norm), and its weight is cut as the
+local linear's. Only the `_extra_state` ShardedObjects differ: the four linears hold TE's "no
+FP8" marker (an empty uint8 tensor) where the local linears hold None; the q/k norms and the
+final norm (TENorm: TE's RMSNorm op) have one of their own, which the local spec's norms lack;
+TEDotProductAttention's `sharded_state_dict()` declares nothing (only a learnable softmax
+offset), so core_attention has none although its state dict has `_extra_state`.
+
 A mixture's routed experts (the local spec's SequentialMLP) get a global expert axis after the
 layer axis (`decoder.layers.mlp.experts.experts.linear_fc1.weight` is `[L, E, ...]`), so any EP
 can load them; shared experts are cut like the dense MLP, the router is replicated. When not
 every layer is a mixture (`moe_layer_freq` a list), megatron-core does not stack the layers: each
 has keys of its own (`decoder.layers.<global layer>.`), without the layer axis.
+
+Latent attention (DeepSeek-V2/V3, the local MLA spec) has column-parallel projections only, each
+rank's box a run of rows, and no keys map: its layers' norms keep their local names
+(`decoder.layers.input_layernorm.weight`).
 """
 
 from __future__ import annotations
@@ -38,7 +51,7 @@ from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, Writ
 from reference.converters.megatron import cut
 from reference.converters.megatron import stage as S
 from reference.converters.megatron.dist import BACKEND, COMMON
-from reference.converters.megatron.keys import TE_RENAMES, KeyTable
+from reference.converters.megatron.keys import TE_RENAMES, KeyTable, extra_state_value
 from reference.converters.megatron.layout import MegatronLayout
 from reference.converters.megatron.torch_file import own_bytes
 from reference.converters.megatron.write import check_placed, mapped, prepare, record
@@ -65,12 +78,18 @@ def stacked(spec: ModelSpec) -> bool:
     return spec.moe is None or all(spec.moe.on(i) for i in range(spec.num_layers))
 
 
-def dist_key(template: str, layer: int | None = None) -> str:
-    """A Megatron rule's key in the checkpoint: TE names for the norms, layers stacked
+def norm_renames(spec: ModelSpec) -> Mapping[str, str]:
+    """The renames megatron-core's local layer spec gives the norms in a sharded state dict (its
+    `sharded_state_dict_keys_map`: TE names), none in its latent-attention layer, which has no map."""
+    return {} if spec.mla is not None else TE_RENAMES
+
+
+def dist_key(template: str, layer: int | None = None, renames: Mapping[str, str] = TE_RENAMES) -> str:
+    """A Megatron rule's key in the checkpoint: `renames` for the norms, layers stacked
     (`decoder.layers.{}.input_layernorm.weight` ->
     `decoder.layers.self_attention.linear_qkv.layer_norm_weight`) or, given `layer`, that
     layer's own key; routed experts' `local_experts.{}.` is SequentialMLP's `experts.` axis."""
-    key = TE_RENAMES.get(template, template).replace("local_experts.{}.", "experts.")
+    key = renames.get(template, template).replace("local_experts.{}.", "experts.")
     return key.replace("{}.", "" if layer is None else f"{layer}.")
 
 
@@ -108,6 +127,9 @@ def tp_boxes(split: str | Fused, rows: Sequence[int], shape: Sequence[int], spec
     if split == "cols":
         per = shape[1] // tp
         return [((0, r * per, *(0,) * (len(shape) - 2)), (shape[0], per, *shape[2:])) for r in range(tp)]
+    if split == "rows":  # MLA's projections: one run of rows per rank
+        per = shape[0] // tp
+        return [((r * per, *(0,) * len(rest)), (per, *rest)) for r in range(tp)]
     if not isinstance(split, Fused):
         raise InputError(f"unknown Megatron split {split!r}")
     labels, part = _labels(rows)
@@ -179,27 +201,34 @@ def plan_tensors(spec: ModelSpec, metas: Mapping[str, torch.Tensor], padded: int
         keyed, index, axes = _place(spec, slot.key)
         parts = [metas[n] for n in slot.sources]
         shape = S.shard(slot.rule.split, parts, S.width_spec(spec, slot.rule), 1, 0, padded).shape
-        out.append(Tensor(dist_key(slot.rule.key, keyed), index, axes, slot, tuple(shape)))
+        key = dist_key(slot.rule.key, keyed, norm_renames(spec))
+        out.append(Tensor(key, index, axes, slot, tuple(shape)))
     return out
 
 
-def extra_objects(spec: ModelSpec) -> list[str]:
-    """megatron-core's ShardedObject keys for the local linears' `_extra_state` (None):
+# Extra states in a layer spec's state dict that its `sharded_state_dict()` leaves out: GPTModel
+# drops output_layer's, TEDotProductAttention declares only a learnable softmax offset.
+UNDECLARED = ("output_layer._extra_state", ".core_attention._extra_state")
+
+
+def extra_objects(spec: ModelSpec, layer_spec: str = "local") -> dict[str, str]:
+    """megatron-core's ShardedObject keys for the modules' `_extra_state`, with what each holds
+    ("none": Megatron's linears, "te": TransformerEngine's modules; keys.extra_states):
     `<module>._extra_state/shard_<index>_<axes>`, the stacked axes' index and sizes joined by
     dots (`shard_<layer>_<layers>`, `shard_<layer>.<expert>_<layers>.<experts>`; `shard_0_1` for a
-    layer of its own). output_layer's is dropped by GPTModel."""
+    layer of its own and for the final norm)."""
     whole = S.Stage(0, 0, spec.num_layers, True, True)
-    legacy = {**S.extra_keys(spec, "local", whole),
-              **S.expert_extra_keys(S.slots(spec, KeyTable("local"), whole))}
-    out = []
-    for key in legacy:
-        if not key.startswith("decoder.layers."):
+    legacy = {**S.extra_keys(spec, layer_spec, whole),
+              **S.expert_extra_keys(S.slots(spec, KeyTable(layer_spec), whole))}
+    out = {}
+    for key, kind in legacy.items():
+        if key.endswith(UNDECLARED):
             continue
         keyed, index, axes = _place(spec, key)
         module = _EXPERT.sub(".experts.", key)
         module = _LAYER.sub("decoder.layers." + ("" if keyed is None else f"{keyed}."), module)
         index, axes = index or (0,), axes or (1,)
-        out.append(f"{module}/shard_{'.'.join(map(str, index))}_{'.'.join(map(str, axes))}")
+        out[f"{module}/shard_{'.'.join(map(str, index))}_{'.'.join(map(str, axes))}"] = kind
     return out
 
 
@@ -220,11 +249,13 @@ class _LazyPlanner(DefaultSavePlanner):
         return self.resolve(write_item)
 
 
-def _none_bytes() -> io.BytesIO:
-    """A ShardedObject of megatron-core's local linears: torch.save of the list of its local
-    shards' data, [None]."""
+def _object_bytes(kind: str) -> io.BytesIO:
+    """A ShardedObject as megatron-core's torch_dist strategy stores it: torch.save of the list
+    of its local shards' data, here the one `_extra_state` value (None, or TE's empty uint8
+    tensor; TE's norm ops would save a pickled empty dict, which their set_extra_state takes
+    as it takes an empty tensor: no FP8 state)."""
     buf = io.BytesIO()
-    torch.save([None], buf)
+    torch.save([extra_state_value(kind)], buf)
     buf.seek(0)
     return buf
 
@@ -241,10 +272,6 @@ def write_dist(
 ) -> tuple[int, int]:
     """Write the checkpoint into `out` (root: tracker, iter_0000001/, hf_source.json); returns
     (tensors, bytes) written. The args record `layout`, which Megatron-LM may load at another."""
-    if layout.layer_spec != "local":
-        raise InputError(f"--layer-spec {layout.layer_spec} with --ckpt-format torch_dist: only the local "
-                         "spec is written (TransformerEngine's extra state is not checked here); use "
-                         "--layer-spec local, or --ckpt-format torch")
     cast = dtype
     _, dtype, args = prepare(tensors, spec, layout, dtype)
     args.ckpt_format = "torch_dist"
@@ -267,7 +294,7 @@ def write_dist(
             items.append(WriteItem(index=MetadataIndex(t.key, torch.Size(offsets)), type=WriteItemType.SHARD,
                                    tensor_data=TensorWriteData(chunk=chunk, properties=props, size=size)))
             home[(t.key, tuple(offsets))] = (t, (tuple(offsets), tuple(sizes)))
-    objects = extra_objects(spec)
+    objects = extra_objects(spec, layout.layer_spec)
     items += [WriteItem(index=MetadataIndex(key), type=WriteItemType.BYTE_IO) for key in objects]
     total = sum(i.tensor_data.chunk.sizes.numel() * i.tensor_data.properties.dtype.itemsize
                 for i in items if i.tensor_data is not None)
@@ -279,7 +306,7 @@ def write_dist(
 
     def resolve(item: WriteItem) -> torch.Tensor | io.BytesIO:
         if item.type == WriteItemType.BYTE_IO:
-            return _none_bytes()
+            return _object_bytes(objects[item.index.fqn])
         t, (offsets, sizes) = home[(item.index.fqn, tuple(item.index.offset))]
         split = t.slot.rule.split
         if last[0] is not t:

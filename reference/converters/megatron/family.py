@@ -11,6 +11,7 @@ families are refused, naming them, rather than one picked by registry order.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +23,32 @@ from reference.families.spec import BIAS_KEYS, FEATURES, ModelSpec
 from reference.families.verdict import blocking
 
 
+def routing_dtype(spec: ModelSpec, family: Family) -> ModelSpec:
+    """The spec with the family's dtype of routing weights and of latent attention's rope, and its
+    group score where there are no groups:
+    megatron-core's args have no such setting (its probabilities take the router's dtype, its
+    rope the model's), and in fp32 both compute the same."""
+    if spec.mla is not None:
+        spec = spec.replace(fp32_rope=family.express(spec).fp32_rope)
+    if spec.moe is None:
+        return spec
+    held = family.express(spec).moe
+    if held is None:
+        return spec
+    # without groups the group score computes nothing: the family's (DeepSeek-V3's "top2")
+    score = held.group_score if spec.moe.groups == 1 else spec.moe.group_score
+    return spec.replace(moe=replace(spec.moe, fp32_weights=held.fp32_weights, group_score=score))
+
+# A family is matched against the args' spec as it would read them (routing_dtype): a megatron-core
+# save of DeepSeek-V3 records no fp32 routing weights and, without groups, no group score.
 def _exact(family: Family, spec: ModelSpec) -> bool:
+    spec = routing_dtype(spec, family)
     expressed = family.express(spec)
     return all(getattr(expressed, x) == getattr(spec, x) for x in FEATURES)
 
 
 def _holds(family: Family, spec: ModelSpec) -> bool:
+    spec = routing_dtype(spec, family)
     return set(blocking(spec, family.express(spec))) <= set(BIAS_KEYS)
 
 
@@ -58,9 +79,10 @@ def megatron_family(root: Path, spec: ModelSpec, given: str | None, where: str,
         if family.keys is None:
             raise InputError(f"--family {given}: its tensor layout is not mapped yet")
         if not _holds(family, spec):
-            feature = [f for f in blocking(spec, family.express(spec)) if f not in BIAS_KEYS][0]
+            read = routing_dtype(spec, family)
+            feature = [f for f in blocking(read, family.express(read)) if f not in BIAS_KEYS][0]
             raise InputError(f"--family {given}: the args in {where} have {feature}="
-                             f"{getattr(spec, feature)!r}, which {given} does not express")
+                             f"{getattr(read, feature)!r}, which {given} does not express")
         return family, {}
     found = candidates(spec)
     if not found:

@@ -41,6 +41,12 @@ class MegatronLayout:
         return self.etp or self.tp
 
     @property
+    def stage_ranks(self) -> int:
+        """Ranks of the smallest job at this layout, per pipeline stage: a multiple of TP (dense
+        data parallelism beyond it) and of expert TP x EP (expert data parallelism beyond it)."""
+        return math.lcm(self.tp, self.expert_tp * self.ep)
+
+    @property
     def chunks(self) -> int:
         """Virtual stages per pipeline rank (1 without VPP)."""
         return self.vpp or 1
@@ -81,9 +87,6 @@ def check_latent(spec: ModelSpec, layout: MegatronLayout) -> None:
     if layout.layer_spec != "local":
         raise InputError(f"--layer-spec {layout.layer_spec}: latent attention is written in the local "
                          "spec only")
-    if layout.ckpt_format != "torch":
-        raise InputError(f"--ckpt-format {layout.ckpt_format}: latent attention is written in the torch "
-                         "format only")
     for what, size in (("q_lora_rank", m.q_rank or 0),
                        ("kv_lora_rank + qk_rope_head_dim", m.kv_rank + spec.head_dim)):
         if size % layout.tp:
@@ -102,13 +105,12 @@ def check_experts(spec: ModelSpec, layout: MegatronLayout) -> None:
         return
     if spec.num_experts % layout.ep:
         raise InputError(f"--ep {layout.ep} does not divide num_experts {spec.num_experts}")
-    if layout.expert_tp != layout.tp:
-        # Megatron-LM's `torch` format saves one file per rank whose expert-data-parallel rank is
-        # 0; with etp != tp which (tp, ep) pairs those are follows megatron-core's rank generator.
-        # (`torch_dist` would only cut the experts' boxes by etp, but no megatron-core save at
-        # etp != tp has been compared with ours: refused in both formats.)
-        raise InputError(f"--etp {layout.etp} with --tp {layout.tp}: experts are written for --etp "
-                         "equal to --tp only")
+    if layout.ckpt_format == "torch" and layout.tp % layout.expert_tp:
+        # Megatron-LM names a rank file by TP and EP rank only (`get_checkpoint_name`): ranks
+        # that share both but hold different expert-TP shards would save the same mp_rank file.
+        raise InputError(f"--etp {layout.expert_tp} does not divide --tp {layout.tp}: Megatron-LM's torch "
+                         "format names rank files by TP and EP rank only, so ranks holding different "
+                         "expert-TP shards would save the same file; use --ckpt-format torch_dist")
     if layout.layer_spec != "local":
         raise InputError(f"--layer-spec {layout.layer_spec}: experts are written in the local spec only")
     m = spec.moe

@@ -21,13 +21,12 @@ import torch
 from reference.converters.megatron import stage as S
 from reference.converters.megatron.args import layout_from_args, spec_from_args
 from reference.converters.megatron.cut import cat_rows
-from reference.converters.megatron.family import megatron_family
+from reference.converters.megatron.family import megatron_family, routing_dtype
 from reference.converters.megatron.keys import EXTRA_SUFFIX, OUTPUT, KeyTable
 from reference.converters.megatron.layout import MegatronLayout, check_layout, padded_vocab
 from reference.converters.plan import Lazy
 from reference.converters.source import Source
 from reference.errors import InputError
-from reference.families.family import Family
 from reference.families.spec import ModelSpec, canonical_shapes
 
 # Unpickled without running arbitrary code: tensors, plain values and the args Namespace.
@@ -74,9 +73,19 @@ class Checkpoint:
         return S.rank_file(self.root, self.tracker, tp_rank, pp_rank, self.layout.pp, ep_rank, self.layout.ep)
 
     def ranks(self) -> list[tuple[int, int, int]]:
-        """(tp, pp, ep) rank of every file, in Megatron-LM's order of names."""
+        """(tp, pp, ep) rank of every file, in Megatron-LM's order of names (`S.rank_files`)."""
         lay = self.layout
-        return [(t, p, e) for t in range(lay.tp) for p in range(lay.pp) for e in range(lay.ep)]
+        return [(t, p, e) for t, e, _ in S.rank_files(lay.tp, lay.expert_tp, lay.ep) for p in range(lay.pp)]
+
+    def holders(self, experts: bool, rank: int, ep_rank: int) -> list[tuple[int, int]]:
+        """(tp, ep) ranks of the files holding TP rank `rank`'s piece of a dense tensor (every EP
+        rank has a copy), or of EP rank `ep_rank`'s routed experts (expert-TP rank `rank`, in
+        every file whose TP rank it is modulo etp)."""
+        lay = self.layout
+        files = S.rank_files(lay.tp, lay.expert_tp, lay.ep)
+        if experts:
+            return [(t, e) for t, e, a in files if (e, a) == (ep_rank, rank)]
+        return [(t, e) for t, e, _ in files if t == rank]
 
     def stages_of(self, pp_rank: int) -> list[S.Stage]:
         """The virtual stages pipeline rank `pp_rank` holds, as model0, model1, ..."""
@@ -121,23 +130,6 @@ def _open(root: Path) -> Checkpoint:
     return Checkpoint(root, tracker, spec, layout, counts, KeyTable(layout.layer_spec), _dtype(state, first))
 
 
-def _routing_dtype(spec: ModelSpec, family: Family) -> ModelSpec:
-    """The spec with the family's dtype of routing weights and of latent attention's rope, and its
-    group score where there are no groups:
-    megatron-core's args have no such setting (its probabilities take the router's dtype, its
-    rope the model's), and in fp32 both compute the same."""
-    if spec.mla is not None:
-        spec = spec.replace(fp32_rope=family.express(spec).fp32_rope)
-    if spec.moe is None:
-        return spec
-    held = family.express(spec).moe
-    if held is None:
-        return spec
-    # without groups the group score computes nothing: the family's (DeepSeek-V3's "top2")
-    score = held.group_score if spec.moe.groups == 1 else spec.moe.group_score
-    return spec.replace(moe=replace(spec.moe, fp32_weights=held.fp32_weights, group_score=score))
-
-
 def _check_rank_dirs(ck: Checkpoint) -> None:
     """Every rank file the args imply exists, and no other rank directory does."""
     tp, pp, ep = ck.layout.tp, ck.layout.pp, ck.layout.ep
@@ -153,11 +145,13 @@ def _check_rank_dirs(ck: Checkpoint) -> None:
 
 
 def _piece_shape(ck: Checkpoint, slot: S.Slot, tp_rank: int, padded: int) -> list[int]:
-    """The shape the args imply for a slot's piece on TP rank `tp_rank`."""
+    """The shape the args imply for a slot's piece in the file of TP rank `tp_rank` (whose
+    expert-TP rank is tp_rank % etp: `S.rank_files`)."""
     shapes = canonical_shapes(ck.spec)
     metas = [torch.empty(shapes[n], device="meta") for n in slot.sources]
     tp = S.rule_tp(slot.rule, ck.layout.tp, ck.layout.expert_tp)
-    return list(S.shard(slot.rule.split, metas, S.width_spec(ck.spec, slot.rule), tp, tp_rank, padded).shape)
+    width = S.width_spec(ck.spec, slot.rule)
+    return list(S.shard(slot.rule.split, metas, width, tp, tp_rank % tp, padded).shape)
 
 
 def _check_file(ck: Checkpoint, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> None:
@@ -248,17 +242,18 @@ def _merger(files: _Files, slot: S.Slot, pp_rank: int, ep_rank: int, model: str,
     ck = files.ck
     tp = S.rule_tp(slot.rule, ck.layout.tp, ck.layout.expert_tp)
 
-    # Each EP rank's file holds a copy of what is not an expert: the copies must agree, as
-    # replicated tensors must across TP ranks.
-    copies = range(1, ck.layout.ep) if slot.rule.width != "experts" else ()
+    # Each EP rank's file holds a copy of what is not an expert, and with etp < tp several files
+    # of an EP rank hold the same expert-TP piece: the copies must agree, as replicated tensors
+    # must across TP ranks.
+    homes = [ck.holders(slot.rule.width == "experts", r, ep_rank) for r in range(tp)]
 
     def load() -> list[list[torch.Tensor]]:
-        pieces = [files.get(t, pp_rank, ep_rank, model, slot.key)[model][slot.key] for t in range(tp)]
-        for e in copies:
-            for t, piece in enumerate(pieces):
+        pieces = [files.get(t, pp_rank, e, model, slot.key)[model][slot.key] for (t, e), *_ in homes]
+        for piece, (first, *copies) in zip(pieces, homes, strict=True):
+            for t, e in copies:
                 if not torch.equal(files.get(t, pp_rank, e, model, slot.key)[model][slot.key], piece):
                     raise InputError(f"{ck.file(t, pp_rank, e)}: {model} '{slot.key}' differs from "
-                                     f"its copy in {ck.file(t, pp_rank, ep_rank).parent.name}")
+                                     f"its copy in {ck.file(first[0], pp_rank, first[1]).parent.name}")
         return S.unshard_rows(slot.rule.split, pieces, S.width_spec(ck.spec, slot.rule), where)
 
     return load
@@ -310,5 +305,5 @@ def read_megatron(path: Path, family: str | None = None, *, any_fit: bool = Fals
     for tp_rank, pp_rank, ep_rank in ck.ranks():
         _check_file(ck, tp_rank, pp_rank, ep_rank)
     tensors, homes = _lazy_tensors(ck)
-    spec = _routing_dtype(ck.spec, family)
+    spec = routing_dtype(ck.spec, family)
     return Source(ck.root, family, spec, extra, tensors, lambda name: homes.get(name, name))

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,18 @@ def rank_dir(tp_rank: int, pp_rank: int, pp: int, ep_rank: int = 0, ep: int = 1)
 def rank_file(root: Path, iteration: str, tp_rank: int, pp_rank: int, pp: int, ep_rank: int = 0,
               ep: int = 1) -> Path:
     return root / iteration_dir(iteration) / rank_dir(tp_rank, pp_rank, pp, ep_rank, ep) / FILE
+
+
+def rank_files(tp: int, etp: int, ep: int) -> list[tuple[int, int, int]]:
+    """(tp rank, ep rank, expert-TP rank) of every rank file of one pipeline stage, ordered by
+    name: a file per (tp rank, ep rank) pair that some rank of a job at this layout loads, with
+    the experts that rank holds. megatron-core orders a stage's ranks tp fastest for the dense
+    part and etp, then ep for the experts (`RankGenerator`, order "tp-cp-ep-dp-pp"), so local
+    rank l is dense TP rank l % tp, EP rank (l // etp) % ep and expert-TP rank l % etp; the
+    pairs repeat every lcm(tp, etp * ep) ranks. With etp dividing tp a file's expert-TP rank is
+    its TP rank % etp whichever rank loads it (`layout.check_experts` refuses the rest)."""
+    period = math.lcm(tp, etp * ep)
+    return sorted({(r % tp, (r // etp) % ep, r % etp) for r in range(period)})
 
 
 def model_key(chunk: int, vpp: int | None) -> str:
@@ -139,7 +152,7 @@ def piece_dtype(rule: Rule, dtype: torch.dtype) -> torch.dtype:
 
 
 def rule_tp(rule: Rule, tp: int, etp: int) -> int:
-    """The tensor-parallel size a rule is split over: expert TP for routed experts."""
+    """The tensor-parallel size (or rank) a rule is split over: expert TP for routed experts."""
     return etp if rule.width == "experts" else tp
 
 

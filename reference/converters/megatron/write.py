@@ -110,49 +110,50 @@ def write_megatron(
              for p in range(layout.pp)]
     check_placed(spec, {n for eps in ranks for stages in eps for _, slots in stages for slot in slots
                         for n in slot.sources})
+    files = S.rank_files(layout.tp, layout.expert_tp, ep)
 
-    def rows(slot: S.Slot, parts: list[Any], tp_rank: int) -> list[torch.Tensor]:
-        """The row blocks whose concatenation is the slot's piece on TP rank `tp_rank`."""
+    def rows(slot: S.Slot, parts: list[Any], tp_rank: int, etp_rank: int) -> list[torch.Tensor]:
+        """The row blocks whose concatenation is the slot's piece in the file of TP rank
+        `tp_rank` (expert-TP rank `etp_rank`)."""
         tp = S.rule_tp(slot.rule, layout.tp, layout.expert_tp)
-        return S.shard_rows(slot.rule.split, parts, S.width_spec(spec, slot.rule), tp, tp_rank,
-                            args.padded_vocab_size)
+        return S.shard_rows(slot.rule.split, parts, S.width_spec(spec, slot.rule), tp,
+                            S.rule_tp(slot.rule, tp_rank, etp_rank), args.padded_vocab_size)
 
-    def piece_bytes(slot: S.Slot, tp_rank: int) -> int:  # cut from the data-free stand-ins
-        blocks = rows(slot, [tensors[n].meta for n in slot.sources], tp_rank)
+    def piece_bytes(slot: S.Slot, tp_rank: int, etp_rank: int) -> int:  # cut from the data-free stand-ins
+        blocks = rows(slot, [tensors[n].meta for n in slot.sources], tp_rank, etp_rank)
         return sum(b.numel() for b in blocks) * S.piece_dtype(slot.rule, dtype).itemsize
 
-    total = sum(piece_bytes(slot, tp_rank) for eps in ranks for stages in eps for tp_rank in range(layout.tp)
-                for _, slots in stages for slot in slots) if progress is not None else 0
+    total = sum(piece_bytes(slot, t, a) for eps in ranks for t, e, a in files
+                for _, slots in eps[e] for slot in slots) if progress is not None else 0
     n_tensors = n_bytes = 0
     scratch = _Scratch()
     for pp_rank, eps in enumerate(ranks):
-        for ep_rank, stages in enumerate(eps):
-            for tp_rank in range(layout.tp):  # each rank reads its tensors anew: memory stays at one tensor
-                path = S.rank_file(out, str(S.ITERATION), tp_rank, pp_rank, layout.pp, ep_rank, ep)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                file = TorchFile(path)
-                state: dict[str, Any] = {"args": args, "checkpoint_version": S.CHECKPOINT_VERSION,
-                                         "iteration": S.ITERATION}
-                for chunk, (st, slots) in enumerate(stages):
-                    model: dict[str, Any] = {}
-                    for slot in slots:
-                        parts = [mapped(tensors[n]) for n in slot.sources]
-                        blocks = rows(slot, parts, tp_rank)
-                        kept = S.piece_dtype(slot.rule, dtype)
-                        x = blocks[0]  # one run of the source's bytes is written from its pages
-                        if len(blocks) > 1 or x.dtype != kept or not x.is_contiguous():
-                            x = scratch.cut(blocks, kept)
-                        model[slot.key] = file.tensor(x)
-                        n_tensors += 1
-                        n_bytes += x.nbytes
-                        del parts, blocks, x
-                        if progress is not None:
-                            progress(n_bytes, total)
-                    extras = {**S.extra_keys(spec, layout.layer_spec, st), **S.expert_extra_keys(slots)}
-                    for key, kind in extras.items():
-                        value = extra_state_value(kind)
-                        model[key] = value if value is None else file.tensor(value)
-                    state[S.model_key(chunk, layout.vpp)] = model
-                file.finish(state)
+        for tp_rank, ep_rank, etp_rank in files:  # each file reads its tensors anew, one at a time
+            path = S.rank_file(out, str(S.ITERATION), tp_rank, pp_rank, layout.pp, ep_rank, ep)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            file = TorchFile(path)
+            state: dict[str, Any] = {"args": args, "checkpoint_version": S.CHECKPOINT_VERSION,
+                                     "iteration": S.ITERATION}
+            for chunk, (st, slots) in enumerate(eps[ep_rank]):
+                model: dict[str, Any] = {}
+                for slot in slots:
+                    parts = [mapped(tensors[n]) for n in slot.sources]
+                    blocks = rows(slot, parts, tp_rank, etp_rank)
+                    kept = S.piece_dtype(slot.rule, dtype)
+                    x = blocks[0]  # one run of the source's bytes is written from its pages
+                    if len(blocks) > 1 or x.dtype != kept or not x.is_contiguous():
+                        x = scratch.cut(blocks, kept)
+                    model[slot.key] = file.tensor(x)
+                    n_tensors += 1
+                    n_bytes += x.nbytes
+                    del parts, blocks, x
+                    if progress is not None:
+                        progress(n_bytes, total)
+                extras = {**S.extra_keys(spec, layout.layer_spec, st), **S.expert_extra_keys(slots)}
+                for key, kind in extras.items():
+                    value = extra_state_value(kind)
+                    model[key] = value if value is None else file.tensor(value)
+                state[S.model_key(chunk, layout.vpp)] = model
+            file.finish(state)
     record(out, family, extra, dtype if cast is not None else None)
     return n_tensors, n_bytes
