@@ -5,7 +5,7 @@ target tensor produced exactly once, or the plan raises naming the key."""
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -139,26 +139,23 @@ def _experts(key: str, entry: Entry, templates: list[str], rule: ExpertStack, sp
              where: str) -> dict[str, Lazy]:
     """An expert stack's canonical tensors, each read by itself: dim 0 is outermost, so expert
     e's slice is a byte range of its own and pulling it never reads the stack; a part that is
-    one block of rows of it (GATE_UP's gate, its up) is bytes unchanged, which a writer copies
-    as they lie and the unified model maps."""
-    n, one = rule.count(spec), rule.expert(spec)
-    blocks = [] if isinstance(rule.inner, str) else list(rule.inner.blocks(one))
-    rows = sum(r for _, r in blocks) or (entry.shape[1] if len(entry.shape) > 1 else 0)
+    one block of rows of it (the whole slice, GATE_UP's gate, its up) is bytes unchanged, which
+    a writer copies as they lie and the unified model maps."""
+    n, width = rule.count(spec), entry.shape[1] if len(entry.shape) > 1 else 0
+    blocks = [(0, width)] if isinstance(rule.inner, str) else rule.inner.blocks(rule.expert(spec))
+    rows = sum(r for _, r in blocks)
     if len(entry.shape) < 2 or entry.shape[:2] != (n, rows):
         raise InputError(f"{where}: tensor '{key}' has shape {entry.shape} where config.json implies a "
                          f"stack of {n} experts of {rows} rows each")
     spans: list[list[tuple[int, int]]] = [[] for _ in templates]  # each part's (first row, rows)
-    start = 0
     for part, count in blocks:
-        spans[part].append((start, count))
-        start += count
+        spans[part].append((sum(c for s in spans for _, c in s), count))
     out: dict[str, Lazy] = {}
     for e in range(n):
-        expert = _rows(entry, e, 1)
-        expert = Entry(expert.path, expert.start, expert.length, expert.dtype, entry.shape[1:])
+        expert = replace(_rows(entry, e, 1), shape=entry.shape[1:])
         for i, template in enumerate(templates):
-            if isinstance(rule.inner, str) or len(spans[i]) == 1:
-                piece = expert if isinstance(rule.inner, str) else _rows(expert, *spans[i][0])
+            if len(spans[i]) == 1:
+                piece = _rows(expert, *spans[i][0])
                 out[template.format(e)] = Lazy(piece.meta(), piece.load, piece)
             else:  # rows from several blocks: the expert's slice read once per part, and cut
                 meta = rule.cut(expert.meta(), spec)[i]

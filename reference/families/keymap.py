@@ -167,7 +167,8 @@ class KeyMap:
                 homes[c] = (hf, i, rule)
         self._canonical = [(_pattern(c), home) for c, home in homes.items()]
 
-    def canonical(self, hf_key: str, where: str) -> tuple[list[str], Fused | Stacked | Computed | ExpertStack | None]:
+    def canonical(self, hf_key: str,
+                  where: str) -> tuple[list[str], Fused | Stacked | Computed | ExpertStack | None]:
         """Canonical names an HF tensor holds ([] if dropped or computed), and how they are
         fused or stacked (`row` says which row of a Stacked one it is; an ExpertStack's are
         one expert's templates, its number still `{}`: `ExpertStack.names` fills them)."""
