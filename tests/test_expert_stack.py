@@ -10,6 +10,7 @@ import gc
 import json
 import weakref
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 import safetensors.torch
@@ -19,7 +20,7 @@ from harness import tiny_spec
 from reference.cli import main
 from reference.converters.plan import read_canonical
 from reference.converters.safetensors_io import Entry, read_dir
-from reference.families.keymap import GATE_UP, ExpertStack, Fused
+from reference.families.keymap import GATE_UP, ExpertStack, Fused, KeyMap
 from reference.families.registry import FAMILIES
 from reference.families.spec import canonical_names
 from reference.tiny import save_tiny
@@ -107,6 +108,27 @@ def test_one_expert_is_read_by_itself_and_each_stacked_byte_once(tmp_path, monke
             lazy.load()
     assert sum(length for _, length in reads) == sum(e.length for e in stacked)  # each byte once
     assert max(length for _, length in reads) <= per_expert
+
+
+def test_a_part_of_several_blocks_is_cut_from_its_expert_alone(tmp_path, monkeypatch) -> None:
+    """An inner rule whose parts interleave (half the gate rows, half the up rows, the rest of
+    each): each part is cut from its own expert's slice, never from the stack."""
+    src = save_tiny("granitemoe", tmp_path / "src")
+    spec = FAMILIES["granitemoe"].read(json.loads((src / "config.json").read_text()), "src")
+    half = spec.moe.expert_size // 2
+    interleaved = Fused((_EXPERT + "gate.weight", _EXPERT + "up.weight"),
+                        lambda s: [(0, half), (1, half), (0, half), (1, half)])
+    rules = {**FAMILIES["granitemoe"].keys.rules,
+             "model.layers.{}.block_sparse_moe.input_linear.weight": ExpertStack(interleaved)}
+    family = replace(FAMILIES["granitemoe"], keys=KeyMap(rules))
+    reads: list[int] = []
+    load = Entry.load
+    monkeypatch.setattr(Entry, "load", lambda self: reads.append(self.length) or load(self))
+    tensors = read_canonical(read_dir(src), family, spec, "src")
+    whole = safetensors.torch.load_file(src / "model.safetensors")[STACKED]
+    got = tensors["layers.1.mlp.experts.3.up.weight"].load()
+    assert reads == [whole[3].numel() * whole.element_size()]  # expert 3's slice, not the stack
+    assert torch.equal(got, torch.cat([whole[3, half:2 * half], whole[3, 3 * half:]]))
 
 
 def test_a_stack_of_other_than_the_configs_experts_is_refused_naming_it(tmp_path, capsys) -> None:

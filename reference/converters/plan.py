@@ -148,8 +148,10 @@ def _experts(key: str, entry: Entry, templates: list[str], rule: ExpertStack, sp
         raise InputError(f"{where}: tensor '{key}' has shape {entry.shape} where config.json implies a "
                          f"stack of {n} experts of {rows} rows each")
     spans: list[list[tuple[int, int]]] = [[] for _ in templates]  # each part's (first row, rows)
+    start = 0
     for part, count in blocks:
-        spans[part].append((sum(c for s in spans for _, c in s), count))
+        spans[part].append((start, count))
+        start += count
     out: dict[str, Lazy] = {}
     for e in range(n):
         expert = replace(_rows(entry, e, 1), shape=entry.shape[1:])
