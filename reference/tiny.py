@@ -55,6 +55,8 @@ TINY: dict[str, dict[str, Any]] = {
                                      "partial_rotary_factor": 0.5}},
     "olmo": {"pad_token_id": 0, "eos_token_id": 2},
     "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "granitemoe": {"num_local_experts": 4, "num_experts_per_tok": 2, "embedding_multiplier": 12.0,
+                   "attention_multiplier": 0.0078125, "residual_multiplier": 0.22, "logits_scaling": 8.0},
     "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
                   "shared_expert_intermediate_size": 48},
     "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32},

@@ -20,6 +20,25 @@ def test_every_foldable_feature_has_a_fold() -> None:
     assert tuple(FOLDS) == FOLDABLE
 
 
+def test_residual_multiplier_folds_into_every_branch_that_adds_to_the_residual() -> None:
+    """A mixture's output is its routed experts' and its shared expert's down projections, and a
+    dense layer's its MLP's: each is scaled, so that a layer's whole output is (GraniteMoE's
+    experts are proven in megatron-core by tests/megatron/test_megatron_moe.py)."""
+    from dataclasses import replace
+
+    from harness import tiny_spec
+
+    from reference.families.spec import canonical_names
+
+    spec = tiny_spec("qwen2_moe", False)
+    spec = spec.replace(residual_multiplier=0.22, moe=replace(spec.moe, dense_layers=(0,)))
+    names = FOLDS["residual_multiplier"].names(spec, set(canonical_names(spec)))
+    outputs = {n for n in canonical_names(spec) if n.endswith(("attn.o.weight", "down.weight"))}
+    assert len(names) == len(set(names)) and set(names) == outputs
+    assert {"layers.0.mlp.down.weight", "layers.1.mlp.shared.down.weight",
+            f"layers.1.mlp.experts.{spec.num_experts - 1}.down.weight"} <= outputs
+
+
 def test_gemma_fold_is_bitwise_in_fp32(tmp_path) -> None:
     gemma = tiny_model("gemma", tie=True)
     gemma.save_pretrained(tmp_path / "src")

@@ -42,9 +42,11 @@ class Fold:
     precision: str
 
     def names(self, spec: ModelSpec, have: set[str]) -> list[str]:
-        """Canonical names this fold touches in a model of `spec` holding `have`."""
-        layers = range(spec.num_layers)
-        names = [t.format(i) for t in self.tensors for i in (layers if "{}" in t else [0])]
+        """Canonical names this fold touches in a model of `spec` holding `have` (a template's
+        first `{}` numbers the layer, a second the expert)."""
+        numbers = {0: [()], 1: [(i,) for i in range(spec.num_layers)],
+                   2: [(i, e) for i in range(spec.num_layers) for e in range(spec.num_experts)]}
+        names = [t.format(*n) for t in self.tensors for n in numbers[t.count("{}")]]
         return [n for n in dict.fromkeys(names) if n in have]
 
     def apply(self, x: torch.Tensor, spec: ModelSpec, value: Any, inverse: bool,
@@ -90,9 +92,11 @@ FOLDS: dict[str, Fold] = {f.feature: f for f in (
          "E' = E * m, m rounded to the dtype the model runs in; the untied head keeps the original E"),
     Fold("attention_multiplier", ("layers.{}.attn.q.weight", "layers.{}.attn.q.bias"), "mul",
          _attention, "q times m * sqrt(head_dim): one float32 rounding per value"),
+    # A mixture's output is its experts' (and shared expert's) down projections, weighted and summed.
     Fold("residual_multiplier", ("layers.{}.attn.o.weight", "layers.{}.attn.o.bias",
-                                 "layers.{}.mlp.down.weight", "layers.{}.mlp.down.bias"), "mul",
-         lambda spec, v: v, "o_proj and down_proj times r: one float32 rounding per value"),
+                                 "layers.{}.mlp.down.weight", "layers.{}.mlp.down.bias",
+                                 "layers.{}.mlp.experts.{}.down.weight", "layers.{}.mlp.shared.down.weight"),
+         "mul", lambda spec, v: v, "o_proj and down_proj times r: one float32 rounding per value"),
     Fold("logits_divisor", ("lm_head.weight",), "mul", lambda spec, v: 1.0 / v,
          "lm_head / s: one float32 rounding per value"),
     Fold("normalized_head", ("lm_head.weight",), "normalize", lambda spec, v: 0.0,

@@ -5,7 +5,7 @@ target tensor produced exactly once, or the plan raises naming the key."""
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -14,7 +14,7 @@ from reference.converters.fp8 import Dequantized
 from reference.converters.safetensors_io import Entry, Planned
 from reference.errors import Inexpressible, InputError
 from reference.families.family import Family
-from reference.families.keymap import Computed, Fused, Stacked
+from reference.families.keymap import Computed, ExpertStack, Fused, Stacked
 from reference.families.spec import (
     BIAS_KEYS,
     FEATURES,
@@ -94,6 +94,9 @@ def read_canonical(
         if isinstance(fused, Computed):
             _check_computed(key, entry, fused, spec, where)
             continue
+        if isinstance(fused, ExpertStack):
+            out.update(_experts(key, entry, names, fused, spec, where))
+            continue
         if fused is None:
             stored = entry if isinstance(entry, Entry) else None  # a dequantized weight is computed
             for name in names:
@@ -129,6 +132,42 @@ def read_canonical(
             raise InputError(f"{where}: tensor '{hf}' has shape {got} where config.json implies "
                              f"{tuple(shapes[name])}")
     return {name: out[name] for name in expected}
+
+
+def _rows(entry: Entry, first: int, count: int) -> Entry:
+    """Rows [first, first + count) of a tensor along dim 0: a byte range of their own."""
+    size = entry.length // entry.shape[0] if entry.shape[0] else 0
+    return Entry(entry.path, entry.start + first * size, count * size, entry.dtype, (count, *entry.shape[1:]))
+
+
+def _experts(key: str, entry: Entry, templates: list[str], rule: ExpertStack, spec: ModelSpec,
+             where: str) -> dict[str, Lazy]:
+    """An expert stack's canonical tensors, each read by itself: dim 0 is outermost, so expert
+    e's slice is a byte range of its own and pulling it never reads the stack; a part that is
+    one block of rows of it (the whole slice, GATE_UP's gate, its up) is bytes unchanged, which
+    a writer copies as they lie and the unified model maps."""
+    n, width = rule.count(spec), entry.shape[1] if len(entry.shape) > 1 else 0
+    blocks = [(0, width)] if isinstance(rule.inner, str) else rule.inner.blocks(rule.expert(spec))
+    rows = sum(r for _, r in blocks)
+    if len(entry.shape) < 2 or entry.shape[:2] != (n, rows):
+        raise InputError(f"{where}: tensor '{key}' has shape {entry.shape} where config.json implies a "
+                         f"stack of {n} experts of {rows} rows each")
+    spans: list[list[tuple[int, int]]] = [[] for _ in templates]  # each part's (first row, rows)
+    start = 0
+    for part, count in blocks:
+        spans[part].append((start, count))
+        start += count
+    out: dict[str, Lazy] = {}
+    for e in range(n):
+        expert = replace(_rows(entry, e, 1), shape=entry.shape[1:])
+        for i, template in enumerate(templates):
+            if len(spans[i]) == 1:
+                piece = _rows(expert, *spans[i][0])
+                out[template.format(e)] = Lazy(piece.meta(), piece.load, piece)
+            else:  # rows from several blocks: the expert's slice read once per part, and cut
+                meta = rule.cut(expert.meta(), spec)[i]
+                out[template.format(e)] = Lazy(meta, lambda x=expert, i=i: rule.cut(x.load(), spec)[i])
+    return out
 
 
 def _check_computed(key: str, entry: Entry, rule: Computed, spec: ModelSpec, where: str) -> None:
@@ -263,6 +302,14 @@ def plan_target(
             for i in range(whole.meta.shape[0]):
                 row = Lazy(whole.meta[i], lambda w=whole, i=i: w.load()[i].clone())
                 planned.append(_planned(hf.format(i), row, dtype))
+            continue
+        if isinstance(rule, ExpertStack):  # built one expert at a time, into the stack
+            k = len(rule.parts)
+            experts = [[parts[e * k + i] for i in range(k)] for e in range(rule.count(held))]
+            meta = rule.merge(([tensors[n].meta for n in ns] for ns in experts), held)
+            load = lambda r=rule, es=experts: r.merge(  # noqa: E731
+                ([tensors[n].load() for n in ns] for ns in es), held)
+            planned.append(_planned(hf, Lazy(meta, load), dtype))
             continue
         if isinstance(rule, Fused):
             names = [parts[i] for i in range(len(rule.parts))]

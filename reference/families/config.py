@@ -239,6 +239,8 @@ class Experts(Codec):
         m = spec.moe
         if m is not None and self.size == "intermediate_size" and m.expert_size != spec.intermediate_size:
             return {"moe": f"experts of {m.expert_size} rows beside a dense size of {spec.intermediate_size}"}
+        if m is not None and self.shared and not m.shared_size:  # Qwen2-MoE's class always builds one
+            return {"moe": f"no shared expert, where {self.shared} 0 still makes a shared expert's gate"}
         return {}
 
 

@@ -4,13 +4,14 @@ A template holds `{}` where the layer number goes. A rule maps one HF template t
 canonical template (a rename), to none (a tensor deliberately dropped, e.g. rotary caches),
 to several through `Fused` (one HF tensor holding several canonical ones as row blocks), or
 to none through `Computed` (a buffer the family persists but computes from the config alone:
-checked and dropped on the way in, made again on the way out).
+checked and dropped on the way in, made again on the way out), or to one set per expert through
+`ExpertStack` (a mixture's experts stacked along dim 0 of one tensor).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -76,6 +77,63 @@ class Computed:
     make: Callable[[ModelSpec, torch.dtype], torch.Tensor]
 
 
+@dataclass(frozen=True)
+class ExpertStack:
+    """Each routed expert's tensor stacked along dim 0 of one (GraniteMoE's input_linear,
+    (experts, 2 * size, hidden)), as many as the spec has experts. One expert's slice is the
+    canonical `inner` (a template whose last `{}` numbers the expert) or, through a `Fused`
+    rule, several: its blocks see the spec of one expert, a linear of the experts' width
+    (GATE_UP then cuts expert_size rows, not the dense MLP's). Canonical names run expert-major:
+    expert 0's parts, then expert 1's. Split and merge are slicing and copying: lossless."""
+
+    inner: str | Fused
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """The canonical templates of one expert's slice."""
+        return (self.inner,) if isinstance(self.inner, str) else self.inner.parts
+
+    @staticmethod
+    def count(spec: ModelSpec) -> int:
+        """How many experts the tensor stacks."""
+        return spec.num_experts
+
+    @staticmethod
+    def expert(spec: ModelSpec) -> ModelSpec:
+        """The spec one expert's slice is cut by: its linears are expert_size wide."""
+        assert spec.moe is not None, "an expert stack needs a mixture of experts"
+        return spec.replace(intermediate_size=spec.moe.expert_size)
+
+    def names(self, templates: Sequence[str], spec: ModelSpec) -> list[str]:
+        """The canonical names of the whole stack, from its parts' templates (as `KeyMap.canonical`
+        gives them, the expert's `{}` still open), expert-major."""
+        return [t.format(e) for e in range(self.count(spec)) for t in templates]
+
+    def cut(self, one: torch.Tensor, spec: ModelSpec) -> list[torch.Tensor]:
+        """One expert's slice as its canonical tensors."""
+        return [one] if isinstance(self.inner, str) else self.inner.split(one, self.expert(spec))
+
+    def split(self, stacked: torch.Tensor, spec: ModelSpec) -> list[torch.Tensor]:
+        """Every expert's canonical tensors, expert-major."""
+        if stacked.shape[0] != self.count(spec):
+            raise InputError(f"a stack of {stacked.shape[0]} experts where the spec has {self.count(spec)}")
+        return [t for one in stacked for t in self.cut(one, spec)]
+
+    def merge(self, experts: Iterable[Sequence[torch.Tensor]], spec: ModelSpec) -> torch.Tensor:
+        """The stacked tensor from each expert's parts, pulled one expert at a time and copied
+        into place: memory is the stack and one expert, never a list of every expert beside it."""
+        import torch
+
+        out: torch.Tensor | None = None
+        for e, parts in enumerate(experts):
+            one = parts[0] if isinstance(self.inner, str) else self.inner.merge(parts, self.expert(spec))
+            if out is None:
+                out = torch.empty((self.count(spec), *one.shape), dtype=one.dtype, device=one.device)
+            out[e] = one
+        assert out is not None and e + 1 == self.count(spec), "one part list per expert"
+        return out
+
+
 def concat(*linears: str) -> Callable[[ModelSpec], Blocks]:
     """Blocks of a plain concatenation of linears' rows, named as in `linear_shapes`
     (Phi3's qkv_proj: q, k, v; gate_up_proj: gate, up)."""
@@ -90,7 +148,7 @@ def _pattern(template: str) -> re.Pattern[str]:
     return re.compile("^" + re.escape(template).replace(r"\{\}", r"(\d+)") + "$")
 
 
-Rule = str | Fused | Stacked | Computed | None
+Rule = str | Fused | Stacked | Computed | ExpertStack | None
 
 
 class KeyMap:
@@ -99,19 +157,21 @@ class KeyMap:
     def __init__(self, rules: Mapping[str, Rule]) -> None:
         self.rules = dict(rules)
         self._hf = [(_pattern(h), rule) for h, rule in self.rules.items()]
-        homes: dict[str, tuple[str, int]] = {}
+        homes: dict[str, tuple[str, int, Rule]] = {}
         for hf, rule in self.rules.items():
             parts = ((rule,) if isinstance(rule, str) else (rule.part,) if isinstance(rule, Stacked)
-                     else rule.parts if isinstance(rule, Fused) else ())
+                     else rule.parts if isinstance(rule, (Fused, ExpertStack)) else ())
             for i, c in enumerate(parts):
                 if c in homes:
                     raise ValueError(f"canonical '{c}' has two HF homes")
-                homes[c] = (hf, i)
+                homes[c] = (hf, i, rule)
         self._canonical = [(_pattern(c), home) for c, home in homes.items()]
 
-    def canonical(self, hf_key: str, where: str) -> tuple[list[str], Fused | Stacked | Computed | None]:
+    def canonical(self, hf_key: str,
+                  where: str) -> tuple[list[str], Fused | Stacked | Computed | ExpertStack | None]:
         """Canonical names an HF tensor holds ([] if dropped or computed), and how they are
-        fused or stacked (`row` says which row of a Stacked one it is)."""
+        fused or stacked (`row` says which row of a Stacked one it is; an ExpertStack's are
+        one expert's templates, its number still `{}`: `ExpertStack.names` fills them)."""
         for pattern, rule in self._hf:
             match = pattern.match(hf_key)
             if match:
@@ -121,6 +181,8 @@ class KeyMap:
                     return [rule.format(*match.groups())], None
                 if isinstance(rule, Stacked):
                     return [rule.part.format(*match.groups()[:-1])], rule
+                if isinstance(rule, ExpertStack):
+                    return [p.format(*match.groups(), "{}") for p in rule.parts], rule
                 return [p.format(*match.groups()) for p in rule.parts], rule
         raise InputError(f"{where}: unknown tensor '{hf_key}' for this family")
 
@@ -133,11 +195,14 @@ class KeyMap:
         raise KeyError(hf_key)
 
     def hf(self, canonical_key: str, family: str) -> tuple[str, int]:
-        """The HF name that holds a canonical tensor, and its part index there. A Stacked home
-        keeps `{}` where the row number goes."""
-        for pattern, (hf, part) in self._canonical:
+        """The HF name that holds a canonical tensor, and its part index there (in an
+        ExpertStack, counted expert-major over the whole stack). A Stacked home keeps `{}`
+        where the row number goes."""
+        for pattern, (hf, part, rule) in self._canonical:
             match = pattern.match(canonical_key)
             if match:
+                if isinstance(rule, ExpertStack):  # the expert is the canonical name's last number
+                    part += int(match.groups()[-1]) * len(rule.parts)
                 return hf.format(*match.groups(), "{}"), part
         raise InputError(f"{family} has no tensor for canonical '{canonical_key}'")
 
@@ -223,6 +288,16 @@ MIXTRAL_KEYS = KeyMap({
     "model.layers.{}.block_sparse_moe.experts.{}.w1.weight": _EXPERT["gate"],
     "model.layers.{}.block_sparse_moe.experts.{}.w3.weight": _EXPERT["up"],
     "model.layers.{}.block_sparse_moe.experts.{}.w2.weight": _EXPERT["down"],
+})
+# GraniteMoE: Mixtral's block under other names, each layer's experts stacked in two tensors:
+# input_linear (experts, 2 * size, hidden) holds each expert's gate rows then its up rows,
+# output_linear (experts, hidden, size) each expert's down projection.
+GRANITEMOE_KEYS = KeyMap({
+    **{h: c for h, c in _LLAMA_RULES.items() if ".mlp." not in h},
+    "model.layers.{}.block_sparse_moe.router.layer.weight": "layers.{}.mlp.router.weight",
+    "model.layers.{}.block_sparse_moe.input_linear.weight":
+        ExpertStack(Fused((_EXPERT["gate"], _EXPERT["up"]), GATE_UP)),
+    "model.layers.{}.block_sparse_moe.output_linear.weight": ExpertStack(_EXPERT["down"]),
 })
 # Qwen2-MoE, Qwen3-MoE, OLMoE: the router is mlp.gate, beside the dense MLP's mlp.gate_proj of
 # the layers without experts; Qwen2-MoE adds a shared expert and its gate.

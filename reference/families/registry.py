@@ -42,6 +42,7 @@ from reference.families.keymap import (
     GLM4_KEYS,
     GLM_KEYS,
     GPT_NEOX_KEYS,
+    GRANITEMOE_KEYS,
     INTERNLM2_KEYS,
     LLAMA_KEYS,
     MIXTRAL_KEYS,
@@ -174,6 +175,14 @@ ROWS = (
     Family(model_type="mixtral", architecture="MixtralForCausalLM", keys=MIXTRAL_KEYS,
            codecs=(Experts("num_local_experts", "intermediate_size", 8, renormalise=True, fp32_weights=True),
                    Window())),
+    # GraniteMoE: granite's multipliers and Mixtral's mixture (softmax over the top-k logits is
+    # the full softmax renormalised over them), each layer's experts stacked in two tensors.
+    Family(model_type="granitemoe", architecture="GraniteMoeForCausalLM", keys=GRANITEMOE_KEYS,
+           codecs=(LLAMA_BIAS[0], Value("embedding_multiplier", "embedding_multiplier", 1.0),
+                   AttentionScale("attention_multiplier", "attention_multiplier", 1.0),
+                   Value("residual_multiplier", "residual_multiplier", 1.0),
+                   Value("logits_divisor", "logits_scaling", 1.0),
+                   Experts("num_local_experts", "intermediate_size", 8, renormalise=True))),
     Family(model_type="qwen2_moe", architecture="Qwen2MoeForCausalLM", keys=MOE_KEYS,
            codecs=(Fixed("qkv_bias", True),
                    Experts("num_experts", "moe_intermediate_size", 60, renormalise="norm_topk_prob",
