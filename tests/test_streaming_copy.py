@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import os
 
+import pytest
+import torch
 from harness import assert_bitwise, read_tensors
 
 from reference.converters import convert
-from reference.converters.safetensors_io import PAGE, read_dir
+from reference.converters.safetensors_io import PAGE, Planned, read_dir, write_dir
 from reference.tiny import tiny_model
 
 
@@ -59,3 +61,24 @@ def test_computed_tensors_do_not_shift_the_copies(tmp_path, monkeypatch) -> None
     back = read_dir(tmp_path / "back")
     assert all((e.start - after[k].start) % PAGE == 0 for k, e in back.items())
     assert_bitwise(read_tensors(src), read_tensors(tmp_path / "back"))
+
+
+def test_row_blocks_are_written_as_their_concatenation(tmp_path) -> None:
+    """A tensor given as row blocks (a Megatron tensor's TP pieces) is written block after
+    block, the same bytes as its concatenation, never concatenated; blocks that do not make the
+    planned tensor are refused."""
+    blocks = [torch.arange(12, dtype=torch.float32).reshape(3, 4), torch.ones(2, 4)]
+    whole = torch.cat(blocks)
+
+    def never() -> torch.Tensor:
+        raise AssertionError("concatenated instead of written block by block")
+
+    (tmp_path / "rows").mkdir()
+    (tmp_path / "cat").mkdir()
+    write_dir([Planned("w", torch.float32, (5, 4), never, None, lambda: blocks)], tmp_path / "rows", None)
+    write_dir([Planned("w", torch.float32, (5, 4), lambda: whole)], tmp_path / "cat", None)
+    written = [(tmp_path / d / "model.safetensors").read_bytes() for d in ("rows", "cat")]
+    assert written[0] == written[1]
+    (tmp_path / "bad").mkdir()
+    with pytest.raises(AssertionError, match=r"said torch.float32\[6, 4\]"):
+        write_dir([Planned("w", torch.float32, (6, 4), never, None, lambda: blocks)], tmp_path / "bad", None)

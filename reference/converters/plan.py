@@ -30,11 +30,14 @@ from reference.families.verdict import unified_holds
 class Lazy:
     """A tensor not yet read: its data-free stand-in and how to read it. When the tensor is a
     source file's bytes unchanged, `entry` says where they lie, so a writer can copy them
-    byte for byte instead of calling `load`."""
+    byte for byte instead of calling `load`; when it is row blocks of other tensors (a Megatron
+    tensor's TP pieces), `rows` gives them, so a writer that streams bytes writes them one after
+    another instead of concatenating them first (`load`)."""
 
     meta: torch.Tensor
     load: Callable[[], torch.Tensor]
     entry: Entry | None = None
+    rows: Callable[[], list[torch.Tensor]] | None = None
 
 
 # A sequence-classification checkpoint (`<Family>ForSequenceClassification`, num_labels=1): the
@@ -330,4 +333,5 @@ def _planned(name: str, lazy: Lazy, dtype: torch.dtype | None) -> Planned:
     cast = dtype is not None and lazy.meta.is_floating_point() and lazy.meta.dtype != dtype
     out_dtype = dtype if cast else lazy.meta.dtype
     produce = (lambda: lazy.load().to(out_dtype)) if cast else lazy.load
-    return Planned(name, out_dtype, tuple(lazy.meta.shape), produce, None if cast else lazy.entry)
+    return Planned(name, out_dtype, tuple(lazy.meta.shape), produce, None if cast else lazy.entry,
+                   None if cast else lazy.rows)

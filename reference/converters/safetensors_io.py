@@ -144,6 +144,7 @@ class Planned:
     shape: tuple[int, ...]
     produce: Callable[[], torch.Tensor]
     source: Entry | None = None  # the bytes are this source range: copied byte for byte, not produced
+    rows: Callable[[], list[torch.Tensor]] | None = None  # or these row blocks, written one after another
 
     @property
     def nbytes(self) -> int:
@@ -190,6 +191,25 @@ def _copy_range(path: Path, start: int, length: int, f, done: Callable[[int], No
     f.seek(0, os.SEEK_END)
 
 
+def _fits(blocks: list[torch.Tensor], dtype: torch.dtype, shape: tuple[int, ...]) -> bool:
+    """Whether the row blocks concatenate to a tensor of `dtype` and `shape`."""
+    if len(blocks) == 1:
+        return blocks[0].dtype == dtype and tuple(blocks[0].shape) == shape
+    return (len(shape) > 0 and sum(b.shape[0] for b in blocks) == shape[0]
+            and all(b.dtype == dtype and tuple(b.shape[1:]) == shape[1:] for b in blocks))
+
+
+def _write_produced(t: Planned, f) -> None:
+    """A computed tensor's bytes: produced, or its row blocks written one after another."""
+    blocks = t.rows() if t.rows is not None else [t.produce()]
+    if not _fits(blocks, t.dtype, t.shape):
+        got = " + ".join(f"{b.dtype}{list(b.shape)}" for b in blocks)
+        raise AssertionError(f"plan for '{t.name}' said {t.dtype}{list(t.shape)}, got {got}")
+    for data in blocks:
+        if data.numel():
+            f.write(data.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+
 def _write_tensors(group: list[Planned], f, done: Callable[[int], None]) -> None:
     """The data of one shard, in order, telling `done` the bytes of each write. Unchanged
     tensors that lie back to back in one source file are copied by one kernel call."""
@@ -207,12 +227,7 @@ def _write_tensors(group: list[Planned], f, done: Callable[[int], None]) -> None
             run.append(t.source)
             continue
         flush()
-        data = t.produce()
-        if data.dtype != t.dtype or tuple(data.shape) != t.shape:
-            got = f"{data.dtype}{list(data.shape)}"
-            raise AssertionError(f"plan for '{t.name}' said {t.dtype}{list(t.shape)}, got {got}")
-        if data.numel():
-            f.write(data.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        _write_produced(t, f)  # its memory is released before the next tensor is made
         done(t.nbytes)
     flush()
 

@@ -209,38 +209,44 @@ def test_to_llama_where_expressible(models, tmp_path) -> None:
     torch.testing.assert_close(logits(model), logits(tiny_model("qwen2", num_hidden_layers=4)))
 
 
-def test_streaming_holds_one_tensor_and_one_rank(models, tmp_path, monkeypatch) -> None:
-    """At every rank file saved, no full source tensor is alive and every saved tensor owns
-    exactly its bytes; while cutting, at most q, k and v are alive at once."""
+def test_streaming_holds_one_tensor_at_a_time(models, tmp_path, monkeypatch) -> None:
+    """Each rank file is written tensor by tensor: when a Megatron tensor is written, the one
+    written before it and the source tensors it was cut from are gone; cutting one holds at
+    most q, k and v."""
     import weakref
 
     from reference.converters.megatron import write
+    from reference.converters.megatron.torch_file import TorchFile
 
-    alive: list[weakref.ref] = []
+    sources: list[weakref.ref] = []  # the full source tensors of every Megatron tensor cut so far
+    now: list[weakref.ref] = []  # those of the one being cut
+    written: list[weakref.ref] = []
     most = [0]
-    shard = write.S.shard
+    shard_rows, write_tensor, finish = write.S.shard_rows, TorchFile.tensor, TorchFile.finish
 
-    def tracked(split, parts, *args):  # the full source tensors one Megatron tensor is cut from
-        alive.extend(weakref.ref(p) for p in parts if not p.is_meta)
-        most[0] = max(most[0], sum(r() is not None for r in alive))
-        return shard(split, parts, *args)
+    def tracked(split, parts, *args):  # noqa: ANN001, ANN202
+        now[:] = [weakref.ref(p) for p in parts if not p.is_meta]
+        sources.extend(now)
+        most[0] = max(most[0], sum(r() is not None for r in sources))
+        return shard_rows(split, parts, *args)
 
-    def save(state, path):
-        assert sum(r() is not None for r in alive) == 0, "a full tensor outlives its rank file"
-        for model in (v for k, v in state.items() if k.startswith("model")):
-            for key, t in model.items():
-                if t is not None:
-                    assert t.untyped_storage().nbytes() == t.nbytes, f"{key} saves more than its shard"
-        saved.append(path)
-        torch_save(state, path)
+    def tensor(self, x):  # noqa: ANN001, ANN202
+        assert all(r() is None for r in written), "a written tensor outlives its record"
+        earlier = [r for r in sources if not any(r is n for n in now)]
+        assert all(r() is None for r in earlier), "an earlier source tensor is alive"
+        written.append(weakref.ref(x))
+        return write_tensor(self, x)
 
-    saved: list[Path] = []
-    torch_save = torch.save
-    monkeypatch.setattr(write.S, "shard", tracked)
-    monkeypatch.setattr(write.torch, "save", save)
+    def finished(self, state):  # noqa: ANN001, ANN202
+        files.append(state)
+        return finish(self, state)
+
+    files: list[dict] = []
+    monkeypatch.setattr(write.S, "shard_rows", tracked)
+    monkeypatch.setattr(TorchFile, "tensor", tensor)
+    monkeypatch.setattr(TorchFile, "finish", finished)
     convert(models["llama"], tmp_path / "mg", "--to", "megatron", "--tp", "2", "--pp", "2")
-    assert len(saved) == 4 and most[0] == 3
-
+    assert len(files) == 4 and len(written) > 4 and most[0] == 3
 
 
 def test_source_truncated_while_writing(models, tmp_path) -> None:

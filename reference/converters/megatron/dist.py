@@ -41,7 +41,7 @@ from reference.converters.megatron import stage as S
 from reference.converters.megatron.args import spec_from_args
 from reference.converters.megatron.family import megatron_family, routing_dtype
 from reference.converters.megatron.keys import EMBEDDING, OUTPUT, TE_RENAMES, KeyTable
-from reference.converters.megatron.read import load_args_file
+from reference.converters.megatron.read import LastMerged, load_args_file
 from reference.converters.plan import Lazy
 from reference.converters.source import Source
 from reference.errors import InputError
@@ -321,6 +321,7 @@ def _plan(where: Path, metadata: Metadata, spec: ModelSpec,
     shapes = canonical_shapes(spec)
     dtype = tensors_md[EMBEDDING].properties.dtype if EMBEDDING in tensors_md else None
     slices = _Slices(where, metadata)
+    last = LastMerged()
     tensors: dict[str, Lazy] = {}
     homes: dict[str, str] = {}
     used: set[str] = set()
@@ -349,13 +350,14 @@ def _plan(where: Path, metadata: Metadata, spec: ModelSpec,
                 raise InputError(f"{where}: '{p.key}' is {stored}, the embedding {dtype}")
         label = "+".join(p.label for p in parts)
 
-        def load(parts: list[Where] = parts, rule: Any = slot.rule, label: str = label) -> list[torch.Tensor]:
-            return S.unshard(rule.split, [slices.joined(parts)], S.width_spec(spec, rule),
+        def load(parts: list[Where] = parts, rule: Any = slot.rule,
+                 label: str = label) -> list[list[torch.Tensor]]:
+            return S.unshard_rows(rule.split, [slices.joined(parts)], S.width_spec(spec, rule),
                              f"{where}: {label}")
 
         for part, name in enumerate(slot.sources):
             meta = torch.empty(shapes[name], dtype=S.piece_dtype(slot.rule, dtype), device="meta")
-            tensors[name] = Lazy(meta, lambda f=load, i=part: f()[i])
+            tensors[name] = last.lazy(meta, label, load, part)
             homes[name] = f"{where.name} {label}"
     if spec.tie_word_embeddings:
         used.add(OUTPUT)  # a tied copy, if saved, is not read

@@ -53,7 +53,8 @@ from reference.converters.megatron import stage as S
 from reference.converters.megatron.dist import BACKEND, COMMON
 from reference.converters.megatron.keys import TE_RENAMES, KeyTable, extra_state_value
 from reference.converters.megatron.layout import MegatronLayout
-from reference.converters.megatron.write import check_placed, prepare, record
+from reference.converters.megatron.torch_file import own_bytes
+from reference.converters.megatron.write import check_placed, mapped, prepare, record
 from reference.converters.plan import Lazy
 from reference.converters.safetensors_io import Progress
 from reference.errors import InputError
@@ -144,11 +145,6 @@ def tp_boxes(split: str | Fused, rows: Sequence[int], shape: Sequence[int], spec
         at = where[piece]
         boxes += [((int(at[i]), *(0,) * len(rest)), (n, *rest)) for i, n in _runs(at, apart)]
     return boxes
-
-
-def _owns_storage(x: torch.Tensor) -> bool:
-    """Whether `x` is all of its storage, in order (what torch.save writes is then `x` alone)."""
-    return x.is_contiguous() and x.storage_offset() == 0 and x.untyped_storage().nbytes() == x.nbytes
 
 
 def fused_rows(parts: Sequence[torch.Tensor], order: torch.Tensor, start: int, n: int) -> torch.Tensor:
@@ -315,7 +311,7 @@ def write_dist(
         split = t.slot.rule.split
         if last[0] is not t:
             last[:] = [None, None, None]  # release the previous tensor before reading the next
-            parts = [tensors[n].load() for n in t.slot.sources]
+            parts = [mapped(tensors[n]) for n in t.slot.sources]  # views of the source's pages
             order = None
             if isinstance(split, Fused):
                 labels, _ = _labels([p.shape[0] for p in parts])
@@ -332,10 +328,11 @@ def write_dist(
             box = parts[0]
             for dim, (o, n) in enumerate(zip(offsets, sizes, strict=True)):
                 box = box.narrow(dim, o, n)
-        # Copied only where it is a view: DCP's torch.save writes a tensor's whole storage. A box
-        # cut by cat, or a whole source tensor (a norm, linear_proj at TP 1), is written as it is.
-        box = box.to(dtype=S.piece_dtype(t.slot.rule, dtype), memory_format=torch.contiguous_format,
-                     copy=not _owns_storage(box))
+        # DCP's torch.save writes a tensor's whole storage, so a box must be all of its own: one
+        # cut by cat, or a whole source tensor, is; a run of a source's rows is aliased, not
+        # copied (own_bytes); only a strided box (a row-parallel weight's columns) is copied.
+        kept = S.piece_dtype(t.slot.rule, dtype)
+        box = own_bytes(box.to(dtype=kept, memory_format=torch.contiguous_format))
         written[0] += box.nbytes
         if progress is not None:
             progress(written[0], total)

@@ -2,7 +2,8 @@
 
 Opening checks every rank file against the args (keys, shapes, dtypes, layers per stage)
 without reading tensor data: files are memory-mapped. A canonical tensor is merged from its
-TP pieces when pulled; the files of one pipeline rank are kept open at a time.
+TP pieces when pulled (or handed to a writer as those pieces' row blocks, `Lazy.rows`); the
+rank files are mapped for one layer at a time.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 
 from reference.converters.megatron import stage as S
 from reference.converters.megatron.args import layout_from_args, spec_from_args
+from reference.converters.megatron.cut import cat_rows
 from reference.converters.megatron.family import megatron_family, routing_dtype
 from reference.converters.megatron.keys import EXTRA_SUFFIX, OUTPUT, KeyTable
 from reference.converters.megatron.layout import MegatronLayout, check_layout, padded_vocab
@@ -188,24 +190,55 @@ def _check_file(ck: Checkpoint, tp_rank: int, pp_rank: int, ep_rank: int = 0) ->
 
 
 class _Files:
-    """Rank files of one pipeline rank at a time: a pipeline stage is read front to back."""
+    """The rank files of one pipeline rank, opened (mapped) anew for each layer: a stage is read
+    front to back, and the pages read through a file's map stay in the process's RSS until the
+    map closes, so keeping a pipeline rank's files open held all of them by the end. Opening a
+    rank file again costs its pickle (a few ms), once per layer and TP rank."""
 
     def __init__(self, ck: Checkpoint) -> None:
         self.ck = ck
-        self.pp_rank: int | None = None
+        self.at: tuple[int, str, str] | None = None
         self.open: dict[tuple[int, int], dict[str, Any]] = {}
 
-    def get(self, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> dict[str, Any]:
-        if pp_rank != self.pp_rank:
+    def get(self, tp_rank: int, pp_rank: int, ep_rank: int, model: str, key: str) -> dict[str, Any]:
+        """The rank file holding `key` of `model`; the files of another layer are let go."""
+        parts = key.split(".")
+        at = (pp_rank, model, parts[2] if key.startswith("decoder.layers.") else "")
+        if at != self.at:
             self.open.clear()
-            self.pp_rank = pp_rank
+            self.at = at
         if (tp_rank, ep_rank) not in self.open:
             self.open[tp_rank, ep_rank] = load_rank_file(self.ck.file(tp_rank, pp_rank, ep_rank))
         return self.open[tp_rank, ep_rank]
 
 
+class LastMerged:
+    """The canonical parts of the Megatron tensor merged last, each as its row blocks (views of
+    the TP pieces): a fused tensor's parts are pulled one after another (q, k, v), and merging
+    the whole tensor again for each part was most of a reader's copying. Holding one tensor's
+    pieces keeps memory at one tensor."""
+
+    def __init__(self) -> None:
+        self.key: object = None
+        self.parts: list[list[torch.Tensor]] = []
+
+    def get(self, key: object, merge: Callable[[], list[list[torch.Tensor]]]) -> list[list[torch.Tensor]]:
+        if key != self.key:
+            self.key, self.parts = None, []  # release the last tensor before merging the next
+            self.parts = merge()
+            self.key = key
+        return self.parts
+
+    def lazy(self, meta: torch.Tensor, key: object, merge: Callable[[], list[list[torch.Tensor]]],
+             part: int) -> Lazy:
+        """Part `part` of the tensor `merge` gives: concatenated by `load`, or as its row blocks
+        for a writer that writes them in order (`Lazy.rows`)."""
+        return Lazy(meta, lambda: cat_rows(self.get(key, merge)[part]),
+                    rows=lambda: self.get(key, merge)[part])
+
+
 def _merger(files: _Files, slot: S.Slot, pp_rank: int, ep_rank: int, model: str,
-            where: str) -> Callable[[], list[torch.Tensor]]:
+            where: str) -> Callable[[], list[list[torch.Tensor]]]:
     ck = files.ck
     tp = S.rule_tp(slot.rule, ck.layout.tp, ck.layout.expert_tp)
 
@@ -214,14 +247,14 @@ def _merger(files: _Files, slot: S.Slot, pp_rank: int, ep_rank: int, model: str,
     # must across TP ranks.
     homes = [ck.holders(slot.rule.width == "experts", r, ep_rank) for r in range(tp)]
 
-    def load() -> list[torch.Tensor]:
-        pieces = [files.get(t, pp_rank, e)[model][slot.key] for (t, e), *_ in homes]
+    def load() -> list[list[torch.Tensor]]:
+        pieces = [files.get(t, pp_rank, e, model, slot.key)[model][slot.key] for (t, e), *_ in homes]
         for piece, (first, *copies) in zip(pieces, homes, strict=True):
             for t, e in copies:
-                if not torch.equal(files.get(t, pp_rank, e)[model][slot.key], piece):
+                if not torch.equal(files.get(t, pp_rank, e, model, slot.key)[model][slot.key], piece):
                     raise InputError(f"{ck.file(t, pp_rank, e)}: {model} '{slot.key}' differs from "
                                      f"its copy in {ck.file(first[0], pp_rank, first[1]).parent.name}")
-        return S.unshard(slot.rule.split, pieces, S.width_spec(ck.spec, slot.rule), where)
+        return S.unshard_rows(slot.rule.split, pieces, S.width_spec(ck.spec, slot.rule), where)
 
     return load
 
@@ -229,6 +262,7 @@ def _merger(files: _Files, slot: S.Slot, pp_rank: int, ep_rank: int, model: str,
 def _lazy_tensors(ck: Checkpoint) -> tuple[dict[str, Lazy], dict[str, str]]:
     """Canonical name -> Lazy merge from the rank files; and -> its Megatron key, for messages."""
     files = _Files(ck)
+    last = LastMerged()
     shapes = canonical_shapes(ck.spec)
     tensors: dict[str, Lazy] = {}
     homes: dict[str, str] = {}
@@ -247,7 +281,7 @@ def _lazy_tensors(ck: Checkpoint) -> tuple[dict[str, Lazy], dict[str, str]]:
                 load = _merger(files, slot, pp_rank, ep_rank, model, where)
                 for part, name in enumerate(slot.sources):
                     meta = torch.empty(shapes[name], dtype=S.piece_dtype(slot.rule, ck.dtype), device="meta")
-                    tensors[name] = Lazy(meta, lambda f=load, i=part: f()[i])
+                    tensors[name] = last.lazy(meta, where, load, part)
                     homes[name] = where
     return tensors, homes
 

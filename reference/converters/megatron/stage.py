@@ -177,20 +177,39 @@ def shard(split: str | Fused, parts: Sequence[torch.Tensor], spec: ModelSpec, tp
     raise _unknown(split)
 
 
-def unshard(split: str | Fused, pieces: Sequence[torch.Tensor], spec: ModelSpec,
-            where: str) -> list[torch.Tensor]:
-    """The full canonical tensors from every TP rank's piece."""
+def shard_rows(split: str | Fused, parts: Sequence[torch.Tensor], spec: ModelSpec, tp: int, rank: int,
+               padded: int) -> list[torch.Tensor]:
+    """`shard` as row blocks to be concatenated (views of the parts, a padded vocabulary's
+    zeros), so that a writer can concatenate them into memory it reuses."""
     if isinstance(split, Fused):
-        return cut.merge_fused(split, pieces, spec)
+        return cut.fused_blocks(split, parts, spec, tp, rank)
+    if split == "vocab":
+        return cut.vocab_blocks(parts[0], padded, tp, rank)
+    return [shard(split, parts, spec, tp, rank, padded)]
+
+
+def unshard_rows(split: str | Fused, pieces: Sequence[torch.Tensor], spec: ModelSpec,
+                 where: str) -> list[list[torch.Tensor]]:
+    """The full canonical tensors from every TP rank's piece, each as row blocks to be
+    concatenated (views of the pieces; a row-parallel weight's columns are joined here, as they
+    are not rows), so that a writer can write them one after another."""
+    if isinstance(split, Fused):
+        return cut.fused_rows(split, pieces, spec)
     if split == "replicated":
         for r, p in enumerate(pieces[1:], 1):
             if not torch.equal(p, pieces[0]):
                 raise InputError(f"{where}: replicated tensor differs between TP ranks 0 and {r}")
-        return [pieces[0]]
+        return [[pieces[0]]]
     if split == "vocab":
-        return [cut.merge_vocab(pieces, spec.vocab_size)]
+        return [cut.vocab_rows(pieces, spec.vocab_size)]
     if split == "cols":
-        return [torch.cat(list(pieces), dim=1)]
+        return [[pieces[0] if len(pieces) == 1 else torch.cat(list(pieces), dim=1)]]
     if split == "rows":
-        return [torch.cat(list(pieces))]
+        return [list(pieces)]
     raise _unknown(split)
+
+
+def unshard(split: str | Fused, pieces: Sequence[torch.Tensor], spec: ModelSpec,
+            where: str) -> list[torch.Tensor]:
+    """The full canonical tensors from every TP rank's piece."""
+    return [cut.cat_rows(blocks) for blocks in unshard_rows(split, pieces, spec, where)]

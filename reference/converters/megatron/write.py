@@ -1,7 +1,7 @@
-"""Writing canonical tensors as a Megatron-LM `torch` checkpoint, one rank file at a time.
-
-Each rank file is built, saved and released before the next: memory holds one rank's shard
-plus the full tensors of the one Megatron tensor being cut (q, k, v for `linear_qkv`).
+"""Writing canonical tensors as a Megatron-LM `torch` checkpoint, one rank file at a time, and
+each rank file one tensor at a time (`torch_file.TorchFile`, the file torch.save would write):
+memory holds the one Megatron tensor being cut, and the pages of the source tensors it is cut
+from (q, k, v for `linear_qkv`), never a rank's shard.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from reference.converters.megatron import stage as S
 from reference.converters.megatron.args import build_args, check_heads
 from reference.converters.megatron.keys import KeyTable, extra_state_value
 from reference.converters.megatron.layout import MegatronLayout, check_layout
+from reference.converters.megatron.torch_file import TorchFile
 from reference.converters.plan import Lazy
 from reference.converters.safetensors_io import Mapped, Progress
 from reference.errors import InputError
@@ -26,28 +27,34 @@ from reference.families.spec import ModelSpec, canonical_names
 FAMILY_FILE = "hf_source.json"  # the HF family and config fields the weights came with
 
 
-def _owned(x: torch.Tensor, parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """`x` in `dtype`, contiguous, with storage of its own: torch.save writes a view's whole
-    storage. A piece the cut already made afresh (a fused or padded concatenation) is that;
-    copying it again cost a quarter of the writer's time."""
-    store = x.untyped_storage()
-    fresh = (x.dtype == dtype and x.is_contiguous() and x.storage_offset() == 0
-             and store.nbytes() == x.nbytes
-             and all(store.data_ptr() != p.untyped_storage().data_ptr() for p in parts))
-    return x if fresh else x.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
-
-
-def _read(lazy: Lazy) -> torch.Tensor:
+def mapped(lazy: Lazy) -> torch.Tensor:
     """The tensor; a source file's unchanged bytes as a view of its pages rather than read into
-    memory of their own first: every piece is copied out of it anyway (`_owned`), and reading
-    each source tensor once per TP rank into fresh memory was a third of the writer's time.
-    The map closes when the last view of it goes."""
+    memory of their own first: a piece is cut out of it, or written straight from it, and
+    reading each source tensor once per TP rank into fresh memory was a third of the writer's
+    time. The map closes when the last view of it goes."""
     if lazy.entry is None:
         return lazy.load()
     try:
         return Mapped().tensor(lazy.entry)
     except ValueError:  # the file shrank since its header was read: shorter than the map wants
         raise InputError(f"{lazy.entry.path}: truncated while reading a tensor") from None
+
+
+class _Scratch:
+    """Memory reused from piece to piece for the pieces that must be copied: cutting each into a
+    fresh allocation cost more than the copy (the kernel zero-fills every new page)."""
+
+    def __init__(self) -> None:
+        self.buf = torch.empty(0, dtype=torch.uint8)
+
+    def cut(self, blocks: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """The blocks concatenated along rows, in `dtype`, into the scratch (valid until the next cut)."""
+        shape = (sum(b.shape[0] for b in blocks), *blocks[0].shape[1:])
+        n = math.prod(shape) * dtype.itemsize
+        if self.buf.numel() < n:
+            self.buf = torch.empty(0, dtype=torch.uint8)  # release the smaller one first
+            self.buf = torch.empty(n, dtype=torch.uint8)
+        return torch.cat(blocks, out=self.buf[:n].view(dtype).view(shape))
 
 
 def prepare(tensors: Mapping[str, Lazy], spec: ModelSpec, layout: MegatronLayout,
@@ -105,41 +112,48 @@ def write_megatron(
                         for n in slot.sources})
     files = S.rank_files(layout.tp, layout.expert_tp, ep)
 
-    def piece(slot: S.Slot, parts: list[Any], tp_rank: int, etp_rank: int) -> torch.Tensor:
+    def rows(slot: S.Slot, parts: list[Any], tp_rank: int, etp_rank: int) -> list[torch.Tensor]:
+        """The row blocks whose concatenation is the slot's piece in the file of TP rank
+        `tp_rank` (expert-TP rank `etp_rank`)."""
         tp = S.rule_tp(slot.rule, layout.tp, layout.expert_tp)
-        return S.shard(slot.rule.split, parts, S.width_spec(spec, slot.rule), tp,
-                       S.rule_tp(slot.rule, tp_rank, etp_rank), args.padded_vocab_size)
+        return S.shard_rows(slot.rule.split, parts, S.width_spec(spec, slot.rule), tp,
+                            S.rule_tp(slot.rule, tp_rank, etp_rank), args.padded_vocab_size)
 
     def piece_bytes(slot: S.Slot, tp_rank: int, etp_rank: int) -> int:  # cut from the data-free stand-ins
-        shape = piece(slot, [tensors[n].meta for n in slot.sources], tp_rank, etp_rank).shape
-        return math.prod(shape) * S.piece_dtype(slot.rule, dtype).itemsize
+        blocks = rows(slot, [tensors[n].meta for n in slot.sources], tp_rank, etp_rank)
+        return sum(b.numel() for b in blocks) * S.piece_dtype(slot.rule, dtype).itemsize
 
     total = sum(piece_bytes(slot, t, a) for eps in ranks for t, e, a in files
                 for _, slots in eps[e] for slot in slots) if progress is not None else 0
     n_tensors = n_bytes = 0
+    scratch = _Scratch()
     for pp_rank, eps in enumerate(ranks):
-        for tp_rank, ep_rank, etp_rank in files:  # each file reads its tensors anew: memory stays at one rank
-            stages = eps[ep_rank]
+        for tp_rank, ep_rank, etp_rank in files:  # each file reads its tensors anew, one at a time
+            path = S.rank_file(out, str(S.ITERATION), tp_rank, pp_rank, layout.pp, ep_rank, ep)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            file = TorchFile(path)
             state: dict[str, Any] = {"args": args, "checkpoint_version": S.CHECKPOINT_VERSION,
                                      "iteration": S.ITERATION}
-            for chunk, (st, slots) in enumerate(stages):
+            for chunk, (st, slots) in enumerate(eps[ep_rank]):
                 model: dict[str, Any] = {}
                 for slot in slots:
-                    parts = [_read(tensors[n]) for n in slot.sources]
+                    parts = [mapped(tensors[n]) for n in slot.sources]
+                    blocks = rows(slot, parts, tp_rank, etp_rank)
                     kept = S.piece_dtype(slot.rule, dtype)
-                    model[slot.key] = _owned(piece(slot, parts, tp_rank, etp_rank), parts, kept)
+                    x = blocks[0]  # one run of the source's bytes is written from its pages
+                    if len(blocks) > 1 or x.dtype != kept or not x.is_contiguous():
+                        x = scratch.cut(blocks, kept)
+                    model[slot.key] = file.tensor(x)
                     n_tensors += 1
-                    n_bytes += model[slot.key].nbytes
-                    del parts
+                    n_bytes += x.nbytes
+                    del parts, blocks, x
                     if progress is not None:
                         progress(n_bytes, total)
                 extras = {**S.extra_keys(spec, layout.layer_spec, st), **S.expert_extra_keys(slots)}
                 for key, kind in extras.items():
-                    model[key] = extra_state_value(kind)
+                    value = extra_state_value(kind)
+                    model[key] = value if value is None else file.tensor(value)
                 state[S.model_key(chunk, layout.vpp)] = model
-            path = S.rank_file(out, str(S.ITERATION), tp_rank, pp_rank, layout.pp, ep_rank, ep)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(state, path)
-            del state
+            file.finish(state)
     record(out, family, extra, dtype if cast is not None else None)
     return n_tensors, n_bytes
