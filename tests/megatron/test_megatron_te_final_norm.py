@@ -15,7 +15,7 @@ our dense local-spec `torch_dist` carries that object (keys.FINAL_NORM), and:
   object, is refused by the same load: what our checkpoint did before;
 - our legacy rank files keep the TE-less key set; where TE is installed torch's strict load names
   the one missing key and Megatron-LM's non-strict retry (load_model_state_dict) loads every
-  weight, the logits equal HF's.
+  weight, the logits equal HF's; `reference verify` takes that key as the build has it.
 
 TransformerEngine cannot be installed here (no CUDA), so "where TE is installed" is megatron-core
 with LayerNormImpl set as its import of TE sets it, to a torch RMSNorm with TE's extra state.
@@ -114,6 +114,7 @@ def _te_machine(case: dict[str, Any]) -> list[Any]:
     from torch.distributed.checkpoint.api import CheckpointException
 
     from reference.verify.mcore_model import build
+    from reference.verify.mcore_ranks import MegatronJob, _strict
 
     where = Path(case["dist"]) / "iter_0000001"
     common = dist_checkpointing.load_common_state_dict(str(where))
@@ -162,6 +163,17 @@ def _te_machine(case: dict[str, Any]) -> list[Any]:
         legacy.load_state_dict(rank["model"], strict=True)
     result = legacy.load_state_dict(rank["model"], strict=False)
     assert result.missing_keys == ["decoder.final_layernorm._extra_state"] and not result.unexpected_keys
+
+    # `reference verify` loads a rank file strictly as either build has it: ours where TE is
+    # installed, and one Megatron-LM saved there (with the key) where TE is not.
+    job = MegatronJob("torch", {"0,0,0": case["legacy"]}, 2, 2, "local", 0, [[0]], None)
+    with te_installed():
+        verified = build(rank["args"], None)
+    _strict(verified, rank["model"], job, "model")
+    got = verified.decoder.final_layernorm.received
+    assert len(got) == 1 and got[0].dtype == torch.uint8 and got[0].numel() == 0
+    with_te = {**rank["model"], "decoder.final_layernorm._extra_state": torch.empty(0, dtype=torch.uint8)}
+    _strict(build(rank["args"], None), with_te, job, "model")
     return [te, legacy]
 
 
