@@ -33,6 +33,25 @@ def te_to_local(model: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+_FINAL_NORM_EXTRA = "decoder.final_layernorm._extra_state"
+
+
+def final_norm_as_built(model: Any, sd: dict[str, Any]) -> dict[str, Any]:
+    """A rank file's state dict with the final norm's extra state as this build of megatron-core
+    has it: where TransformerEngine is installed a dense model's final norm is TE's, which has
+    one (reference/converters/megatron/keys.py FINAL_NORM), elsewhere it has none. Megatron-LM's
+    strict load fails on that key either way and its non-strict retry loads every weight; its
+    only content is FP8 scaling metadata, which an fp32 run does not use."""
+    import torch
+
+    wants = _FINAL_NORM_EXTRA in model.state_dict()
+    if wants and _FINAL_NORM_EXTRA not in sd:
+        return {**sd, _FINAL_NORM_EXTRA: torch.empty(0, dtype=torch.uint8)}  # TE's "no FP8"
+    if not wants and _FINAL_NORM_EXTRA in sd:
+        return {k: v for k, v in sd.items() if k != _FINAL_NORM_EXTRA}
+    return sd
+
+
 # TransformerConfig fields a checkpoint's MoE args set under their own name (Megatron-LM's
 # core_transformer_config_from_args copies every args field a TransformerConfig has).
 MOE_FIELDS = ("moe_router_topk", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size",

@@ -148,8 +148,10 @@ def _collapsed(job: MegatronJob) -> bool:
 
 
 def _strict(model: Any, sd: dict[str, Any], job: MegatronJob, what: str) -> None:
+    from reference.verify.mcore_model import final_norm_as_built
+
     try:
-        model.load_state_dict(sd, strict=True)
+        model.load_state_dict(final_norm_as_built(model, sd), strict=True)
     except RuntimeError as e:
         where = job.files.get("dir") or job.files["0,0,0"]
         raise InputError(f"{where}: megatron-core refused {what}: "

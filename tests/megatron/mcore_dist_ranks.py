@@ -3,8 +3,9 @@
 As Megatron-LM's `load_checkpoint` does for this format: the args come from common.pt, the
 model is built at the layout of the loading job (which may differ from the one the args
 record: that is resharding on load), its `sharded_state_dict()` is built with the checkpoint's
-own `content_metadata`, and `dist_checkpointing.load` fills it, here with RAISE_ALL (a missing
-or unexpected key, or a global shape that differs, fails). Then GPTModel's logits are gathered
+own `content_metadata`, and `dist_checkpointing.load` fills it, here with RETURN_ALL: a key
+the model asks for and the checkpoint lacks, or one the checkpoint has beyond the expected
+TransformerEngine objects, or a global shape that differs, fails. Then GPTModel's logits are gathered
 as in mcore_ranks.py and compared with the HF model's.
 """
 
@@ -40,15 +41,16 @@ def _load(case: dict[str, Any]) -> tuple[Any, Namespace, dict[str, Any]]:
     assert metadata == {"distrib_optim_sharding_type": "dp_reshardable", "singleton_local_shards": False,
                         "chained_optim_avoid_prefix": True}, metadata
     sharded = {"model": model.sharded_state_dict(metadata=metadata)}
-    if case.get("te_only") is None:
-        state = dist_checkpointing.load(sharded, where, strict=StrictHandling.RAISE_ALL)
-    else:
-        # A TransformerEngine-spec checkpoint in this local-spec model: every key the model asks
-        # for is there (none unexpected), and what it does not ask for is exactly case["te_only"]
-        # (the extra states of the norms that are TE modules in that spec).
-        state, missing, unexpected = dist_checkpointing.load(sharded, where, strict=StrictHandling.RETURN_ALL)
-        assert not unexpected, sorted(unexpected)
-        assert sorted(missing) == sorted(case["te_only"]), sorted(missing)
+    # Every key the model asks for is there (none unexpected), and what it does not ask for is
+    # exactly case["te_only"]: the extra states of the norms that are TE modules where
+    # TransformerEngine is installed. By default, a dense model's final norm (keys.FINAL_NORM:
+    # TENorm for the local spec too); a TransformerEngine-spec checkpoint names its q/k norms too.
+    te_only = case.get("te_only")
+    if te_only is None:
+        te_only = [] if getattr(saved, "num_experts", None) else ["decoder.final_layernorm._extra_state"]
+    state, missing, unexpected = dist_checkpointing.load(sharded, where, strict=StrictHandling.RETURN_ALL)
+    assert not unexpected, sorted(unexpected)
+    assert sorted(missing) == sorted(te_only), sorted(missing)
     model.load_state_dict(state["model"], strict=True)
     for p in model.parameters():
         assert torch.isfinite(p).all()

@@ -17,7 +17,9 @@ local linear's. Only the `_extra_state` ShardedObjects differ: the four linears 
 FP8" marker (an empty uint8 tensor) where the local linears hold None; the q/k norms and the
 final norm (TENorm: TE's RMSNorm op) have one of their own, which the local spec's norms lack;
 TEDotProductAttention's `sharded_state_dict()` declares nothing (only a learnable softmax
-offset), so core_attention has none although its state dict has `_extra_state`.
+offset), so core_attention has none although its state dict has `_extra_state`. The local
+spec's final norm has one too in a dense model (keys.FINAL_NORM): megatron-core makes it TE's
+wherever TE is installed, and Megatron-LM's default strictness ignores it where TE is not.
 
 A mixture's routed experts (the local spec's SequentialMLP) get a global expert axis after the
 layer axis (`decoder.layers.mlp.experts.experts.linear_fc1.weight` is `[L, E, ...]`), so any EP
@@ -51,7 +53,13 @@ from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, Writ
 from reference.converters.megatron import cut
 from reference.converters.megatron import stage as S
 from reference.converters.megatron.dist import BACKEND, COMMON
-from reference.converters.megatron.keys import TE_RENAMES, KeyTable, extra_state_value
+from reference.converters.megatron.keys import (
+    EXTRA_SUFFIX,
+    TE_RENAMES,
+    KeyTable,
+    dist_extra_states,
+    extra_state_value,
+)
 from reference.converters.megatron.layout import MegatronLayout
 from reference.converters.megatron.torch_file import own_bytes
 from reference.converters.megatron.write import check_placed, mapped, prepare, record
@@ -219,7 +227,8 @@ def extra_objects(spec: ModelSpec, layer_spec: str = "local") -> dict[str, str]:
     layer of its own and for the final norm)."""
     whole = S.Stage(0, 0, spec.num_layers, True, True)
     legacy = {**S.extra_keys(spec, layer_spec, whole),
-              **S.expert_extra_keys(S.slots(spec, KeyTable(layer_spec), whole))}
+              **S.expert_extra_keys(S.slots(spec, KeyTable(layer_spec), whole)),
+              **{m + EXTRA_SUFFIX: k for m, k in dist_extra_states(layer_spec, not spec.num_experts).items()}}
     out = {}
     for key, kind in legacy.items():
         if key.endswith(UNDECLARED):

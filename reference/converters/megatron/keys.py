@@ -145,6 +145,25 @@ def extra_states(layer_spec: str, qk_norm: bool, mla: MLA | None = None) -> dict
     return out
 
 
+# megatron-core 0.16.1's TransformerBlock, given one layer's spec rather than a block's (what
+# Megatron-LM's gpt_builders passes for a dense model, --transformer-impl local included), builds
+# its final norm from transformer_block.LayerNormImpl: TENorm whenever TransformerEngine imports,
+# a TE RMSNorm/LayerNorm op whose get_extra_state gives an empty uint8 tensor without FP8 (TE 2.9+;
+# a pickled empty dict before). A mixture's block spec names its norm itself (get_gpt_decoder_block_spec:
+# TE's only in the TE spec). Megatron-LM's default torch_dist load (assume_ok_unexpected) fails on
+# an object the model asks for and the checkpoint lacks, and ignores one it does not ask for: so a
+# torch_dist checkpoint carries this object, which loads cleanly with and without TE. Rank files
+# cannot please both (torch's strict load refuses a missing and an unexpected key alike; Megatron-LM
+# then retries non-strictly and prints the keys): they keep what megatron-core without TE asks for.
+FINAL_NORM = "decoder.final_layernorm"
+
+
+def dist_extra_states(layer_spec: str, dense: bool) -> dict[str, str]:
+    """Module -> kind of the extra states a `torch_dist` checkpoint holds beyond its rank files'
+    (`extra_states`): the local spec's final norm, when TE would make it (see FINAL_NORM)."""
+    return {FINAL_NORM: "te"} if layer_spec == "local" and dense else {}
+
+
 def extra_state_value(kind: str) -> torch.Tensor | None:
     """A fresh `_extra_state` value: TE's "no FP8" marker, or None for Megatron's linears."""
     return torch.empty(0, dtype=torch.uint8) if kind == "te" else None
