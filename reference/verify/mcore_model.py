@@ -11,6 +11,7 @@ from __future__ import annotations
 from argparse import Namespace
 from typing import Any
 
+from reference.converters.megatron.args import either
 from reference.errors import InputError
 from reference.verify.cpu import CPU_CONFIG
 
@@ -162,7 +163,7 @@ def build(args: Namespace, vp_stage: int | None, post_process: bool | None = Non
         num_attention_heads=args.num_attention_heads,
         num_query_groups=args.num_query_groups if group else None,
         kv_channels=getattr(args, "kv_channels", None),
-        layernorm_epsilon=getattr(args, "norm_epsilon", 1e-5),
+        layernorm_epsilon=either(args, "norm_epsilon", 1e-5, "megatron args"),
         normalization=getattr(args, "normalization", "LayerNorm"),
         gated_linear_unit=True,
         activation_func=F.silu,

@@ -72,7 +72,8 @@ def test_layout_and_args_on_disk(models, tmp_path) -> None:
     want = {"num_layers": 4, "hidden_size": 72, "ffn_hidden_size": 112, "num_attention_heads": 6,
             "group_query_attention": True, "num_query_groups": 2, "kv_channels": 16,
             "max_position_embeddings": 64, "position_embedding_type": "rope", "rotary_base": 10000,
-            "rotary_percent": 1.0, "use_rope_scaling": False, "norm_epsilon": 1e-5,
+            "rotary_percent": 1.0, "use_rope_scaling": False, "norm_epsilon": 1e-5, "layernorm_epsilon": 1e-5,
+            "apply_layernorm_1p": False, "layernorm_zero_centered_gamma": False,
             "normalization": "RMSNorm", "swiglu": True, "add_qkv_bias": True, "add_bias_linear": False,
             "qk_layernorm": False, "untie_embeddings_and_output_weights": True, "vocab_size": 250,
             "padded_vocab_size": 256, "make_vocab_size_divisible_by": 128,
@@ -157,6 +158,46 @@ def test_family_from_features_when_not_recorded(models, tmp_path, capsys, family
         convert(tmp_path / "mg", tmp_path / "hf", "--to", "hf")
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == family
     assert_bitwise(read_tensors(models[family]), read_tensors(tmp_path / "hf"))
+
+
+def megatron_lm_016_args(mg: Path, **changes: object) -> None:
+    """Make the checkpoint look saved by Megatron-LM 0.16 itself: no hf_source.json, and its norm
+    flags under the TransformerConfig names 0.16 saves them by (`--norm-epsilon` as
+    layernorm_epsilon, `--apply-layernorm-1p` as layernorm_zero_centered_gamma), then `changes`."""
+    (mg / "hf_source.json").unlink()
+    path = rank_file(mg, 0)
+    state = torch.load(path, weights_only=False)
+    del state["args"].norm_epsilon, state["args"].apply_layernorm_1p
+    for name, value in changes.items():
+        setattr(state["args"], name, value)
+    torch.save(state, path)
+
+
+def test_norm_eps_under_megatron_lm_016_names(tmp_path) -> None:
+    """Megatron-LM 0.16 saves --norm-epsilon as args.layernorm_epsilon (earlier releases as
+    norm_epsilon): both are written, and a checkpoint with only the new name reads back its eps,
+    not the 1e-5 default (Qwen's 1e-6 was silently read as 1e-5)."""
+    hf = save_tiny("qwen3", tmp_path / "qwen3", tie=True, rms_norm_eps=1e-6)
+    convert(hf, tmp_path / "mg", "--to", "megatron")
+    args = torch.load(rank_file(tmp_path / "mg", 0), weights_only=False)["args"]
+    assert (args.norm_epsilon, args.layernorm_epsilon) == (1e-6, 1e-6)
+    assert (args.apply_layernorm_1p, args.layernorm_zero_centered_gamma) == (False, False)
+    megatron_lm_016_args(tmp_path / "mg")
+    convert(tmp_path / "mg", tmp_path / "hf", "--to", "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["rms_norm_eps"] == 1e-6
+    assert_bitwise(read_tensors(hf), read_tensors(tmp_path / "hf"))
+
+
+@pytest.mark.parametrize(("changes", "needles"), [
+    ({"norm_epsilon": 1e-5}, ["norm_epsilon=1e-05 and layernorm_epsilon=1e-06 differ"]),
+    ({"layernorm_zero_centered_gamma": True}, ["layernorm_zero_centered_gamma)=True is not read"]),
+])
+def test_megatron_lm_016_norm_args_refused(tmp_path, capsys, changes, needles) -> None:
+    hf = save_tiny("qwen3", tmp_path / "qwen3", tie=True, rms_norm_eps=1e-6)
+    convert(hf, tmp_path / "mg", "--to", "megatron")
+    megatron_lm_016_args(tmp_path / "mg", **changes)
+    fails(capsys, [tmp_path / "mg", tmp_path / "hf", "--to", "hf"], "mp_rank_00", *needles)
+    assert not (tmp_path / "hf").exists()
 
 
 @pytest.mark.parametrize(("given", "needle"), [

@@ -270,7 +270,7 @@ def mla_from_args(args: Namespace, where: str) -> dict[str, Any]:
     rope = _get(args, "qk_pos_emb_head_dim", where)
     mla = MLA(q_rank=getattr(args, "q_lora_rank", None), kv_rank=_get(args, "kv_lora_rank", where),
               nope_dim=_get(args, "qk_head_dim", where), v_dim=_get(args, "v_head_dim", where),
-              norm_eps=float(getattr(args, "norm_epsilon", 1e-5)))
+              norm_eps=float(either(args, "norm_epsilon", 1e-5, where)))
     heads = _get(args, "num_attention_heads", where)
     return {"latent_attention": True, "mla": mla, "head_dim": rope, "num_kv_heads": heads,
             "qk_norm": False, "interleaved_rope": True}
@@ -328,8 +328,11 @@ def build_args(spec: ModelSpec, layout: MegatronLayout, counts: Sequence[int],
         rotary_seq_len_interpolation_factor=None,
         **rope_args(spec.rope_parameters, latent=spec.mla is not None),
         normalization="RMSNorm",
+        # under both the names Megatron-LM has saved them by (SAME_ARG)
         norm_epsilon=spec.norm_eps,
+        layernorm_epsilon=spec.norm_eps,
         apply_layernorm_1p=False,
+        layernorm_zero_centered_gamma=False,
         swiglu=True,
         squared_relu=False,
         add_bias_linear=spec.o_bias or spec.mlp_bias,
@@ -362,6 +365,23 @@ def build_args(spec: ModelSpec, layout: MegatronLayout, counts: Sequence[int],
     )
 
 
+# Megatron-LM 0.16 builds its model flags from megatron-core's TransformerConfig, so a flag's
+# value is saved under the config field's name: --norm-epsilon as layernorm_epsilon (norm_epsilon
+# before), --apply-layernorm-1p as layernorm_zero_centered_gamma (apply_layernorm_1p before).
+SAME_ARG = {"norm_epsilon": "layernorm_epsilon", "apply_layernorm_1p": "layernorm_zero_centered_gamma"}
+
+
+def either(args: Namespace, name: str, default: Any, where: str) -> Any:
+    """The value saved under `name` or under its other name in SAME_ARG (`default` under
+    neither); two values that differ raise, naming both."""
+    names = (name, SAME_ARG[name])
+    got = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    if len(set(got.values())) > 1:
+        a, b = names
+        raise InputError(f"{where}: args {a}={got[a]!r} and {b}={got[b]!r} differ")
+    return next(iter(got.values()), default)
+
+
 def _get(args: Namespace, name: str, where: str) -> Any:
     value = getattr(args, name, None)
     if value is None:
@@ -381,8 +401,10 @@ def spec_from_args(args: Namespace, where: str) -> ModelSpec:
     _require(args, "position_embedding_type", "rope", "learned_absolute", where)
     _require(args, "normalization", "RMSNorm", "LayerNorm", where)
     _require(args, "swiglu", True, False, where)
-    for flag in ("apply_layernorm_1p", "rotary_interleaved"):
-        _require(args, flag, False, False, where)
+    if either(args, "apply_layernorm_1p", False, where):
+        raise InputError(f"{where}: args apply_layernorm_1p (layernorm_zero_centered_gamma)=True is not read "
+                         "(only False)")
+    _require(args, "rotary_interleaved", False, False, where)
     _require(args, "rotary_seq_len_interpolation_factor", None, None, where)
     heads, hidden = _get(args, "num_attention_heads", where), _get(args, "hidden_size", where)
     groups = args.num_query_groups if getattr(args, "group_query_attention", False) else heads
@@ -398,7 +420,7 @@ def spec_from_args(args: Namespace, where: str) -> ModelSpec:
         head_dim=getattr(args, "kv_channels", None) or hidden // heads,
         max_position_embeddings=(getattr(args, "max_position_embeddings", None)
                                  or _get(args, "seq_length", where)),
-        norm_eps=float(getattr(args, "norm_epsilon", 1e-5)),
+        norm_eps=float(either(args, "norm_epsilon", 1e-5, where)),
         hidden_act="silu",
         rope_parameters=rope,
         tie_word_embeddings=not getattr(args, "untie_embeddings_and_output_weights", False),
