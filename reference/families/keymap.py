@@ -35,9 +35,8 @@ class Fused:
     parts: tuple[str, ...]
     blocks: Callable[[ModelSpec], Blocks]
 
-    def split(self, fused: torch.Tensor, spec: ModelSpec) -> list[torch.Tensor]:
-        import torch
-
+    def row_blocks(self, fused: torch.Tensor, spec: ModelSpec) -> list[list[torch.Tensor]]:
+        """Each part's row blocks of `fused`, as views, in order."""
         pieces: list[list[torch.Tensor]] = [[] for _ in self.parts]
         start = 0
         for part, rows in self.blocks(spec):
@@ -45,7 +44,12 @@ class Fused:
             start += rows
         if start != fused.shape[0]:
             raise InputError(f"fused tensor of {fused.shape[0]} rows does not fit {self.parts}")
-        return [torch.cat(p) for p in pieces]
+        return pieces
+
+    def split(self, fused: torch.Tensor, spec: ModelSpec) -> list[torch.Tensor]:
+        import torch
+
+        return [torch.cat(p) for p in self.row_blocks(fused, spec)]
 
     def merge(self, parts: Sequence[torch.Tensor], spec: ModelSpec) -> torch.Tensor:
         import torch

@@ -24,7 +24,7 @@ import pytest
 import torch
 from harness import tiny_spec
 from mcore_ranks import assert_back_to_hf_bitwise, assert_compared
-from test_megatron_dist_write import _boxes
+from test_megatron_dist_write import _boxes, tied_scaled
 from test_megatron_moe import DENSE_FIRST, FOUR
 
 from reference.converters.megatron import MegatronLayout
@@ -88,10 +88,7 @@ def written(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("etp")
     ids = torch.randint(0, SHAPE["vocab_size"], (2, 10), generator=torch.Generator().manual_seed(7))
     for case in CASES:
-        model = tiny_model(case.family, tie=case.tie, **case.overrides)
-        if case.tie:  # as test_megatron_moe: a tied head at an untied head's scale
-            with torch.no_grad():
-                model.get_input_embeddings().weight.mul_(2 * model.config.hidden_size ** -0.5)
+        model = tied_scaled(case.family, case.tie, **case.overrides)
         model.save_pretrained(root / f"hf-{case.id}")
         convert(root / f"hf-{case.id}", root / case.id, to="megatron", layout=case.layout())
         torch.save({"input_ids": ids, "logits": logits(model, ids)}, root / f"{case.id}.ref.pt")

@@ -24,9 +24,7 @@ with LayerNormImpl set as its import of TE sets it, to a torch RMSNorm with TE's
 from __future__ import annotations
 
 import contextlib
-import io
 import traceback
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,10 +32,9 @@ from typing import Any
 import pytest
 import torch
 from mcore_ranks import assert_compared
+from test_megatron_dist_te import _objects
 from test_megatron_dist_write import _boxes, tied_scaled, write_cases
 from test_megatron_equivalence import SHAPES
-from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint import load as dcp_load
 
 from reference.converters import convert
 from reference.converters.megatron import MegatronLayout
@@ -75,14 +72,6 @@ def te_installed() -> Iterator[None]:
         yield
     finally:
         transformer_block.LayerNormImpl = kept
-
-
-def _objects(where: Path, keys: list[str]) -> dict[str, Any]:
-    state: dict[str, Any] = {k: io.BytesIO() for k in keys}
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.simplefilter("ignore", UserWarning)
-        dcp_load(state, storage_reader=FileSystemReader(str(where)), no_dist=True)
-    return state
 
 
 def test_dense_local_torch_dist_carries_the_final_norm_object_mixtures_and_rank_files_not(tmp_path) -> None:

@@ -8,7 +8,6 @@ from collections.abc import Sequence
 
 import torch
 
-from reference.errors import InputError
 from reference.families.keymap import Fused
 from reference.families.spec import ModelSpec
 
@@ -91,12 +90,8 @@ def fused_rows(fused: Fused, shards: Sequence[torch.Tensor], spec: ModelSpec) ->
     share = tp_share(spec, len(shards))
     blocks: list[list[torch.Tensor]] = [[] for _ in fused.parts]
     for shard in shards:
-        start = 0
-        for part, rows in fused.blocks(share):
-            blocks[part].append(shard[start:start + rows])
-            start += rows
-        if start != shard.shape[0]:
-            raise InputError(f"fused tensor of {shard.shape[0]} rows does not fit {fused.parts}")
+        for mine, theirs in zip(blocks, fused.row_blocks(shard, share), strict=True):
+            mine.extend(theirs)
     return blocks
 
 
