@@ -138,3 +138,15 @@ def assert_bitwise(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> No
     assert sorted(a) == sorted(b), f"key sets differ: {sorted(set(a) ^ set(b))}"
     for k in a:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), f"tensor '{k}' differs"
+
+
+def fails(capsys, args: list[str], *needles: str) -> None:
+    """`reference ARGS` exits 2 with one line on stderr holding every needle."""
+    from reference.cli import main
+
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    for needle in needles:
+        assert needle in err, err

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from harness import fails
 
 from reference.cli import main
 from reference.tiny import save_tiny
@@ -17,14 +18,6 @@ from reference.tiny import save_tiny
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
     return save_tiny("qwen2", tmp_path_factory.mktemp("m") / "qwen2")
-
-
-def fails(capsys, args: list[str], *needles: str) -> None:
-    assert main(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    for needle in needles:
-        assert needle in err, err
 
 
 def copy(model: Path, tmp_path: Path) -> Path:

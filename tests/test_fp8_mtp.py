@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from harness import assert_bitwise, read_tensors
+from harness import assert_bitwise, fails, read_tensors
 
 from reference.cli import main
 from reference.modeling import UnifiedForCausalLM
@@ -161,14 +161,6 @@ def test_cut_short_blocks_dequantize_as_transformers_fp8_linear(dense, tmp_path,
         assert got[key].dtype == torch.bfloat16 and torch.equal(got[key], want.to(torch.bfloat16)), key
 
 
-def _fails(capsys, args: list[str], *needles: str) -> None:
-    assert main(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    for needle in needles:
-        assert needle in err, err
-
-
 KEY = "model.layers.1.self_attn.kv_b_proj.weight"
 DAMAGE = {
     "scale missing": (lambda t: t.pop(KEY + "_scale_inv"), (f"'{KEY}'", "no '")),
@@ -183,14 +175,14 @@ def test_bad_scales_name_the_tensor(case: str, dense, tmp_path, capsys) -> None:
     damage, needles = DAMAGE[case]
     fp8 = publish(dense, tmp_path / "fp8", (16, 16), damage)
     args = ["convert", str(fp8), str(tmp_path / "dst"), "--to", "hf", "--allow-drop", "mtp"]
-    _fails(capsys, args, *needles)
+    fails(capsys, args, *needles)
     assert not (tmp_path / "dst").exists()
 
 
 def test_mtp_refused_by_name_without_allow_drop(dense, tmp_path, capsys) -> None:
     fp8 = publish(dense, tmp_path / "fp8", (16, 16))
     for to in ("hf", "megatron"):
-        _fails(capsys, ["convert", str(fp8), str(tmp_path / "dst"), "--to", to],
+        fails(capsys, ["convert", str(fp8), str(tmp_path / "dst"), "--to", to],
                "multi-token-prediction", "'model.layers.2.*'", "--allow-drop mtp")
         assert not (tmp_path / "dst").exists()
 

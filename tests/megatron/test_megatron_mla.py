@@ -22,10 +22,9 @@ from typing import Any
 
 import pytest
 import torch
-from harness import read_tensors
+from harness import fails, read_tensors
 from mcore_ranks import assert_back_to_hf_bitwise, assert_compared
 
-from reference.cli import main
 from reference.converters import convert
 from reference.converters.megatron import MegatronLayout
 from reference.converters.megatron.args import routing_refusal, spec_from_args
@@ -232,15 +231,6 @@ def test_mla_reshard_equals_direct_conversion(start, end, tmp_path) -> None:
     assert_same_checkpoint(tmp_path / "resharded", tmp_path / "direct")
 
 
-def _fails(capsys, argv: list[str], *needles: str) -> None:
-    capsys.readouterr()
-    assert main(["convert", *argv]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    for needle in needles:
-        assert needle in err, err
-
-
 @pytest.mark.parametrize("family,overrides,needles", [
     # V2's group score is its best expert; megatron-core sums top_k // topk_group = 2 // 1 = 2
     ("deepseek_v2", {**BASE, "topk_method": "group_limited_greedy", "n_group": 2, "topk_group": 1},
@@ -257,7 +247,7 @@ def test_what_megatron_core_computes_otherwise_is_refused_by_name(family, overri
     hf = tmp_path / "hf"
     tiny_model(family, **overrides).save_pretrained(hf)
     out = tmp_path / "out"
-    _fails(capsys, [str(hf), str(out), "--to", "megatron", "--tp", "2"], *needles)
+    fails(capsys, ["convert", str(hf), str(out), "--to", "megatron", "--tp", "2"], *needles)
     assert not out.exists() and not list(tmp_path.glob("out*"))
 
 
@@ -297,6 +287,6 @@ def test_megatron_mla_args_megatron_computes_otherwise_are_refused_by_name(chang
     for arg, value in changes.items():
         setattr(state["args"], arg, value)
     torch.save(state, path)
-    _fails(capsys, [str(mg), str(tmp_path / "back"), "--to", "hf"], needle, "mp_rank_00")
+    fails(capsys, ["convert", str(mg), str(tmp_path / "back"), "--to", "hf"], needle, "mp_rank_00")
     assert not (tmp_path / "back").exists()
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import torch
+from harness import fails
 from mcore_ranks import assert_back_to_hf_bitwise, assert_compared
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
@@ -212,28 +213,19 @@ def test_expert_rank_directories_and_numbering(tmp_path) -> None:
             assert torch.equal(piece, w2[2 * e + j].chunk(2, dim=1)[1])
 
 
-def _fails(capsys, argv: list[str], *needles: str) -> None:
-    capsys.readouterr()
-    assert main(["convert", *argv]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    for needle in needles:
-        assert needle in err, err
-
-
 def test_bad_expert_layouts_fail_in_one_line(tmp_path, capsys) -> None:
     moe, dense = tmp_path / "moe", tmp_path / "dense"
     tiny_model("qwen3_moe").save_pretrained(moe)
     tiny_model("llama").save_pretrained(dense)
     out = tmp_path / "out"
-    _fails(capsys, [str(moe), str(out), "--to", "megatron", "--ep", "3"], "--ep 3", "num_experts 4")
-    _fails(capsys, [str(dense), str(out), "--to", "megatron", "--ep", "2"], "--ep 2", "no experts")
+    fails(capsys, ["convert", str(moe), str(out), "--to", "megatron", "--ep", "3"], "--ep 3", "num_experts 4")
+    fails(capsys, ["convert", str(dense), str(out), "--to", "megatron", "--ep", "2"], "--ep 2", "no experts")
     # experts at expert TP 2 beside dense TP 1: two ranks would save the same mp_rank_00 file
-    _fails(capsys, [str(moe), str(out), "--to", "megatron", "--etp", "2"], "--etp 2 does not divide --tp 1",
-           "torch_dist")
-    _fails(capsys, [str(moe), str(out), "--to", "qwen3_moe", "--ep", "2"], "--ep", "--to megatron")
-    _fails(capsys, [str(moe), str(out), "--to", "megatron", "--layer-spec", "te"], "--layer-spec te",
-           "local spec only")
+    fails(capsys, ["convert", str(moe), str(out), "--to", "megatron", "--etp", "2"],
+          "--etp 2 does not divide --tp 1", "torch_dist")
+    fails(capsys, ["convert", str(moe), str(out), "--to", "qwen3_moe", "--ep", "2"], "--ep", "--to megatron")
+    fails(capsys, ["convert", str(moe), str(out), "--to", "megatron", "--layer-spec", "te"],
+          "--layer-spec te", "local spec only")
     # a router of 3 experts in a checkpoint whose config.json says 4
     bad = tmp_path / "bad"
     tiny_model("qwen3_moe").save_pretrained(bad)
@@ -241,7 +233,7 @@ def test_bad_expert_layouts_fail_in_one_line(tmp_path, capsys) -> None:
     key = "model.layers.1.mlp.gate.weight"
     weights[key] = weights[key][:3].clone()
     save_file(weights, bad / "model.safetensors", metadata={"format": "pt"})
-    _fails(capsys, [str(bad), str(out), "--to", "megatron", "--ep", "2"], key)
+    fails(capsys, ["convert", str(bad), str(out), "--to", "megatron", "--ep", "2"], key)
     assert not out.exists() and not list(tmp_path.glob("out*"))
 
 
@@ -257,7 +249,7 @@ def test_routing_megatron_computes_differently_is_refused_by_name(arg, value, tm
         state = torch.load(path, weights_only=False)
         setattr(state["args"], arg, value)
         torch.save(state, path)
-    _fails(capsys, [str(mg), str(tmp_path / "back"), "--to", "hf"], arg, "mp_rank_00_000")
+    fails(capsys, ["convert", str(mg), str(tmp_path / "back"), "--to", "hf"], arg, "mp_rank_00_000")
     assert not (tmp_path / "back").exists()
 
 
@@ -274,7 +266,7 @@ def test_deepseek_routing_args_read_and_a_family_without_it_refuses_by_name(arg,
     state = torch.load(path, weights_only=False)
     setattr(state["args"], arg, value)
     torch.save(state, path)
-    _fails(capsys, [str(mg), str(tmp_path / "back"), "--to", "hf"], "qwen3_moe", "'moe'", field)
+    fails(capsys, ["convert", str(mg), str(tmp_path / "back"), "--to", "hf"], "qwen3_moe", "'moe'", field)
     assert not (tmp_path / "back").exists()
 
 
@@ -286,10 +278,10 @@ def test_damaged_expert_parallel_checkpoint_fails_in_one_line(tmp_path, capsys) 
     state = torch.load(other, weights_only=False)
     state["model"]["decoder.layers.0.self_attention.linear_proj.weight"].add_(1)
     torch.save(state, other)
-    back = [str(mg), str(tmp_path / "back"), "--to", "hf"]
-    _fails(capsys, back, "mp_rank_00_001", "linear_proj", "differs")
+    back = ["convert", str(mg), str(tmp_path / "back"), "--to", "hf"]
+    fails(capsys, back, "mp_rank_00_001", "linear_proj", "differs")
     other.unlink()
-    _fails(capsys, back, "mp_rank_00_001", "missing rank file")
+    fails(capsys, back, "mp_rank_00_001", "missing rank file")
     assert not (tmp_path / "back").exists()
 
 
